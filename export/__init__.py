@@ -1,0 +1,1 @@
+"""Export: the step model, checkpoints, and (later) ONNX/TensorRT artifacts. Stands on trees/."""

@@ -1,0 +1,164 @@
+"""The step function: one forward pass over a token tree on top of a committed KV cache.
+
+    step(input_ids [T], position_ids [T], tree_mask [T, T], past_keys[l] [S, Hkv, D], past_values[l])
+        -> logits [T, V], new_keys [L, T, Hkv, D], new_values [L, T, Hkv, D]
+
+Batch is 1 and implicit. `past_*` are the S committed entries (every tree node may see all of
+them); `tree_mask` is additive (0 = visible, the dtype's lowest finite value = hidden) and only
+covers the T new tokens. The step never writes the cache: it returns the new entries and the
+runtime commits the accepted ones. This is the exact signature the ONNX exporter traces.
+
+Token ids >= vocab_size select rows of an optional extra embedding table (PPD prompt tokens), so
+every backend takes plain int64 ids; the LM head keeps the vocabulary size.
+
+Why a compact forward instead of transformers' LlamaModel with a 4-D mask (measured on the 2-core
+CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused,
+which makes MKL's small-M GEMMs of tree steps 1.5-2x faster than nn.Linear's [out, in] layout;
+and attention over past and new keys is one softmax over two score blocks, so the cache is never
+concatenated (no copy of the cache per layer per step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+
+def lowest_mask_value(dtype: torch.dtype) -> float:
+    """Additive mask value for hidden entries: finite, so fp16 never produces NaN."""
+    return torch.finfo(dtype).min
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm: normalise in fp32, scale in the weight's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().contiguous(), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """One Llama block with fused, pre-transposed projection weights."""
+
+    def __init__(self, hf_layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_norm = _frozen(hf_layer.input_layernorm.weight)
+        self.post_norm = _frozen(hf_layer.post_attention_layernorm.weight)
+        # [H, (Hq + 2 Hkv) D]: columns are q | k | v
+        self.qkv_t = _frozen(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t())
+        self.o_t = _frozen(attn.o_proj.weight.t())                                   # [Hq D, H]
+        self.gate_up_t = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t())  # [H, 2I]
+        self.down_t = _frozen(mlp.down_proj.weight.t())                             # [I, H]
+
+
+class StepModel(nn.Module):
+    def __init__(self, hf_model: LlamaForCausalLM, extra_embeddings: torch.Tensor | None = None) -> None:
+        super().__init__()
+        config: LlamaConfig = hf_model.config
+        for name in ("attention_bias", "mlp_bias"):
+            if getattr(config, name, False):
+                raise ValueError(f"checkpoints with {name}=True are not supported yet")
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.layers = nn.ModuleList(DecoderLayer(layer) for layer in hf_model.model.layers)
+        self.final_norm = _frozen(hf_model.model.norm.weight)
+        self.lm_head_t = _frozen(hf_model.lm_head.weight.t())                   # [H, V]
+        # Tied checkpoints look embeddings up in the head's columns: no second [V, H] copy.
+        self.tied = bool(config.tie_word_embeddings)
+        self.embed_weight = None if self.tied else _frozen(hf_model.model.embed_tokens.weight)
+        rotary = LlamaRotaryEmbedding(config)
+        self.register_buffer("inv_freq", rotary.inv_freq.float().clone(), persistent=False)
+        self.rope_scaling = float(rotary.attention_scaling)
+        # [E, H] rows for ids vocab_size .. vocab_size + E - 1 (PPD prompt tokens), or None.
+        self.extra_embeddings = None if extra_embeddings is None else _frozen(extra_embeddings)
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return 0 if self.extra_embeddings is None else int(self.extra_embeddings.shape[0])
+
+    def embed_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] in 0..V-1 -> [T, H]
+        if self.tied:
+            return self.lm_head_t.t()[input_ids]
+        return self.embed_weight[input_ids]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.extra_embeddings is None:
+            return self.embed_vocab(input_ids)
+        is_extra = (input_ids >= self.vocab_size).unsqueeze(-1)
+        vocab = self.embed_vocab(input_ids.clamp(max=self.vocab_size - 1))
+        extra = self.extra_embeddings[(input_ids - self.vocab_size).clamp(min=0, max=self.num_extra_tokens - 1)]
+        return torch.where(is_extra, extra.to(vocab.dtype), vocab)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [T] -> cos, sin: [T, 1, D] (broadcast over heads)
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        return cos, sin
+
+    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  tree_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        group = hq // hkv
+        qkv = x @ layer.qkv_t                                                   # [T, (Hq + 2 Hkv) D]
+        qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
+        qk = qk * cos + rotate_half(qk) * sin                                   # RoPE on q and k at once
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
+        qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3)
+        past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).unsqueeze(1))       # [Hkv, G, T, S]
+        new_scores = torch.matmul(qg, k.permute(1, 2, 0).unsqueeze(1)) + tree_mask   # [Hkv, G, T, T]
+        probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1).float(), dim=-1).to(x.dtype)
+        s = past_key.shape[0]
+        out = (torch.matmul(probs[..., :s], past_value.permute(1, 0, 2).unsqueeze(1))
+               + torch.matmul(probs[..., s:], v.permute(1, 0, 2).unsqueeze(1)))           # [Hkv, G, T, D]
+        out = out.permute(2, 0, 1, 3).reshape(t, hq * d)
+        return out @ layer.o_t, k, v
+
+    def mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ layer.gate_up_t).chunk(2, dim=-1)
+        return (nn.functional.silu(gate) * up) @ layer.down_t
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
+                      past_keys: list[torch.Tensor], past_values: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step without the LM head: final-normed hidden states [T, H] and the new KV."""
+        h = self.embed(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        tree_mask = tree_mask.to(h.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            a, k, v = self.attention(layer, rms_norm(h, layer.input_norm, self.eps), cos, sin, tree_mask,
+                                     past_keys[i], past_values[i])
+            h = h + a
+            h = h + self.mlp(layer, rms_norm(h, layer.post_norm, self.eps))
+            new_keys.append(k)
+            new_values.append(v)
+        return rms_norm(h, self.final_norm, self.eps), torch.stack(new_keys), torch.stack(new_values)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
+                past_keys: list[torch.Tensor], past_values: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, new_keys, new_values = self.hidden_states(input_ids, position_ids, tree_mask, past_keys, past_values)
+        return hidden @ self.lm_head_t, new_keys, new_values
