@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from export.paths import DEFAULT_MODEL_DIR
@@ -87,7 +88,7 @@ def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     try:
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"could not load {model_dir}: {exc} (is a file corrupt? re-create the dir)") from exc
     model.eval()
     model.requires_grad_(False)

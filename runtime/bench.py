@@ -1,0 +1,194 @@
+"""Benchmark harness: methods and peers on the same prompts, backend and machine, in one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from export.paths import DEFAULT_MODEL_DIR
+from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
+from runtime.methods import METHODS
+from runtime.prompts import PromptItem, load_prompts
+
+PEERS = ("hf-generate", "hf-prompt-lookup")
+HF_PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompts: str = "mtbench"
+    methods: tuple[str, ...] = ("vanilla", "ngram")
+    backend: str = "torch"
+    device: str = "cpu"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    model_dir: str = str(DEFAULT_MODEL_DIR)
+    limit: int | None = None
+    repeats: int = 3
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS + PEERS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + PEERS)}")
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
+
+
+@dataclass
+class PromptRun:
+    token_ids: list[int]
+    steps: int | None
+    seconds: float
+
+
+Runner = Callable[[list[int]], PromptRun]
+
+
+def generator_runner(gen: Generator, max_new_tokens: int) -> Runner:
+    def run(prompt_ids: list[int]) -> PromptRun:
+        result = gen.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        return PromptRun(result.token_ids, result.stats.steps, result.stats.seconds)
+    return run
+
+
+def hf_runner(model, max_new_tokens: int, eos_token_id: int, prompt_lookup: bool) -> Runner:
+    extra = {"prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS} if prompt_lookup else {}
+
+    @torch.inference_mode()
+    def run(prompt_ids: list[int]) -> PromptRun:
+        ids = torch.tensor([prompt_ids], device=model.device)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=eos_token_id, eos_token_id=eos_token_id, **extra)
+        seconds = time.perf_counter() - start
+        new = out[0, len(prompt_ids):].tolist()
+        # Without prompt lookup, HF decodes one token per forward after prefill.
+        return PromptRun(new, None if prompt_lookup else len(new), seconds)
+    return run
+
+
+def make_runners(cfg: BenchConfig) -> tuple[dict[str, Runner], Generator]:
+    runners: dict[str, Runner] = {}
+    first: Generator | None = None
+    for method in cfg.methods:
+        if method in METHODS:
+            gen = Generator.from_pretrained(cfg.model_dir, method=method, backend=cfg.backend, device=cfg.device,
+                                            **cfg.method_options.get(method, {}))
+            first = first or gen
+            runners[method] = generator_runner(gen, cfg.max_new_tokens)
+    if first is None:  # peers only: a vanilla generator still provides the tokenizer
+        first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device)
+    if any(m in PEERS for m in cfg.methods):
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(cfg.device).eval()
+        eos = first.tokenizer.eos_token_id
+        for method in cfg.methods:
+            if method in PEERS:
+                runners[method] = hf_runner(hf, cfg.max_new_tokens, eos, prompt_lookup=method == "hf-prompt-lookup")
+    return runners, first
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
+    items: list[PromptItem] = load_prompts(cfg.prompts, cfg.limit)
+    runners, gen = make_runners(cfg)
+    encoded = [gen.encode(item.prompt) for item in items]
+    for run in runners.values():  # warm-up: allocator, thread pools, lazy init stay out of the figures
+        run(encoded[0][:32])
+    results: dict[str, list[list[PromptRun]]] = {m: [] for m in runners}
+    total = cfg.repeats * len(runners) * len(items)
+    with tqdm(total=total, desc="bench", disable=not show_progress) as bar:
+        # Repeats are interleaved across methods so slow drifts of the machine hit all of them alike.
+        for _ in range(cfg.repeats):
+            for method, run in runners.items():
+                runs = []
+                for ids in encoded:
+                    runs.append(run(ids))
+                    bar.update()
+                results[method].append(runs)
+    report = {
+        "model": cfg.model_dir,
+        "backend": cfg.backend,
+        "device": device_name(cfg.device),
+        "prompts": cfg.prompts,
+        "max_new_tokens": cfg.max_new_tokens,
+        "repeats": cfg.repeats,
+        "runs": [summarise(method, items, reps) for method, reps in results.items()],
+    }
+    add_comparisons(report)
+    return report
+
+
+def summarise(method: str, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:
+    per_repeat = [sum(len(r.token_ids) for r in runs) / sum(r.seconds for r in runs) for runs in reps]
+    first = reps[0]
+    steps = [r.steps for r in first]
+    mean_accepted = None if None in steps else sum(len(r.token_ids) for r in first) / sum(steps)
+    return {
+        "method": method,
+        "tokens_per_s": statistics.median(per_repeat),
+        "tokens_per_s_repeats": per_repeat,
+        "mean_accepted": mean_accepted,
+        "deterministic": all([r.token_ids for r in runs] == [r.token_ids for r in first] for runs in reps),
+        "prompts": [
+            {"id": item.id, "token_ids": r.token_ids, "steps": r.steps,
+             "seconds": statistics.median(runs[i].seconds for runs in reps)}
+            for i, (item, r) in enumerate(zip(items, first))
+        ],
+    }
+
+
+def add_comparisons(report: dict) -> None:
+    """Speedup and token agreement against `vanilla` (same backend, same run), when it ran."""
+    base = next((r for r in report["runs"] if r["method"] == "vanilla"), None)
+    for run in report["runs"]:
+        if base is None:
+            run["speedup_vs_vanilla"] = run["matches_vanilla"] = None
+            continue
+        run["speedup_vs_vanilla"] = run["tokens_per_s"] / base["tokens_per_s"]
+        run["matches_vanilla"] = sum(a["token_ids"] == b["token_ids"] for a, b in zip(run["prompts"], base["prompts"]))
+
+
+def format_table(report: dict) -> str:
+    n = len(report["runs"][0]["prompts"]) if report["runs"] else 0
+    lines = [f"{report['prompts']} x {n} prompts, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
+             f"{report['device']}, median of {report['repeats']} repeats",
+             f"{'method':<18}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'same as vanilla':>17}"]
+    for r in report["runs"]:
+        acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
+        speed = "-" if r["speedup_vs_vanilla"] is None else f"{r['speedup_vs_vanilla']:.2f}x"
+        same = "-" if r["matches_vanilla"] is None else f"{r['matches_vanilla']}/{n}"
+        lines.append(f"{r['method']:<18}{r['tokens_per_s']:>10.1f}{acc:>15}{speed:>9}{same:>17}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", delete=False) as f:
+        json.dump(report, f, indent=1)
+    os.replace(f.name, path)

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real SmolLM2 checkpoint (for lossless tests) and a tiny random Llama (for speed)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.paths import DEFAULT_MODEL_DIR
+from runtime.prompts import load_prompts
+
+LOSSLESS_NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.fail(f"real model missing at {DEFAULT_MODEL_DIR}: run `make model` (tests never skip lossless checks)")
+    return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_model_dir) -> Path:
+    """A 2-layer random-weight Llama with the real tokenizer: the whole flow in milliseconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lossless_prompts():
+    """Real prompts for the default lossless tests: 5 MT-Bench first turns + 5 HumanEval prompts."""
+    return load_prompts("mtbench", limit=5) + load_prompts("humaneval", limit=5)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(real_model_dir, lossless_prompts):
+    """transformers generate(do_sample=False) on the real model: {prompt id: (prompt ids, new token ids)}."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    model = LlamaForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    reference = {}
+    with torch.inference_mode():
+        for item in lossless_prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=LOSSLESS_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            reference[item.id] = (ids, out[0, len(ids):].tolist())
+    return reference
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from export.checkpoint import load_checkpoint
+from export.step_model import StepModel, lowest_mask_value
+from trees import Tree
+
+
+def causal_mask(t: int) -> torch.Tensor:
+    return torch.triu(torch.full((t, t), lowest_mask_value(torch.float32)), 1)
+
+
+def empty_past(model: StepModel):
+    empty = torch.zeros(0, model.num_kv_heads, model.head_dim)
+    return [empty] * model.num_layers, [empty] * model.num_layers
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    hf, _ = load_checkpoint(tiny_model_dir)
+    return hf, StepModel(hf)
+
+
+def test_prefill_matches_transformers(tiny):
+    hf, step = tiny
+    ids = torch.randint(0, step.vocab_size, (12,))
+    with torch.inference_mode():
+        ref = hf(ids[None]).logits[0]
+        logits, keys, values = step(ids, torch.arange(12), causal_mask(12), *empty_past(step))
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert keys.shape == (step.num_layers, 12, step.num_kv_heads, step.head_dim) == values.shape
+
+
+def test_tree_step_equals_each_path_scored_alone(tiny):
+    """Every tree node's logits equal those of its root..node path run as a plain sequence."""
+    hf, step = tiny
+    prefix = torch.randint(0, step.vocab_size, (7,))
+    tree = Tree(paths=((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)), topk=2)
+    tokens = torch.randint(0, step.vocab_size, (tree.size,))
+    b = tree.buffers
+    mask = torch.zeros(tree.size, tree.size).masked_fill_(~torch.from_numpy(b.ancestor_mask.copy()),
+                                                           lowest_mask_value(torch.float32))
+    with torch.inference_mode():
+        _, pk, pv = step(prefix, torch.arange(7), causal_mask(7), *empty_past(step))
+        logits, _, _ = step(tokens, 7 + torch.from_numpy(b.depth.copy()), mask, list(pk), list(pv))
+        for node in range(tree.size):
+            path = torch.from_numpy(b.ancestor_mask[node].nonzero()[0])
+            seq = torch.cat([prefix, tokens[path]])
+            ref = hf(seq[None]).logits[0, -1]
+            torch.testing.assert_close(logits[node], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_extra_embeddings_take_ids_after_the_vocabulary(tiny):
+    hf, _ = tiny
+    extra = torch.randn(3, hf.config.hidden_size)
+    step = StepModel(hf, extra)
+    ids = torch.tensor([5, step.vocab_size + 2, 7])
+    emb = step.embed(ids)
+    torch.testing.assert_close(emb[1], extra[2])
+    torch.testing.assert_close(emb[0], hf.model.embed_tokens.weight[5])
+    assert step.num_extra_tokens == 3
+
+
+def test_real_model_prefill_matches_transformers(real_model_dir):
+    hf, tokenizer = load_checkpoint(real_model_dir)
+    step = StepModel(hf)
+    ids = torch.tensor(tokenizer("The quick brown fox jumps over the lazy dog.").input_ids)
+    with torch.inference_mode():
+        ref = hf(ids[None]).logits[0]
+        logits, _, _ = step(ids, torch.arange(len(ids)), causal_mask(len(ids)), *empty_past(step))
+    assert (logits - ref).abs().max() < 1e-3
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+
+
+def test_mask_value_is_finite_in_fp16():
+    assert torch.isfinite(torch.tensor(lowest_mask_value(torch.float16), dtype=torch.float16))
+
+
+def test_unsupported_bias_is_refused(tiny_model_dir):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias"):
+        StepModel(LlamaForCausalLM(cfg))

@@ -1,0 +1,87 @@
+"""Generator behaviour on the tiny random model: budget, EOS, stop strings, streaming, bad input."""
+
+import pytest
+
+from export.checkpoint import CheckpointError
+from runtime import Generator
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, method="vanilla", max_context=256)
+
+
+def test_generate_respects_budget_and_reports_stats(gen):
+    result = gen.generate("Hello there", max_new_tokens=9)
+    assert 1 <= len(result.token_ids) <= 9
+    s = result.stats
+    assert s.new_tokens == len(result.token_ids)
+    assert s.steps == len(result.token_ids)  # vanilla: one token per forward, prefill included
+    assert s.mean_accepted == pytest.approx(1.0)
+    assert s.tokens_per_s > 0 and 0 < s.forward_seconds <= s.seconds
+
+
+def test_stream_pieces_join_to_the_text(gen):
+    from runtime.generator import Result
+
+    result = Result([], "")
+    pieces = list(gen.stream("Tell me a story", max_new_tokens=12, result=result))
+    assert "".join(pieces) == result.text
+    assert result.text == gen.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_eos_ends_generation(gen):
+    free = gen.generate("Tell me a story", max_new_tokens=20)
+    # Pretend the 4th generated token is EOS: generation must stop right after it.
+    stopper = Generator(gen.backend, gen.tokenizer, gen.proposer, [free.token_ids[3]])
+    stopped = stopper.generate("Tell me a story", max_new_tokens=20)
+    first = free.token_ids.index(free.token_ids[3])
+    assert stopped.token_ids == free.token_ids[: first + 1]
+
+
+def test_stop_string_cuts_text_and_tokens(gen):
+    free = gen.generate("Tell me a story", max_new_tokens=20)
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    stopped = gen.generate("Tell me a story", max_new_tokens=20, stop=[stop])
+    assert stopped.text.endswith(stop) and stop not in stopped.text[:-1]
+    assert stopped.text == free.text[: free.text.index(stop) + len(stop)]
+    assert len(stopped.token_ids) < len(free.token_ids)
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+
+
+def test_chat_messages_and_token_ids_are_accepted(gen):
+    text = gen.generate("Hi", max_new_tokens=5)
+    chat = gen.generate([{"role": "user", "content": "Hi"}], max_new_tokens=5)
+    ids = gen.generate(gen.encode("Hi"), max_new_tokens=5)
+    assert text.token_ids == chat.token_ids == ids.token_ids
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "empty prompt"),
+    ("   ", "empty prompt"),
+    ([], "empty prompt"),
+    ([1, 2, 10**9], "out of range"),
+    ([1, -1], "out of range"),
+])
+def test_bad_prompts_are_clear_errors(gen, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        gen.generate(prompt, max_new_tokens=4)
+
+
+def test_over_long_prompt_fails_before_any_work(gen):
+    steps_before = gen.backend.cache.length
+    with pytest.raises(ValueError, match="exceeds max_context 256"):
+        gen.generate([5] * 250, max_new_tokens=10)
+    assert gen.backend.cache.length == steps_before
+
+
+def test_unknown_method_backend_and_model(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'medusa'"):
+        Generator.from_pretrained(tiny_model_dir, method="medusa")
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        Generator.from_pretrained(tiny_model_dir, backend="tvm")
+    with pytest.raises(ValueError, match="unknown option"):
+        Generator.from_pretrained(tiny_model_dir, method="ngram", max_nodez=4)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Generator.from_pretrained(tmp_path / "missing")

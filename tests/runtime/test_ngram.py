@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from runtime.proposers.ngram import NgramConfig, NgramProposer, find_continuations
+
+
+def test_find_continuations_most_recent_first():
+    hist = np.array([1, 2, 3, 9, 1, 2, 4, 5, 1, 2])
+    conts = find_continuations(hist, n=2, depth=3)
+    assert [c.tolist() for c in conts] == [[4, 5, 1], [3, 9, 1]]
+
+
+def test_proposal_is_a_trie_within_budget():
+    proposer = NgramProposer(NgramConfig(max_ngram=2, max_depth=3, max_nodes=5))
+    draft = proposer.propose([1, 2, 3, 9, 1, 2, 4, 5, 1, 2])
+    assert draft.tokens[0] == 2                         # root = last token
+    assert draft.size <= 5
+    # first branch from the most recent match [4, 5, 1], then [3, 9, ...] until the budget is spent
+    assert draft.tokens.tolist()[:4] == [2, 4, 5, 1]
+    assert draft.buffers.parents.tolist()[:4] == [-1, 0, 1, 2]
+    assert draft.tokens[4] == 3 and draft.buffers.parents[4] == 0
+
+
+def test_no_match_gives_root_only():
+    draft = NgramProposer().propose([1, 2, 3, 4])
+    assert draft.size == 1
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="min_ngram"):
+        NgramConfig(max_ngram=1, min_ngram=2)
