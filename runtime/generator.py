@@ -16,7 +16,7 @@ from export.paths import DEFAULT_MODEL_DIR
 from export.step_model import StepModel
 from runtime.backends import BACKENDS, Backend
 from runtime.draft import Draft
-from runtime.methods import build_method
+from runtime.methods import METHODS, build_method
 from runtime.proposers import Proposer
 from runtime.verify import verify_greedy
 
@@ -69,10 +69,14 @@ class Generator:
         """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
-        spec = build_method(method, **method_options)
-        hf_model, tokenizer = load_checkpoint(DEFAULT_MODEL_DIR if model_dir is None else model_dir)
+        model_dir = DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir)
+        hf_model, tokenizer = load_checkpoint(model_dir)
+        spec = build_method(method, model_dir, hf_model.config.vocab_size, hf_model.config.hidden_size,
+                            **method_options)
         step_model = StepModel(hf_model, spec.extra_embeddings)
         del hf_model
         from runtime.backends.torch_backend import TorchBackend

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from export.checkpoint import model_fingerprint
+from export.paths import REPO_ROOT
+from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
 from runtime.proposers import NgramConfig, NgramProposer, Proposer, VanillaProposer
+from runtime.proposers.ppd import PPDProposer
+from trees import load_ppd_trees
 
-METHODS = ("vanilla", "ngram")
+METHODS = ("vanilla", "ngram", "ppd")
+# Hand-picked CPU tree for the committed SmolLM2 prompt tokens (the hardware-aware search replaces it).
+DEFAULT_PPD_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ppd-tree-cpu.json"
 
 
 @dataclass
@@ -17,6 +25,19 @@ class Method:
     name: str
     proposer: Proposer
     extra_embeddings: torch.Tensor | None = None  # [E, H] rows appended after the vocabulary
+
+
+@dataclass(frozen=True)
+class PPDOptions:
+    checkpoint: str = str(DEFAULT_PPD_CHECKPOINT)
+    tree: str = str(DEFAULT_PPD_TREE)
+    num_prompt_tokens: int | None = None  # when given, the checkpoint must have exactly this N ...
+    ensemble: int | None = None           # ... and this k
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    pass
 
 
 def _config(cls: type, name: str, options: dict):
@@ -27,15 +48,20 @@ def _config(cls: type, name: str, options: dict):
     return cls(**options)
 
 
-def build_method(name: str, **options) -> Method:
+def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size: int, **options) -> Method:
+    """Build method `name` for the checkpoint in `model_dir` (trained extras are checked against it)."""
     if name == "vanilla":
         _config(_NoOptions, name, options)
         return Method(name, VanillaProposer())
     if name == "ngram":
         return Method(name, NgramProposer(_config(NgramConfig, name, options)))
+    if name == "ppd":
+        opts: PPDOptions = _config(PPDOptions, name, options)
+        expected = None
+        if opts.num_prompt_tokens is not None or opts.ensemble is not None:
+            default = PPDConfig()
+            expected = PPDConfig(opts.num_prompt_tokens or default.num_prompt_tokens, opts.ensemble or default.ensemble)
+        embeddings, config = load_prompt_tokens(opts.checkpoint, model_fingerprint(model_dir), hidden_size, expected)
+        proposer = PPDProposer(config, load_ppd_trees(opts.tree), vocab_size)
+        return Method(name, proposer, embeddings)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-
-
-@dataclass(frozen=True)
-class _NoOptions:
-    pass

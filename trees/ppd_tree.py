@@ -1,0 +1,97 @@
+"""PPD's dynamic sparse trees: one candidate tree per number of available prompt predictions.
+
+After a step, the accepted node's prompt tokens give m predictions (m = how many it carried), so
+the next step uses the tree for m: its candidates reach depth <= m, and each node carries its own
+prompt tokens (0..N) that produce the predictions for the step after. JSON form:
+
+    {"num_prompt_tokens": 3, "topk": 4,
+     "trees": {"3": [{"path": [], "prompt_tokens": 3}, {"path": [0], "prompt_tokens": 3}, ...],
+               "2": [...], "1": [...], "0": [{"path": [], "prompt_tokens": 3}]}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trees.tree import Tree, TreeError
+
+
+@dataclass(frozen=True)
+class PPDStepTree:
+    """A candidate tree plus the number of prompt tokens each node (Tree node order) carries."""
+
+    tree: Tree
+    prompt_counts: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        """T of the step (times k virtual tokens per prompt token is applied by the caller)."""
+        return self.tree.size + sum(self.prompt_counts)
+
+    def tokens_with_ensemble(self, ensemble: int) -> int:
+        return self.tree.size + ensemble * sum(self.prompt_counts)
+
+
+@dataclass(frozen=True)
+class PPDTreeSet:
+    num_prompt_tokens: int
+    topk: int
+    trees: tuple[PPDStepTree, ...]  # index m = number of available predictions, 0..N
+
+    def __post_init__(self) -> None:
+        n = self.num_prompt_tokens
+        if len(self.trees) != n + 1:
+            raise TreeError(f"a PPD tree set for N={n} needs trees for 0..{n} available predictions, got {len(self.trees)}")
+        for m, step in enumerate(self.trees):
+            if step.tree.depth > m:
+                raise TreeError(f"tree for {m} predictions reaches depth {step.tree.depth} > {m}")
+            if len(step.prompt_counts) != step.tree.size:
+                raise TreeError(f"tree for {m} predictions: {len(step.prompt_counts)} prompt counts for {step.tree.size} nodes")
+            if any(not 0 <= c <= n for c in step.prompt_counts):
+                raise TreeError(f"tree for {m} predictions: prompt token counts must be in 0..{n}")
+            if step.prompt_counts[0] == 0 and m == 0:
+                raise TreeError("the tree for 0 predictions must give its root prompt tokens, or PPD never restarts")
+
+    def max_tokens(self, ensemble: int) -> int:
+        return max(step.tokens_with_ensemble(ensemble) for step in self.trees)
+
+    def to_json(self) -> dict:
+        return {
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "topk": self.topk,
+            "trees": {
+                str(m): [{"path": [], "prompt_tokens": step.prompt_counts[0]}]
+                + [{"path": list(p), "prompt_tokens": c} for p, c in zip(step.tree.paths, step.prompt_counts[1:])]
+                for m, step in enumerate(self.trees)
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PPDTreeSet":
+        try:
+            n, topk = int(data["num_prompt_tokens"]), int(data["topk"])
+            steps = []
+            for m in range(n + 1):
+                nodes = data["trees"][str(m)]
+                counts = {tuple(node["path"]): int(node["prompt_tokens"]) for node in nodes}
+                if () not in counts:
+                    raise TreeError(f"tree for {m} predictions has no root entry (path [])")
+                tree = Tree(paths=tuple(p for p in counts if p), topk=topk)
+                steps.append(PPDStepTree(tree, (counts[()],) + tuple(counts[p] for p in tree.paths)))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, TreeError):
+                raise
+            raise TreeError(f"PPD tree JSON needs num_prompt_tokens, topk and trees['0'..'N'] node lists: {exc!r}") from exc
+        return cls(n, topk, tuple(steps))
+
+
+def load_ppd_trees(path: str | Path) -> PPDTreeSet:
+    path = Path(path)
+    if not path.is_file():
+        raise TreeError(f"PPD tree file {path} does not exist")
+    try:
+        return PPDTreeSet.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise TreeError(f"PPD tree file {path} is not valid JSON: {exc}") from exc
