@@ -6,7 +6,9 @@
 Batch is 1 and implicit. `past_*` are the S committed entries (every tree node may see all of
 them); `tree_mask` is additive (0 = visible, the dtype's lowest finite value = hidden) and only
 covers the T new tokens. The step never writes the cache: it returns the new entries and the
-runtime commits the accepted ones. This is the exact signature the ONNX exporter traces.
+runtime commits the accepted ones. This is the exact signature the ONNX exporter traces; only
+training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached after
+different positions of one cached sequence), the traced step leaves it None.
 
 Token ids >= vocab_size select rows of an optional extra embedding table (PPD prompt tokens), so
 every backend takes plain int64 ids; the LM head keeps the vocabulary size.
@@ -115,8 +117,8 @@ class StepModel(nn.Module):
         return cos, sin
 
     def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  tree_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  tree_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                  past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         group = hq // hkv
@@ -128,6 +130,8 @@ class StepModel(nn.Module):
         # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
         qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3)
         past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).unsqueeze(1))       # [Hkv, G, T, S]
+        if past_mask is not None:
+            past_scores = past_scores + past_mask                                    # [T, S] additive
         new_scores = torch.matmul(qg, k.permute(1, 2, 0).unsqueeze(1)) + tree_mask   # [Hkv, G, T, T]
         probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1).float(), dim=-1).to(x.dtype)
         s = past_key.shape[0]
@@ -141,16 +145,18 @@ class StepModel(nn.Module):
         return (nn.functional.silu(gate) * up) @ layer.down_t
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
-                      past_keys: list[torch.Tensor], past_values: list[torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step without the LM head: final-normed hidden states [T, H] and the new KV."""
+                      past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
+                      past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step without the LM head: final-normed hidden states [T, H] and the new KV.
+        `past_mask` [T, S] (additive, optional) hides committed entries from some rows."""
         h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         tree_mask = tree_mask.to(h.dtype)
+        past_mask = None if past_mask is None else past_mask.to(h.dtype)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             a, k, v = self.attention(layer, rms_norm(h, layer.input_norm, self.eps), cos, sin, tree_mask,
-                                     past_keys[i], past_values[i])
+                                     past_keys[i], past_values[i], past_mask)
             h = h + a
             h = h + self.mlp(layer, rms_norm(h, layer.post_norm, self.eps))
             new_keys.append(k)
@@ -158,7 +164,8 @@ class StepModel(nn.Module):
         return rms_norm(h, self.final_norm, self.eps), torch.stack(new_keys), torch.stack(new_values)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
-                past_keys: list[torch.Tensor], past_values: list[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden, new_keys, new_values = self.hidden_states(input_ids, position_ids, tree_mask, past_keys, past_values)
+                past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
+                past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, new_keys, new_values = self.hidden_states(input_ids, position_ids, tree_mask, past_keys, past_values,
+                                                          past_mask)
         return hidden @ self.lm_head_t, new_keys, new_values

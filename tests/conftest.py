@@ -68,3 +68,13 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def trained_ppd_checkpoint() -> Path:
+    """The committed SmolLM2 PPD prompt tokens; tests of the trained method skip until they exist."""
+    from export.ppd import DEFAULT_PPD_CHECKPOINT
+
+    if not DEFAULT_PPD_CHECKPOINT.is_file():
+        pytest.skip(f"trained PPD prompt tokens not committed yet at {DEFAULT_PPD_CHECKPOINT} (`make train`)")
+    return DEFAULT_PPD_CHECKPOINT

@@ -30,7 +30,9 @@ def cuda_reference(real_model_dir, lossless_prompts):
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ngram", "ppd"])
-def test_cuda_method_matches_transformers_generate(method, real_model_dir, lossless_prompts, cuda_reference):
+def test_cuda_method_matches_transformers_generate(method, real_model_dir, lossless_prompts, cuda_reference, request):
+    if method == "ppd":
+        request.getfixturevalue("trained_ppd_checkpoint")
     gen = Generator.from_pretrained(real_model_dir, method=method, device="cuda")
     bad = [item.id for item in lossless_prompts
            if gen.generate(cuda_reference[item.id][0], max_new_tokens=LOSSLESS_NEW_TOKENS).token_ids

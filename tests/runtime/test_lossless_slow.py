@@ -23,7 +23,9 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
 
 
 @pytest.mark.parametrize("method", ["ngram", "ppd"])
-def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs):
+def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs, request):
+    if method == "ppd":
+        request.getfixturevalue("trained_ppd_checkpoint")
     gen = Generator.from_pretrained(real_model_dir, method=method)
     bad = [item.id for item in sweep_prompts
            if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != vanilla_outputs[item.id]]

@@ -76,7 +76,8 @@ def test_requested_n_other_than_checkpoint_is_refused(tiny_model_dir, tiny_ppd):
                                   num_prompt_tokens=3)
 
 
-def test_real_ppd_matches_transformers_generate(real_model_dir, lossless_prompts, hf_reference):
+def test_real_ppd_matches_transformers_generate(real_model_dir, lossless_prompts, hf_reference,
+                                                trained_ppd_checkpoint):
     gen = Generator.from_pretrained(real_model_dir, method="ppd")
     mismatches, accepted = [], []
     for item in lossless_prompts:
