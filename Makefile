@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := artifacts/models/smollm2-135m-instruct
 MODEL_STAMP := $(MODEL_DIR)/config.json
 
-.PHONY: setup model demo test test-slow bench clean
+.PHONY: setup model demo test test-slow bench train clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -33,6 +33,9 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m runtime bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
+
+train: setup
+	$(PY) -m train ppd
 
 clean:
 	rm -rf $(VENV) artifacts

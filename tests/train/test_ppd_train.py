@@ -1,0 +1,223 @@
+"""train/ppd.py: group layout, the two-pass training forward, a tiny end-to-end run, resume, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train.ppd as train_ppd_module
+from export.checkpoint import load_checkpoint, model_fingerprint
+from export.ppd import PPDConfig, attach_prompt_tokens, load_prompt_tokens, prompt_token_metadata
+from export.step_model import StepModel, lowest_mask_value
+from train.__main__ import build_parser, config_from_args, main
+from train.ppd import (PPDTrainConfig, build_prompt_groups, causal_mask, initial_embeddings, sample_forward,
+                       train_ppd, usable_positions)
+from trees import buffers_from_parents
+
+
+def test_usable_positions_keep_every_target_on_the_continuation():
+    # 10 context tokens (0..9), continuation at 10..19; N = 3.
+    qs = usable_positions(20, 10, ends_with_eos=False, n=3)
+    assert qs[0] == 9                  # the last context token: prompt 0 predicts position 11
+    assert qs[-1] + 3 == 19            # prompt 2 reads teacher row 19, which predicts token 20
+    eos = usable_positions(20, 10, ends_with_eos=True, n=3)
+    assert eos[-1] + 3 == 18           # never a target after EOS
+    assert len(usable_positions(12, 10, ends_with_eos=True, n=3)) == 0
+
+
+def test_prompt_groups_layout():
+    config = PPDConfig(num_prompt_tokens=2, ensemble=2)
+    qs = np.array([4, 6])
+    g = build_prompt_groups(qs, seq_len=9, config=config, vocab_size=50)
+    assert g.input_ids.tolist() == [50, 51, 52, 53] * 2
+    assert g.position_ids.tolist() == [5, 5, 6, 6, 7, 7, 8, 8]      # q + 1 + i
+    visible_past = g.past_mask == 0
+    assert visible_past[:4].sum(1).tolist() == [5] * 4               # group at q=4 sees positions 0..4
+    assert visible_past[4:].sum(1).tolist() == [7] * 4
+    visible = (g.tree_mask == 0).numpy()
+    assert not visible[:4, 4:].any() and not visible[4:, :4].any()    # groups never see each other
+    # inside a group: (i=1, j=0) sees itself and (i=0, j=0), not the other chain
+    assert visible[2].tolist()[:4] == [True, False, True, False]
+    assert g.target_rows.tolist() == [[5, 6], [7, 8]]
+    assert (g.tree_mask[~(g.tree_mask == 0)] == lowest_mask_value(torch.float32)).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_step(tiny_model_dir):
+    hf, _ = load_checkpoint(tiny_model_dir)
+    model = StepModel(hf)
+    config = PPDConfig(num_prompt_tokens=3, ensemble=2)
+    model.extra_embeddings = torch.nn.Parameter(
+        initial_embeddings(model, config, 0.5, torch.Generator().manual_seed(0)))
+    return model, config
+
+
+@torch.no_grad()
+def test_two_pass_training_forward_matches_one_tree_per_position(tiny_step):
+    """Sequence KV once + all groups behind a past mask == a separate tree (chain + prompt nodes) per q."""
+    model, config = tiny_step
+    torch.manual_seed(0)
+    seq = torch.randint(0, model.vocab_size, (14,))
+    s, qs = len(seq), np.array([7, 9, 10])
+    empty = [torch.zeros(0, model.num_kv_heads, model.head_dim)] * model.num_layers
+    _, keys, values = model(seq, torch.arange(s), causal_mask(s), empty, empty)
+    groups = build_prompt_groups(qs, s, config, model.vocab_size)
+    batched, _, _ = model(groups.input_ids, groups.position_ids, groups.tree_mask, list(keys), list(values),
+                          groups.past_mask)
+    m = config.num_virtual_tokens
+    for g, q in enumerate(qs):
+        parents, tokens = attach_prompt_tokens(list(range(-1, q)), seq[: q + 1].tolist(), int(q), config,
+                                               model.vocab_size)
+        buffers = buffers_from_parents(parents)
+        mask = torch.where(torch.tensor(buffers.ancestor_mask), 0.0, lowest_mask_value(torch.float32))
+        logits, _, _ = model(torch.tensor(tokens), torch.tensor(buffers.depth), mask, empty, empty)
+        torch.testing.assert_close(batched[g * m:(g + 1) * m], logits[q + 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_loss_reaches_only_the_prompt_embeddings(tiny_step):
+    model, config = tiny_step
+    seq = np.random.default_rng(0).integers(0, model.vocab_size, 20)
+    model.extra_embeddings.grad = None
+    out = sample_forward(model, seq, 8, False, config, 0.8 ** torch.arange(3.0))
+    out.loss.backward()
+    assert out.groups == len(usable_positions(20, 8, False, 3))
+    assert model.extra_embeddings.grad is not None and model.extra_embeddings.grad.abs().sum() > 0
+    assert all(p.grad is None for name, p in model.named_parameters() if name != "extra_embeddings")
+    assert (out.top10 >= out.top1).all()
+
+
+def write_sharegpt(path, count=300):
+    """A small ShareGPT-style file, truncated mid-record like the packaged one."""
+    rng = np.random.default_rng(0)
+    words = "the a cat dog runs jumps over under blue red quick slow code python list sort".split()
+    items = []
+    for i in range(count):
+        turns = []
+        for _ in range(2):
+            turns.append({"from": "human", "value": " ".join(rng.choice(words, 8)) + "?"})
+            turns.append({"from": "gpt", "value": " ".join(rng.choice(words, 30)) + "."})
+        items.append({"id": f"c{i}_0", "conversations": turns})
+    text = json.dumps(items)
+    path.write_text(text[: len(text) - 40])
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny_model_dir(real_model_dir, tmp_path_factory):
+    """A 2-layer, hidden-32 random Llama with the real tokenizer, initialised wide (std 0.2) so its
+    next-token distributions are peaked enough for a few training steps to show (the std-0.02 tiny
+    model of conftest is nearly uniform: its KL starts at ~0.03 and is noise)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama-32")
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(sharp_tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-ppd")
+    base = dict(model_dir=sharp_tiny_model_dir, sharegpt=write_sharegpt(root / "sharegpt.json"),
+                data_dir=root / "data",
+                num_prompt_tokens=3, ensemble=2, train_samples=8, val_samples=4, epochs=5, batch_samples=2,
+                max_context_tokens=40, continuation_tokens=10, generation_batch=4, lr=0.05, checkpoint_every=1,
+                device="cpu", eval_initial=True, save_dtype="float32")
+    return root, base
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_setup):
+    root, base = tiny_setup
+    config = PPDTrainConfig(output=root / "full" / "ppd.safetensors", **base)
+    return config, train_ppd(config, command="python -m train ppd (test)")
+
+
+def test_tiny_training_run_lowers_the_loss(tiny_run):
+    config, result = tiny_run
+    # Every epoch visits the same 8 samples, so epoch means compare like with like.
+    steps_per_epoch = len(result.losses) // config.epochs
+    first, last = np.mean(result.losses[:steps_per_epoch]), np.mean(result.losses[-steps_per_epoch:])
+    assert last < 0.9 * first, (first, last)
+    assert result.val_loss < result.val_loss_initial  # and it carries over to held-out samples
+    assert len(result.top1) == len(result.top10) == 3
+    assert all(0 <= a <= b <= 1 for a, b in zip(result.top1, result.top10))
+
+
+def test_tiny_run_writes_a_loadable_checkpoint_and_report(tiny_run, sharp_tiny_model_dir):
+    config, result = tiny_run
+    hidden = load_checkpoint(sharp_tiny_model_dir)[0].config.hidden_size
+    emb, ppd = load_prompt_tokens(config.output, model_fingerprint(sharp_tiny_model_dir), hidden)
+    assert ppd == PPDConfig(3, 2) and emb.shape == (6, hidden)
+    meta = prompt_token_metadata(config.output)
+    assert meta["val_top1"] == result.top1 and meta["command"] == "python -m train ppd (test)"
+    assert meta["trainable_parameters"] == 6 * hidden
+    assert json.loads(config.report_path.read_text())["val_top10"] == result.top10
+    assert not config.resume_path.exists()  # a finished run leaves no resume file
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_setup, tiny_run, monkeypatch):
+    root, base = tiny_setup
+    config = PPDTrainConfig(output=root / "resumed" / "ppd.safetensors", **base)
+    real_forward, calls = train_ppd_module.sample_forward, []
+
+    def crash_on_7th(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # in optimizer step 4 (2 samples a step), after step 3 was saved
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(train_ppd_module, "sample_forward", crash_on_7th)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppd(config)
+    assert config.resume_path.is_file()
+    monkeypatch.setattr(train_ppd_module, "sample_forward", real_forward)
+    resumed = train_ppd(config)
+    full_config, full = tiny_run
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    fp = model_fingerprint(base["model_dir"])
+    hidden = full.trainable_parameters // 6
+    torch.testing.assert_close(load_prompt_tokens(config.output, fp, hidden)[0],
+                               load_prompt_tokens(full_config.output, fp, hidden)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_file_with_other_settings_is_refused(tiny_setup):
+    root, base = tiny_setup
+    config = PPDTrainConfig(output=root / "other" / "ppd.safetensors", **base)
+    config.resume_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": {"lr": "1"}}, config.resume_path)
+    with pytest.raises(ValueError, match="other settings.*--no-resume"):
+        train_ppd(config)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    args = build_parser().parse_args(["ppd"])
+    assert config_from_args(args) == PPDTrainConfig()
+    args = build_parser().parse_args(["ppd", "--ensemble", "3", "--no-resume", "--lr", "0.5"])
+    assert dataclasses.replace(PPDTrainConfig(), ensemble=3, resume=False, lr=0.5) == config_from_args(args)
+
+
+def test_cli_reports_a_missing_dataset(tiny_model_dir, tmp_path, capsys):
+    code = main(["ppd", "--model-dir", str(tiny_model_dir), "--sharegpt", str(tmp_path / "missing.json"),
+                 "--output", str(tmp_path / "x.safetensors"), "--device", "cpu"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="continuation_tokens"):
+        PPDTrainConfig(continuation_tokens=3, num_prompt_tokens=3)
+    with pytest.raises(ValueError, match="train_samples"):
+        PPDTrainConfig(train_samples=0)
+    with pytest.raises(ValueError, match="PPDConfig.ensemble"):
+        PPDTrainConfig(ensemble=0)

@@ -1,0 +1,81 @@
+"""python -m train: command-line entry of the training package.
+
+    python -m train ppd [options]     train PPD prompt tokens (defaults: PPDTrainConfig)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from export.checkpoint import CheckpointError
+from export.ppd import PromptTokenError
+from train.ppd import PPDTrainConfig, format_command, train_ppd
+from train.sharegpt import DatasetError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field; the field's default and help are the only home of both."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text,
+                                choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else
+                                f.name.upper())
+
+
+def cmd_ppd(args: argparse.Namespace, argv: list[str]) -> int:
+    """Train PPD prompt tokens for a model by self-distillation on ShareGPT."""
+    config = config_from_args(args)
+    result = train_ppd(config, command=format_command(argv))
+    if result is None:
+        print(f"self-distilled data ready under {config.data_dir}")
+        return 0
+    print(f"wrote {result.output} and {config.report_path}")
+    print(f"trainable parameters: {result.trainable_parameters:,} "
+          f"({100 * result.trainable_parameters / result.model_parameters:.4f}% of {result.model_parameters:,})")
+    print(f"time: data {result.data_seconds:.0f} s, train {result.train_seconds:.0f} s, "
+          f"eval {result.eval_seconds:.0f} s")
+    print("held-out accuracy per prompt position:")
+    for i, (t1, t10) in enumerate(zip(result.top1, result.top10)):
+        print(f"  prompt token {i} (predicts t+{i + 2}): top-1 {t1:.3f}  top-10 {t10:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ppd = sub.add_parser("ppd", help=cmd_ppd.__doc__, description=cmd_ppd.__doc__)
+    add_config_arguments(ppd, PPDTrainConfig)
+    ppd.set_defaults(func=cmd_ppd)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PPDTrainConfig:
+    names = {f.name for f in dataclasses.fields(PPDTrainConfig)}
+    return PPDTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, argv)
+    except (CheckpointError, DatasetError, PromptTokenError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
