@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -16,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from export.paths import DEFAULT_MODEL_DIR
+from runtime.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
 from runtime.methods import METHODS
 from runtime.prompts import PromptItem, load_prompts
 
-PEERS = ("hf-generate", "hf-prompt-lookup")
+PEERS = ("hf-generate", "hf-prompt-lookup", "ortgenai")
 HF_PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -88,29 +88,31 @@ def make_runners(cfg: BenchConfig) -> tuple[dict[str, Runner], Generator]:
             runners[method] = generator_runner(gen, cfg.max_new_tokens)
     if first is None:  # peers only: a vanilla generator still provides the tokenizer
         first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device)
-    if any(m in PEERS for m in cfg.methods):
+    if "ortgenai" in cfg.methods:
+        runners["ortgenai"] = ortgenai_bench_runner(cfg)
+    if any(m in ("hf-generate", "hf-prompt-lookup") for m in cfg.methods):
         from transformers import LlamaForCausalLM
 
         hf = LlamaForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(cfg.device).eval()
         eos = first.tokenizer.eos_token_id
         for method in cfg.methods:
-            if method in PEERS:
+            if method.startswith("hf-"):
                 runners[method] = hf_runner(hf, cfg.max_new_tokens, eos, prompt_lookup=method == "hf-prompt-lookup")
     return runners, first
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+def ortgenai_bench_runner(cfg: BenchConfig) -> Runner:
+    """onnxruntime-genai greedy on its own fp32 CPU export of the model (the anchor of our ORT backend)."""
+    from runtime import ortgenai_peer
+
+    if cfg.device != "cpu":
+        raise ValueError("the ortgenai peer is built for the CPU only (its fp32 CPU export); use --device cpu")
+    run = ortgenai_peer.ortgenai_runner(cfg.model_dir, cfg.max_new_tokens)
+
+    def bench_run(prompt_ids: list[int]) -> PromptRun:
+        tokens, seconds = run(prompt_ids)
+        return PromptRun(tokens, len(tokens), seconds)  # one token per forward after the prefill
+    return bench_run
 
 
 def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
