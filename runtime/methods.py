@@ -11,12 +11,14 @@ import torch
 from export.checkpoint import model_fingerprint
 from export.paths import REPO_ROOT
 from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
+from runtime.devices import default_ppd_tree
 from runtime.proposers import NgramConfig, NgramProposer, Proposer, VanillaProposer
 from runtime.proposers.ppd import PPDProposer
-from trees import load_ppd_trees
+from trees import check_tree_identity, load_ppd_trees, prompt_tokens_sha256
 
 METHODS = ("vanilla", "ngram", "ppd")
-# Hand-picked CPU tree for the committed SmolLM2 prompt tokens (the hardware-aware search replaces it).
+# Hand-picked CPU tree for the committed SmolLM2 prompt tokens: the fallback when no tree was searched
+# for the device (`python -m trees build`, runtime/devices.py finds it next to the checkpoint).
 DEFAULT_PPD_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ppd-tree-cpu.json"
 
 
@@ -30,7 +32,7 @@ class Method:
 @dataclass(frozen=True)
 class PPDOptions:
     checkpoint: str = str(DEFAULT_PPD_CHECKPOINT)
-    tree: str = str(DEFAULT_PPD_TREE)
+    tree: str | None = None               # None: the tree searched for this device and backend, else DEFAULT_PPD_TREE
     num_prompt_tokens: int | None = None  # when given, the checkpoint must have exactly this N ...
     ensemble: int | None = None           # ... and this k
 
@@ -48,8 +50,10 @@ def _config(cls: type, name: str, options: dict):
     return cls(**options)
 
 
-def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size: int, **options) -> Method:
-    """Build method `name` for the checkpoint in `model_dir` (trained extras are checked against it)."""
+def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size: int, *, device: str = "cpu",
+                 backend: str = "torch", **options) -> Method:
+    """Build method `name` for the checkpoint in `model_dir` (trained extras are checked against it).
+    `device` and `backend` only pick ppd's default tree: the one searched for that device."""
     if name == "vanilla":
         _config(_NoOptions, name, options)
         return Method(name, VanillaProposer())
@@ -61,7 +65,11 @@ def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size:
         if opts.num_prompt_tokens is not None or opts.ensemble is not None:
             default = PPDConfig()
             expected = PPDConfig(opts.num_prompt_tokens or default.num_prompt_tokens, opts.ensemble or default.ensemble)
-        embeddings, config = load_prompt_tokens(opts.checkpoint, model_fingerprint(model_dir), hidden_size, expected)
-        proposer = PPDProposer(config, load_ppd_trees(opts.tree), vocab_size)
+        fingerprint = model_fingerprint(model_dir)
+        embeddings, config = load_prompt_tokens(opts.checkpoint, fingerprint, hidden_size, expected)
+        tree_path = opts.tree or default_ppd_tree(device, backend, opts.checkpoint, DEFAULT_PPD_TREE)
+        trees = load_ppd_trees(tree_path)
+        check_tree_identity(trees, fingerprint, prompt_tokens_sha256(embeddings))
+        proposer = PPDProposer(config, trees, vocab_size)
         return Method(name, proposer, embeddings)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

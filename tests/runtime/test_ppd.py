@@ -89,3 +89,17 @@ def test_real_ppd_matches_transformers_generate(real_model_dir, lossless_prompts
     assert not mismatches, f"ppd differs from transformers greedy on {mismatches}"
     # trained prompt tokens must actually be guessing: well above the 1.0 of vanilla
     assert np.mean(accepted) > 1.3
+
+
+def test_searched_tree_for_other_prompt_tokens_is_refused(tiny_model_dir, tmp_path):
+    """A tree searched for one checkpoint records its hash; loading it with another one is an error."""
+    from trees import TreeError
+
+    hidden = load_checkpoint(tiny_model_dir)[0].config.hidden_size
+    checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
+                                    model_fingerprint(tiny_model_dir), dtype=torch.float32)
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps({**TREES, "model_fingerprint": model_fingerprint(tiny_model_dir),
+                                "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(TreeError, match="retrained"):
+        Generator.from_pretrained(tiny_model_dir, method="ppd", checkpoint=str(checkpoint), tree=str(tree))
