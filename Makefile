@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := artifacts/models/smollm2-135m-instruct
 MODEL_STAMP := $(MODEL_DIR)/config.json
 
-.PHONY: setup model demo test test-slow bench train clean
+# Target device of `make engine` / `make tree`: cpu, or a GPU by (part of) its name, e.g. GPU=h100.
+GPU ?= cpu
+# Backend whose step latency the tree is searched for (cpu: our onnxruntime engine).
+TREE_BACKEND ?= onnxruntime
+
+.PHONY: setup model demo test test-slow bench bench-ort peers train engine tree clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -33,6 +38,25 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m runtime bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
+
+# The onnxruntime-genai peer of `make bench-ort` (optional: not needed by the library or the tests).
+peers: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps onnxruntime-genai==0.18.0 onnx-ir==1.1.0
+
+bench-ort: peers
+	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
+
+# Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd}/ (export if stale, the
+# onnxruntime-optimised graph, and the PPD tree searched for the device). GPU targets stop with
+# what is missing (TensorRT).
+engine: setup
+	$(PY) -m export engine --target $(GPU) --method vanilla
+	$(MAKE) tree GPU=$(GPU)
+	$(PY) -m export engine --target $(GPU) --method ppd
+
+# The hardware-aware PPD tree for a device: latency profile (measured when missing), then the search.
+tree: setup
+	$(PY) -m trees build --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
 
 train: setup
 	$(PY) -m train ppd

@@ -1,4 +1,5 @@
-"""python -m runtime {generate,demo,bench}: a thin CLI over runtime.Generator and runtime.bench."""
+"""python -m runtime {generate,demo,bench,memory}: a thin CLI over runtime.Generator, runtime.bench and
+runtime.memory."""
 
 from __future__ import annotations
 
@@ -80,6 +81,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Peak resident memory of each method, each alone in a fresh process on the same prompts."""
+    from runtime.memory import format_memory, measure_methods
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    bench_args = ["--prompts", args.prompts, "--limit", str(args.limit), "--backend", args.backend,
+                  "--device", args.device, "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
+    print(f"{args.prompts} x {args.limit} prompts, {args.max_new_tokens} new tokens, backend {args.backend}, "
+          f"one fresh process per method")
+    print(format_memory(measure_methods(methods, bench_args)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed repeats; medians are reported")
     b.add_argument("--out", default=None, help="write report.json here")
     b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("memory", help=cmd_memory.__doc__)
+    add_model_args(m)
+    m.add_argument("--prompts", default="mtbench", help="mtbench, humaneval, or a JSONL file of {id, prompt}")
+    m.add_argument("--methods", default="vanilla,ppd", help=f"comma list from {', '.join(METHODS)}")
+    m.add_argument("--limit", type=int, default=5, help="first N prompts (default: %(default)s)")
+    m.set_defaults(func=cmd_memory)
 
     args = parser.parse_args(argv)
     try:
