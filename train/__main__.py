@@ -8,30 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 
 from export.checkpoint import CheckpointError
 from export.ppd import PromptTokenError
 from train.ppd import PPDTrainConfig, format_command, train_ppd
 from train.sharegpt import DatasetError
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per dataclass field; the field's default and help are the only home of both."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text,
-                                choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else
-                                f.name.upper())
+from trees.config_args import add_config_arguments
 
 
 def cmd_ppd(args: argparse.Namespace, argv: list[str]) -> int:

@@ -23,8 +23,6 @@ import shlex
 import statistics
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from runtime.generator import DEFAULT_MAX_NEW_TOKENS
 from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
 from trees import PPDTreeSet, TreeError, check_tree_identity, load_ppd_trees
 from trees._json import write_json
+from trees.config_args import add_config_arguments
 from trees.devices import DeviceMismatchError, check_device, device_key, profile_filename, tree_filename
 from trees.latency import LatencyProfile, ProfileError, load_profile
 from trees.search import (DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, evaluate, replay,
@@ -475,24 +474,6 @@ def format_sweep(rows: list[dict], num_prompts: int) -> str:
 
 # --- argparse -------------------------------------------------------------------------------------
 
-def _add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per config field; the field's default and help are the only home of both."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        required = f.default is dataclasses.MISSING
-        help_text = f.metadata.get("help", "") + ("" if required else " (default: %(default)s)")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, required=required, help=help_text,
-                                choices=f.metadata.get("choices"),
-                                **({} if required else {"default": f.default}))
-
-
 COMMANDS = {"stats": StatsCommand, "profile": ProfileCommand, "build": BuildCommand, "sweep": SweepCommand}
 
 
@@ -504,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"stats": cmd_stats, "profile": cmd_profile, "build": cmd_build, "sweep": cmd_sweep}
     for name, cls in COMMANDS.items():
         doc = handlers[name].__doc__
-        _add_arguments(sub.add_parser(name, help=doc, description=doc), cls)
+        add_config_arguments(sub.add_parser(name, help=doc, description=doc), cls)
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     config = COMMANDS[command](**args)

@@ -24,9 +24,13 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
 
 @pytest.mark.parametrize("method", ["ngram", "ppd"])
 def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs, request):
+    options = {}
     if method == "ppd":
         request.getfixturevalue("trained_ppd_checkpoint")
-    gen = Generator.from_pretrained(real_model_dir, method=method)
+        from runtime.methods import DEFAULT_PPD_TREE
+
+        options["tree"] = str(DEFAULT_PPD_TREE)  # deep and branching: the hardest tree to keep lossless
+    gen = Generator.from_pretrained(real_model_dir, method=method, **options)
     bad = [item.id for item in sweep_prompts
            if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != vanilla_outputs[item.id]]
     assert not bad, f"{method} differs from vanilla greedy on {len(bad)} prompts: {bad}"

@@ -19,18 +19,10 @@ from runtime import Generator
 from runtime.backends.ort_backend import OrtBackend
 from runtime.backends.torch_backend import TorchBackend
 from tests.export.tiny_llama import make_tiny_llama
+from tests.runtime.test_ppd import TREES
 from trees import buffers_from_parents, causal_buffers
 
 MAX_CONTEXT, MAX_TREE = 256, 16
-PPD_TREES = {  # N=2 prompt tokens, top-2 candidates; the PPD tests' tree set
-    "num_prompt_tokens": 2, "topk": 2,
-    "trees": {
-        "2": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}, {"path": [1], "prompt_tokens": 1},
-              {"path": [0, 0], "prompt_tokens": 0}],
-        "1": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}],
-        "0": [{"path": [], "prompt_tokens": 2}],
-    },
-}
 PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
 
 
@@ -153,7 +145,7 @@ def test_tiny_ppd_on_onnxruntime_is_lossless(tiny_dir, artifacts, tmp_path):
     checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
                                     model_fingerprint(tiny_dir), dtype=torch.float32)
     tree = tmp_path / "tree.json"
-    tree.write_text(json.dumps(PPD_TREES))
+    tree.write_text(json.dumps(TREES))
     options = {"checkpoint": str(checkpoint), "tree": str(tree)}
     vanilla = Generator.from_pretrained(tiny_dir, max_context=512)
     ppd = Generator.from_pretrained(tiny_dir, method="ppd", backend="onnxruntime", max_context=512, **options)
@@ -179,7 +171,7 @@ def test_engine_dir_carries_its_ppd_tree(tiny_dir, artifacts, tmp_path):
     checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
                                     model_fingerprint(tiny_dir), dtype=torch.float32)
     tree = tmp_path / "tree.json"
-    tree.write_text(json.dumps(PPD_TREES))
+    tree.write_text(json.dumps(TREES))
     ppd = Generator.from_pretrained(tiny_dir, method="ppd", backend="onnxruntime", max_context=512,
                                     checkpoint=str(checkpoint), tree=str(tree))
     installed = install_tree(ppd.backend.manifest, tree)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import pytest
 
 from runtime import Generator
-from runtime.prompts import load_prompts
-
-NEW_TOKENS = 32
+from tests.conftest import LOSSLESS_NEW_TOKENS as NEW_TOKENS
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ppd"])
-def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir):
-    """4 MT-Bench + 4 HumanEval prompts, 32 new tokens each."""
-    prompts = load_prompts("mtbench", limit=4) + load_prompts("humaneval", limit=4)
+def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, lossless_prompts):
+    """The default lossless subset: 5 MT-Bench + 5 HumanEval prompts, 64 new tokens each."""
+    prompts = lossless_prompts
     torch_gen = Generator.from_pretrained(real_model_dir, method=method)
     ort_gen = Generator.from_pretrained(real_model_dir, method=method, backend="onnxruntime")
     bad = []
