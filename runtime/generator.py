@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from export.checkpoint import load_checkpoint
+from export.checkpoint import check_model_dir
+from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
 from export.paths import DEFAULT_MODEL_DIR
-from export.step_model import StepModel
-from runtime.backends import BACKENDS, Backend
+from runtime.backends import BACKENDS, Backend, engine_method, make_backend
 from runtime.draft import Draft
 from runtime.methods import METHODS, build_method
 from runtime.proposers import Proposer
 from runtime.verify import verify_greedy
 
 DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_MAX_CONTEXT = 2048
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
@@ -73,15 +72,23 @@ class Generator:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
-        model_dir = DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir)
-        hf_model, tokenizer = load_checkpoint(model_dir)
-        spec = build_method(method, model_dir, hf_model.config.vocab_size, hf_model.config.hidden_size,
-                            **method_options)
-        step_model = StepModel(hf_model, spec.extra_embeddings)
-        del hf_model
-        from runtime.backends.torch_backend import TorchBackend
+        model_dir = check_model_dir(DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir))
+        config = AutoConfig.from_pretrained(model_dir)
+        spec = build_method(method, model_dir, config.vocab_size, config.hidden_size, **method_options)
+        runner, tokenizer = make_backend(backend, model_dir, spec, device=device, max_context=max_context)
+        return cls(runner, tokenizer, spec.proposer, eos_token_ids(tokenizer))
 
-        runner = TorchBackend(step_model, max_context=max_context, device=device)
+    @classmethod
+    def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = "cpu",
+                    max_context: int | None = None, **method_options) -> "Generator":
+        """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime. The
+        method defaults to the one it was exported for; vanilla and ngram run on any engine."""
+        from runtime.backends.ort_backend import OrtBackend
+
+        manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
+        spec = engine_method(manifest, method, **method_options)
+        runner = OrtBackend(manifest, device, max_context)
+        tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
         return cls(runner, tokenizer, spec.proposer, eos_token_ids(tokenizer))
 
     # --- prompt handling -------------------------------------------------------------------

@@ -7,15 +7,25 @@ prompt tokens (0..N) that produce the predictions for the step after. JSON form:
     {"num_prompt_tokens": 3, "topk": 4,
      "trees": {"3": [{"path": [], "prompt_tokens": 3}, {"path": [0], "prompt_tokens": 3}, ...],
                "2": [...], "1": [...], "0": [{"path": [], "prompt_tokens": 3}]}}
+
+Any other top-level keys are kept as `PPDTreeSet.metadata` and written back: searched trees
+(`python -m trees build`) record there the model fingerprint and prompt-token hash they were built
+for (checked by `check_tree_identity`), the device, backend, budget and predicted figures.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from trees.tree import Tree, TreeError
+
+_TREE_KEYS = ("num_prompt_tokens", "topk", "trees")
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,13 @@ class PPDStepTree:
 
 @dataclass(frozen=True)
 class PPDTreeSet:
+    """The per-m trees of PPD (see the module doc for the JSON form)."""
+
     num_prompt_tokens: int
     topk: int
     trees: tuple[PPDStepTree, ...]  # index m = number of available predictions, 0..N
+    # Extra top-level JSON keys (provenance, predicted figures); not part of the tree's identity.
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = self.num_prompt_tokens
@@ -59,6 +73,7 @@ class PPDTreeSet:
 
     def to_json(self) -> dict:
         return {
+            **self.metadata,
             "num_prompt_tokens": self.num_prompt_tokens,
             "topk": self.topk,
             "trees": {
@@ -83,8 +98,10 @@ class PPDTreeSet:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, TreeError):
                 raise
-            raise TreeError(f"PPD tree JSON needs num_prompt_tokens, topk and trees['0'..'N'] node lists: {exc!r}") from exc
-        return cls(n, topk, tuple(steps))
+            raise TreeError(f"PPD tree JSON needs num_prompt_tokens, topk and trees['0'..'N'] node lists: "
+                            f"{exc!r}") from exc
+        metadata = {key: value for key, value in data.items() if key not in _TREE_KEYS}
+        return cls(n, topk, tuple(steps), metadata)
 
 
 def load_ppd_trees(path: str | Path) -> PPDTreeSet:
@@ -95,3 +112,26 @@ def load_ppd_trees(path: str | Path) -> PPDTreeSet:
         return PPDTreeSet.from_json(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise TreeError(f"PPD tree file {path} is not valid JSON: {exc}") from exc
+
+
+def prompt_tokens_sha256(embeddings: Any) -> str:
+    """The identity of a prompt-token checkpoint: sha256 of its [N*k, H] embeddings as contiguous
+    float32 (an array, or a CPU torch tensor); equal to export.onnx_export.tensor_sha256, which the
+    ONNX manifest records, so trees, statistics and engines name the same rows the same way."""
+    array = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sha256: str) -> None:
+    """Refuse a searched tree built for another model or another prompt-token checkpoint.
+
+    Trees without a recorded identity (hand-picked ones) are accepted for any model."""
+    built_model = trees.metadata.get("model_fingerprint")
+    built_checkpoint = trees.metadata.get("checkpoint_sha256")
+    if built_model is not None and built_model != model_fingerprint:
+        raise TreeError(f"this PPD tree was built for model {built_model}, but the model loaded is "
+                        f"{model_fingerprint}: build one for it with `python -m trees build` (or `make tree`)")
+    if built_checkpoint is not None and built_checkpoint != checkpoint_sha256:
+        raise TreeError(f"this PPD tree was built for prompt tokens {built_checkpoint[:16]}, but the checkpoint "
+                        f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with `python -m trees stats` "
+                        f"then `python -m trees build` (or `make tree`)")

@@ -57,6 +57,15 @@ class PPDProposer:
         self._last_layout: StepLayout | None = None
 
     @property
+    def predictions(self) -> np.ndarray:
+        """[m, topk] read-only: the top-k token ids the last step's accepted node predicted for the
+        next step; row i guesses the token i + 1 places after the next root (m = the prompt tokens
+        that node carried). Read by acceptance statistics (runtime/acceptance.py)."""
+        view = self._top_ids.view()
+        view.setflags(write=False)
+        return view
+
+    @property
     def max_draft_tokens(self) -> int:
         return max(layout.draft_template.size for layout in self.layouts)
 

@@ -1,0 +1,93 @@
+"""Engine dirs: where an export for (model, target, method) lives, when it is stale, and building it.
+
+    artifacts/engines/<model>/<target>/<method>/   manifest.json, model.onnx(+data), tokenizer,
+                                                  and for target cpu the ORT-optimised graph
+
+An engine dir is stale when it is missing or unreadable, or its manifest disagrees with what is
+asked for: another model fingerprint, method, method rows, dtype, or a smaller context/tree budget.
+Only the CPU target exists so far; GPU targets are TensorRT engines (a later issue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.checkpoint import model_fingerprint
+from export.manifest import Manifest, ManifestError
+from export.onnx_export import DTYPES, ExportConfig, MethodExtras, export_onnx, load_method_extras, tensor_sha256
+from export.paths import ARTIFACTS_DIR
+
+CPU_TARGET = "cpu"
+
+
+class TargetError(ValueError):
+    """An engine target this build cannot make yet."""
+
+
+def engine_dir(model_dir: str | Path, target: str, method: str) -> Path:
+    return ARTIFACTS_DIR / "engines" / Path(model_dir).resolve().name / target / method
+
+
+def check_target(target: str) -> None:
+    if target != CPU_TARGET:
+        raise TargetError(
+            f"engine target {target!r}: only 'cpu' (ONNX + onnxruntime-optimised graph) can be built so far. "
+            f"GPU targets are TensorRT engines, built by a later issue; missing: the TensorRT engine builder "
+            f"(export/trt_build.py reading manifest.json's profiles), the tensorrt and polygraphy packages "
+            f"(`pip install .[tensorrt]`), and a CUDA GPU. Use GPU=cpu for now."
+        )
+
+
+def stale_reason(directory: Path, config: ExportConfig, extras: MethodExtras, verify_files: bool = True) -> str | None:
+    """Why the export in `directory` cannot serve `config` (None when it can). `verify_files=False`
+    skips hashing the exported files (a runtime verifies the files it actually loads)."""
+    try:
+        manifest = Manifest.load(directory, verify_files=verify_files)
+    except ManifestError as exc:
+        return str(exc)
+    want_rows = None if extras.embeddings is None else tensor_sha256(extras.embeddings)
+    checks = [
+        ("model fingerprint", manifest.model.fingerprint, model_fingerprint(config.model_dir)),
+        ("method", manifest.method.name, config.method),
+        ("method options", manifest.method.options, dict(extras.options)),
+        ("method rows (sha256)", manifest.method.extra_embeddings_sha256, want_rows),
+        ("dtype", manifest.dtype, str(DTYPES[config.dtype]).removeprefix("torch.")),
+    ]
+    for what, have, want in checks:
+        if have != want:
+            return f"{what} is {have!r}, wanted {want!r}"
+    if manifest.max_context < config.max_context or manifest.max_tree < config.max_tree:
+        return (f"budget max_context={manifest.max_context}, max_tree={manifest.max_tree} is smaller than "
+                f"wanted {config.max_context}, {config.max_tree}")
+    return None
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    manifest: Manifest
+    exported: bool           # False when the existing export was up to date
+    reason: str | None       # why it was (re-)exported
+
+
+def ensure_export(config: ExportConfig, extras: MethodExtras | None = None, log=print,
+                  verify_files: bool = True) -> EngineResult:
+    """Export into `config.out_dir` unless an up-to-date export is already there."""
+    extras = load_method_extras(config) if extras is None else extras
+    reason = stale_reason(Path(config.out_dir), config, extras, verify_files)
+    if reason is None:
+        return EngineResult(Manifest.load(config.out_dir, verify_files=False), False, None)
+    log(f"exporting {config.model_dir} -> {config.out_dir} ({reason})")
+    return EngineResult(export_onnx(config, extras, log=log), True, reason)
+
+
+def build_cpu_engine(config: ExportConfig, extras: MethodExtras | None = None, level: str = "extended",
+                     log=print) -> Manifest:
+    """The whole CPU path: export (if stale) and the ORT-optimised graph (if missing)."""
+    from export.ort_optimize import optimize_for_ort, usable_optimized_model
+
+    manifest = ensure_export(config, extras, log).manifest
+    if usable_optimized_model(manifest, "CPUExecutionProvider", level) is None:
+        log(f"optimising {manifest.onnx_path} for onnxruntime CPU ({level})")
+        manifest = optimize_for_ort(manifest, "CPUExecutionProvider", level)
+    return manifest

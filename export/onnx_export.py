@@ -1,0 +1,342 @@
+"""Trace the step function into ONNX, write the manifest beside it, and validate it on every export.
+
+    export_onnx(model_dir, out_dir, ...)
+        load checkpoint -> StepModel (+ method rows) -> trace (TorchScript exporter, fixed opset/IR)
+        -> tidy graph (output shapes, tied-embedding dedup) -> save with external data -> onnx.checker
+        -> validate against the torch step at untraced shapes (export/validate.py) -> manifest.json
+
+The graph has exactly StepModel.forward's signature, with the per-layer cache as separate inputs
+(past_key.{i}, past_value.{i}: [S, Hkv, D]) so a runtime can bind each layer's committed prefix by
+pointer. Everything is written into a temp dir next to `out_dir` and swapped in at the end: a
+reader never sees a half-written engine dir.
+
+Exporter choice (measured here, torch 2.13): the TorchScript exporter (`dynamo=False`) traces this
+model in ~1 s (tiny) / ~20 s (135M) with opset 17 and IR 8 and needs nothing beyond torch; the
+dynamo exporter needs onnxscript and writes IR 10+. Opset 17 is read by onnxruntime >= 1.13 and
+TensorRT >= 8.6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from export.checkpoint import load_checkpoint, model_fingerprint
+from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, MANIFEST_NAME,
+                             ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
+                             ModelRecord, TensorSpec, sha256_file)
+from export.step_model import StepModel
+
+OPSET = 17
+IR_VERSION = 8            # the IR that goes with opset 17; onnxruntime 1.31 reads <= 11
+DATA_SUFFIX = ".data"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_METHODS = ("vanilla", "ppd")
+# Shapes the graph is traced at: deliberately none of the validation shapes (export/validate.py).
+TRACE_TREE, TRACE_CACHE = 3, 5
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One ONNX export. The CLI (`python -m export onnx`) maps its flags 1:1 onto these fields."""
+
+    model_dir: Path
+    out_dir: Path
+    method: str = "vanilla"
+    checkpoint: Path | None = None            # method checkpoint (ppd: trained prompt tokens)
+    dtype: str = "fp32"
+    max_context: int = DEFAULT_MAX_CONTEXT
+    max_tree: int = DEFAULT_MAX_TREE
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in EXPORT_METHODS:
+            raise ValueError(f"unknown method {self.method!r} for export; choose one of {', '.join(EXPORT_METHODS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_tree < 1 or self.max_context < 2 * self.max_tree:
+            raise ValueError(f"need max_tree >= 1 and max_context >= 2 * max_tree, got max_tree={self.max_tree}, "
+                             f"max_context={self.max_context}")
+        if self.method == "vanilla" and self.checkpoint is not None:
+            raise ValueError("--method vanilla takes no --checkpoint")
+
+
+@dataclass(frozen=True)
+class MethodExtras:
+    """What a method adds to the step graph: rows after the vocabulary, and its runtime options."""
+
+    embeddings: torch.Tensor | None = None    # [E, H]
+    options: dict = field(default_factory=dict)
+
+
+class StepGraph(nn.Module):
+    """StepModel.forward with the cache as flat inputs: past_key.0..L-1, then past_value.0..L-1."""
+
+    def __init__(self, step: StepModel) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.step.num_layers
+        return self.step(input_ids, position_ids, tree_mask, list(past[:n]), list(past[n:]))
+
+
+def io_specs(step: StepModel, dtype: torch.dtype) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph contract. T = tree nodes of the step, S = committed cache length."""
+    fdt = str(dtype).removeprefix("torch.")
+    n, hkv, d = step.num_layers, step.num_kv_heads, step.head_dim
+    t, s = TREE_AXIS, CACHE_AXIS
+    inputs = (
+        TensorSpec("input_ids", "int64", (t,)),
+        TensorSpec("position_ids", "int64", (t,)),
+        TensorSpec("tree_mask", fdt, (t, t)),                  # additive: 0 visible, finfo.min hidden
+        *(TensorSpec(f"past_key.{i}", fdt, (s, hkv, d)) for i in range(n)),
+        *(TensorSpec(f"past_value.{i}", fdt, (s, hkv, d)) for i in range(n)),
+    )
+    outputs = (
+        TensorSpec("logits", fdt, (t, step.vocab_size)),
+        TensorSpec("new_keys", fdt, (n, t, hkv, d)),
+        TensorSpec("new_values", fdt, (n, t, hkv, d)),
+    )
+    return inputs, outputs
+
+
+def shape_profiles(max_context: int, max_tree: int) -> dict[str, dict[str, AxisRange]]:
+    """decode: the loop's trees; prefill: the prompt as one chain. Both leave room for one tree."""
+    max_cache = max_context - max_tree
+    return {
+        "decode": {TREE_AXIS: AxisRange(1, min(16, max_tree), max_tree), CACHE_AXIS: AxisRange(0, min(256, max_cache), max_cache)},
+        "prefill": {TREE_AXIS: AxisRange(1, min(128, max_cache), max_cache), CACHE_AXIS: AxisRange(0, 0, max_cache)},
+    }
+
+
+# --- tracing --------------------------------------------------------------------------------
+def trace_inputs(step: StepModel, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    t, s = TRACE_TREE, TRACE_CACHE
+    ids = torch.arange(1, t + 1)
+    if step.num_extra_tokens:
+        ids[-1] = step.vocab_size  # not needed for tracing (it records ops, not values); keeps the example honest
+    past = [torch.zeros(s, step.num_kv_heads, step.head_dim, dtype=dtype) for _ in range(2 * step.num_layers)]
+    return (ids, torch.arange(s, s + t), torch.zeros(t, t, dtype=dtype), *past)
+
+
+def trace_to_onnx(step: StepModel, dtype: torch.dtype, path: Path) -> None:
+    inputs, outputs = io_specs(step, dtype)
+    spec_axes = {spec.name: {i: a for i, a in enumerate(spec.shape) if isinstance(a, str)} for spec in inputs + outputs}
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # Expected and harmless here: the TorchScript exporter's deprecation notice, and the tracer
+        # noting that the number of method rows is a constant of the graph (it is).
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            StepGraph(step).eval(), trace_inputs(step, dtype), str(path),
+            input_names=[spec.name for spec in inputs], output_names=[spec.name for spec in outputs],
+            dynamic_axes=spec_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+
+
+# --- graph tidying --------------------------------------------------------------------------
+def set_io_shapes(model: onnx.ModelProto, specs: Sequence[TensorSpec], values) -> None:
+    """Write the contract's shapes onto graph inputs/outputs (the tracer names some static dims oddly)."""
+    by_name = {spec.name: spec for spec in specs}
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for axis in by_name[value.name].shape:
+            dim = dims.add()
+            if isinstance(axis, str):
+                dim.dim_param = axis
+            else:
+                dim.dim_value = axis
+
+
+def dedupe_tied_embedding(model: onnx.ModelProto, head_name: str) -> bool:
+    """Tied checkpoints embed with the LM head's transpose; constant folding materialises that as a
+    second [V, H] table (113 MB for SmolLM2-135M). Gather from the head's [H, V] columns instead:
+    Gather(head, ids, axis=1) -> [H, T] -> Transpose -> [T, H]. Returns whether it rewrote anything."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    if head_name not in inits:
+        return False
+    head = numpy_helper.to_array(inits[head_name])
+    rewritten = False
+    nodes = list(graph.node)
+    for node in nodes:
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        table_init = inits[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if axis != 0 or list(table_init.dims) != list(head.shape[::-1]):
+            continue
+        if not np.array_equal(numpy_helper.to_array(table_init), head.T):
+            continue
+        gathered = node.output[0] + "/columns"
+        transpose = helper.make_node("Transpose", [gathered], [node.output[0]], perm=[1, 0],
+                                     name=(node.name or gathered) + "/transpose")
+        node.input[0] = head_name
+        node.output[0] = gathered
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", 1))
+        graph.node.insert(list(graph.node).index(node) + 1, transpose)
+        rewritten = True
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return rewritten
+
+
+def tidy_graph(model: onnx.ModelProto, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+               metadata: dict[str, str]) -> onnx.ModelProto:
+    set_io_shapes(model, inputs, model.graph.input)
+    set_io_shapes(model, outputs, model.graph.output)
+    dedupe_tied_embedding(model, "step.lm_head_t")
+    model.ir_version = IR_VERSION
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return model
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """All weights in one `<name>.data` file beside the graph: no 2 GB protobuf limit, and the graph
+    file stays small enough to read for the manifest checks."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + DATA_SUFFIX, size_threshold=1024, convert_attribute=False)
+
+
+# --- the whole export -----------------------------------------------------------------------
+def load_method_extras(config: ExportConfig) -> MethodExtras:
+    """ppd: the trained prompt-token rows from --checkpoint (export/ppd.py owns that format; it
+    refuses a checkpoint trained for another model). Options are what runtime.methods takes (N, k)."""
+    if config.method == "vanilla":
+        return MethodExtras()
+    if config.checkpoint is None:
+        raise ValueError("--method ppd needs --checkpoint FILE (the trained prompt tokens, `python -m train ppd`)")
+    from export.ppd import load_prompt_tokens
+    from transformers import AutoConfig
+
+    hidden_size = AutoConfig.from_pretrained(config.model_dir).hidden_size
+    embeddings, ppd = load_prompt_tokens(config.checkpoint, model_fingerprint(config.model_dir), hidden_size)
+    return MethodExtras(embeddings, {"num_prompt_tokens": ppd.num_prompt_tokens, "ensemble": ppd.ensemble})
+
+
+def exporter_versions() -> dict[str, str | int]:
+    return {"ppdeploy": importlib.metadata.version("ppdeploy"), "torch": torch.__version__,
+            "onnx": onnx.__version__, "format_version": FORMAT_VERSION}
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=print) -> Manifest:
+    """Export, check and validate the step graph of `config.model_dir` into `config.out_dir`.
+    `extras` overrides the method rows (default: loaded from `config.checkpoint`)."""
+    extras = load_method_extras(config) if extras is None else extras
+    if config.method == "ppd" and extras.embeddings is None:
+        raise ValueError("a ppd export needs prompt-token embeddings")
+    dtype = DTYPES[config.dtype]
+    hf_model, tokenizer = load_checkpoint(config.model_dir, dtype=dtype)
+    embeddings = None if extras.embeddings is None else extras.embeddings.to(dtype)
+    step = StepModel(hf_model, embeddings).eval()
+    del hf_model
+    inputs, outputs = io_specs(step, dtype)
+    out_dir = Path(config.out_dir)
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; an engine dir is shared like any build output
+    try:
+        raw = work / "raw"
+        raw.mkdir()
+        log(f"tracing {config.model_dir} ({config.method}, {config.dtype}) with opset {OPSET}")
+        trace_to_onnx(step, dtype, raw / ONNX_NAME)
+        fingerprint = model_fingerprint(config.model_dir)
+        model = tidy_graph(onnx.load(str(raw / ONNX_NAME)), inputs, outputs,
+                           {"ppdeploy.method": config.method, "ppdeploy.model_fingerprint": fingerprint})
+        shutil.rmtree(raw)
+        onnx_path = work / ONNX_NAME
+        save_with_external_data(model, onnx_path)
+        del model
+        onnx.checker.check_model(str(onnx_path), full_check=True)  # path-based: reads the external data too
+        tokenizer.save_pretrained(work)
+        manifest = describe_export(work, config, step, extras, fingerprint)
+        if config.validate:
+            from export.validate import validate_step_graph
+
+            report = validate_step_graph(onnx_path, step, tokenizer, max_tree=config.max_tree)
+            log(report.summary())
+            manifest = dataclasses.replace(manifest, validation=tuple(report.to_json()))
+        manifest.write()
+        for path in work.iterdir():
+            path.chmod(0o644)  # some writers create private files; an engine dir is a shared build output
+        _swap_in(work, out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return Manifest.load(out_dir)
+
+
+def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: MethodExtras,
+                    fingerprint: str) -> Manifest:
+    """The manifest of the graph just written into `work` (validation results are added after)."""
+    inputs, outputs = io_specs(step, DTYPES[config.dtype])
+    model_dir = Path(config.model_dir).resolve()
+    return Manifest(
+        dir=work,
+        onnx=_record(work, ONNX_NAME),
+        external_data=(_record(work, ONNX_NAME + DATA_SUFFIX),),
+        dtype=inputs[2].dtype, opset=OPSET, ir_version=IR_VERSION,
+        max_context=config.max_context, max_tree=config.max_tree,
+        model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, int(step.config.hidden_size),
+                          step.num_layers, step.num_kv_heads, step.head_dim),
+        method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens,
+                            None if extras.embeddings is None else tensor_sha256(extras.embeddings),
+                            None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
+        inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),
+        exporter=exporter_versions(),
+    )
+
+
+def _record(directory: Path, name: str) -> FileRecord:
+    path = directory / name
+    return FileRecord(name, sha256_file(path), path.stat().st_size)
+
+
+def _checkpoint_record(path: Path) -> FileRecord:
+    if not path.is_file():
+        raise FileNotFoundError(f"method checkpoint {path} does not exist")
+    return FileRecord(str(path.resolve()), sha256_file(path), path.stat().st_size)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an empty dir or a previous export may be replaced: never someone's unrelated files."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ManifestError(f"{out_dir} exists, is not empty and holds no {MANIFEST_NAME}: "
+                            "pick an empty --out dir (an old export there would be replaced)")
+
+
+def _swap_in(work: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir onto `out_dir`, moving any old export aside first."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old-" + work.name.rsplit("-", 1)[-1])
+        out_dir.rename(old)
+    work.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,131 @@
+"""Acceptance statistics of PPD on calibration prompts: the backend-running half of `python -m trees stats`
+(trees.stats holds the data type and the estimates, trees.search consumes them).
+
+The decode loop runs unchanged with a collection tree set in which every node carries all N prompt
+tokens, so every step predicts N rows ahead whatever it accepts. After each step the proposer's
+`predictions` ([m, K] top-K ids) are kept with the position they refer to; the decode is lossless
+greedy, so the tokens it goes on to produce are exactly the tokens those rows had to guess.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from export.checkpoint import model_fingerprint
+from export.paths import DEFAULT_MODEL_DIR
+from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
+from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator, Prompt
+from runtime.proposers.ppd import PPDProposer
+from trees import PPDStepTree, PPDTreeSet, Tree, prompt_tokens_sha256
+from trees.stats import AcceptanceStats
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    model_dir: str = str(DEFAULT_MODEL_DIR)
+    checkpoint: str = str(DEFAULT_PPD_CHECKPOINT)
+    backend: str = "torch"
+    device: str = "cpu"
+    num_prompts: int = 40                  # calibration prompts that are decoded
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    topk: int = 10                         # K: ranks recorded per prediction row
+    max_prompt_tokens: int = 1024          # longer prompts are skipped (prefill time, context)
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    model_fingerprint: str
+    checkpoint_sha256: str
+    config: PPDConfig
+
+
+def checkpoint_identity(model_dir: str | Path, checkpoint: str | Path) -> CheckpointIdentity:
+    """Model fingerprint, prompt-token hash and N/k of a PPD checkpoint (refused for another model)."""
+    fingerprint = model_fingerprint(model_dir)
+    hidden_size = AutoConfig.from_pretrained(model_dir).hidden_size
+    embeddings, config = load_prompt_tokens(checkpoint, fingerprint, hidden_size)
+    return CheckpointIdentity(fingerprint, prompt_tokens_sha256(embeddings.numpy()), config)
+
+
+def collection_trees(num_prompt_tokens: int, topk: int) -> PPDTreeSet:
+    """For each m: the rank-0 chain of depth m (it speeds the decode up), every node carrying all N
+    prompt tokens, so that every step produces N prediction rows."""
+    steps = []
+    for m in range(num_prompt_tokens + 1):
+        tree = Tree(paths=tuple((0,) * d for d in range(1, m + 1)), topk=topk)
+        steps.append(PPDStepTree(tree, (num_prompt_tokens,) * tree.size))
+    return PPDTreeSet(num_prompt_tokens, topk, tuple(steps))
+
+
+def step_ranks(predictions: np.ndarray, future: Sequence[int]) -> tuple[int, ...]:
+    """(m, rank_1..rank_j): rank of future[d-1] in predictions[d-1] (K when absent), for the rows whose
+    true token is known (j = min(m, len(future)))."""
+    m, k = predictions.shape
+    ranks = []
+    for row, token in zip(predictions, future):
+        hit = np.flatnonzero(row == token)
+        ranks.append(int(hit[0]) if hit.size else k)
+    return (m, *ranks)
+
+
+def decode_records(gen: Generator, prompt_ids: list[int], max_new_tokens: int) -> list[tuple[int, ...]]:
+    """Decode one prompt greedily with `gen` (a PPD generator); one rank record per step."""
+    proposer = gen.proposer
+    if not isinstance(proposer, PPDProposer):
+        raise ValueError(f"acceptance statistics need a ppd generator, got {type(proposer).__name__}")
+    generated: list[int] = []
+    pending: list[tuple[np.ndarray, int]] = []  # (predictions, index in `generated` of their depth-1 token)
+    for tokens in gen.decode_steps(prompt_ids, GenerationStats()):
+        generated.extend(tokens)
+        pending.append((proposer.predictions.copy(), len(generated)))
+        if any(t in gen.eos_token_ids for t in tokens) or len(generated) >= max_new_tokens:
+            break
+    end = next((i + 1 for i, t in enumerate(generated) if t in gen.eos_token_ids), len(generated))
+    return [step_ranks(predictions, generated[start:end]) for predictions, start in pending]
+
+
+def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibration: str,
+                       show_progress: bool = True) -> AcceptanceStats:
+    """Run PPD on the first `config.num_prompts` prompts that fit and record every step's ranks.
+    `calibration` says where the prompts come from (held-out data, never an evaluation set)."""
+    identity = checkpoint_identity(config.model_dir, config.checkpoint)
+    n = identity.config.num_prompt_tokens
+    with tempfile.TemporaryDirectory(prefix="ppd-collect-") as tmp:
+        tree_file = Path(tmp) / "collection-tree.json"
+        tree_file.write_text(json.dumps(collection_trees(n, config.topk).to_json()))
+        gen = Generator.from_pretrained(config.model_dir, method="ppd", backend=config.backend, device=config.device,
+                                        checkpoint=config.checkpoint, tree=str(tree_file))
+    records: list[tuple[int, ...]] = []
+    used = 0
+    with tqdm(total=config.num_prompts, desc="acceptance", disable=not show_progress) as bar:
+        for prompt in prompts:
+            if used == config.num_prompts:
+                break
+            ids = gen.encode(prompt)
+            if len(ids) > config.max_prompt_tokens:
+                continue
+            gen.check_budget(len(ids), config.max_new_tokens)
+            records.extend(decode_records(gen, ids, config.max_new_tokens))
+            used += 1
+            bar.update()
+    if used < config.num_prompts:
+        raise ValueError(f"only {used} of the {config.num_prompts} requested calibration prompts are at most "
+                         f"{config.max_prompt_tokens} tokens long: ask for fewer, or raise max_prompt_tokens")
+    return AcceptanceStats(num_prompt_tokens=n, ensemble=identity.config.ensemble, topk=config.topk,
+                           steps=tuple(records), model_fingerprint=identity.model_fingerprint,
+                           checkpoint_sha256=identity.checkpoint_sha256, calibration=calibration,
+                           num_prompts=used, max_new_tokens=config.max_new_tokens, backend=config.backend,
+                           device=config.device)

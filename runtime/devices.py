@@ -1,0 +1,46 @@
+"""The device a run uses, by its real name, and the PPD tree searched for it (trees/devices.py
+names the files)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from trees.devices import DeviceMismatchError, device_key, find_device_tree
+
+
+def device_name(device: str) -> str:
+    """The real name of `device`: the GPU's name, or "cpu: <CPU model> (<cores> cores, <threads> threads)"."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def present_device(device: str) -> tuple[str, str]:
+    """(type, real name) of `device` ("cpu", "cuda", "cuda:1"): the GPU's name from torch, or the
+    CPU model with its core and thread counts."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceMismatchError(f"device {device!r} asked for, but torch sees no CUDA device on this machine "
+                                  f"({device_name('cpu')}); use the CPU (--gpu cpu / device 'cpu')")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use cpu or cuda")
+    return dev.type, device_name(device)
+
+
+def default_ppd_tree(device: str, backend: str, checkpoint: str | Path, fallback: str | Path) -> Path:
+    """The tree searched for this device and backend (ppd-tree-<device key>-<backend>.json next to
+    the prompt-token checkpoint), else one for this device on another backend, else `fallback`."""
+    kind, name = present_device(device)
+    return find_device_tree(Path(checkpoint).parent, device_key(kind, name), backend, fallback)

@@ -1,0 +1,171 @@
+"""The onnxruntime backend: same step as torch, zero-copy buffers, engine dirs, lossless greedy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import export.engine
+from export.checkpoint import load_checkpoint, model_fingerprint
+from export.manifest import Manifest, ManifestError, ShapeError
+from export.onnx_export import ExportConfig, export_onnx
+from export.ppd import PPDConfig, save_prompt_tokens
+from export.step_model import StepModel
+from runtime import Generator
+from runtime.backends.ort_backend import OrtBackend
+from runtime.backends.torch_backend import TorchBackend
+from tests.export.tiny_llama import make_tiny_llama
+from trees import buffers_from_parents, causal_buffers
+
+MAX_CONTEXT, MAX_TREE = 256, 16
+PPD_TREES = {  # N=2 prompt tokens, top-2 candidates; the PPD tests' tree set
+    "num_prompt_tokens": 2, "topk": 2,
+    "trees": {
+        "2": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}, {"path": [1], "prompt_tokens": 1},
+              {"path": [0, 0], "prompt_tokens": 0}],
+        "1": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}],
+        "0": [{"path": [], "prompt_tokens": 2}],
+    },
+}
+PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, real_model_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tmp_path_factory) -> Manifest:
+    out = tmp_path_factory.mktemp("engines") / "vanilla"
+    return export_onnx(ExportConfig(tiny_dir, out, max_context=MAX_CONTEXT, max_tree=MAX_TREE), log=lambda _: None)
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch):
+    """Engine cache of from_pretrained(backend="onnxruntime") in a temp dir."""
+    monkeypatch.setattr(export.engine, "ARTIFACTS_DIR", tmp_path / "artifacts")
+    return tmp_path / "artifacts"
+
+
+def binary_tree(size: int):
+    return buffers_from_parents([-1] + [(i - 1) // 2 for i in range(1, size)])
+
+
+def test_ort_step_matches_torch_step(engine, tiny_dir):
+    hf, _ = load_checkpoint(tiny_dir)
+    backends = [TorchBackend(StepModel(hf), MAX_CONTEXT), OrtBackend(engine.dir, max_context=MAX_CONTEXT)]
+    rng = np.random.default_rng(0)
+    # A prefill longer than the decode buffers, then trees of several sizes with 1-2 nodes committed.
+    steps = [(causal_buffers(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3, 9)]
+    for buffers, commit in steps:
+        ids = rng.integers(0, engine.model.vocab_size, buffers.size)
+        outs = [b.step(ids, b.cache.length + buffers.depth, buffers.ancestor_mask) for b in backends]
+        for name in ("logits", "new_keys", "new_values"):
+            ref, got = getattr(outs[0], name), getattr(outs[1], name)
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"{name} at T={buffers.size}")
+        for b, out in zip(backends, outs):
+            b.cache.commit(out.new_keys, out.new_values, commit or list(range(buffers.size)))
+    torch.testing.assert_close(backends[1].cache.keys, backends[0].cache.keys, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_outputs_live_in_preallocated_buffers(engine):
+    backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
+    tree = binary_tree(5)
+    first = backend.step(np.arange(5), tree.depth, tree.ancestor_mask)
+    pointers = [t.data_ptr() for t in (first.logits, first.new_keys, first.new_values)]
+    backend.cache.commit(first.new_keys, first.new_values, [0])
+    second = backend.step(np.arange(3), 1 + binary_tree(3).depth, binary_tree(3).ancestor_mask)
+    assert [t.data_ptr() for t in (second.logits, second.new_keys, second.new_values)] == pointers
+    assert second.logits.shape == (3, engine.model.vocab_size) and second.new_keys.shape == (2, 3, 2, 16)
+
+
+def test_optimized_graph_is_saved_once_then_loaded(engine):
+    OrtBackend(engine.dir)
+    manifest = Manifest.load(engine.dir)
+    record = manifest.ort_optimized
+    assert record["provider"] == "CPUExecutionProvider" and record["source_sha256"] == manifest.onnx.sha256
+    optimized = engine.dir / record["files"][0]["file"]
+    mtime = optimized.stat().st_mtime_ns
+    backend = OrtBackend(engine.dir)
+    assert backend.session._model_path == str(optimized)
+    assert optimized.stat().st_mtime_ns == mtime  # reused, not rewritten
+
+
+def test_corrupt_optimized_graph_is_refused(engine, tmp_path):
+    copy = shutil.copytree(engine.dir, tmp_path / "copy")
+    OrtBackend(copy)
+    data = copy / Manifest.load(copy).ort_optimized["files"][1]["file"]
+    raw = bytearray(data.read_bytes())
+    raw[-10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="does not match the sha256"):
+        OrtBackend(copy)
+
+
+def test_steps_outside_the_profiles_are_refused(engine):
+    backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
+    backend.cache.length = 250
+    tree = binary_tree(8)
+    with pytest.raises(ShapeError, match="max_context 256"):
+        backend.step(np.arange(8), 250 + tree.depth, tree.ancestor_mask)
+    with pytest.raises(ManifestError, match="re-export with --max-context 512"):
+        OrtBackend(engine.dir, max_context=512)
+
+
+def test_from_engine_refuses_a_tree_larger_than_the_engine(engine):
+    with pytest.raises(ShapeError, match="max tree size 16"):
+        Generator.from_engine(engine.dir, method="ngram", max_nodes=MAX_TREE + 4)
+
+
+def test_from_pretrained_and_from_engine_match_torch(tiny_dir, artifacts):
+    reference = Generator.from_pretrained(tiny_dir, max_context=512)
+    ort = Generator.from_pretrained(tiny_dir, backend="onnxruntime", max_context=512)
+    engine_dir = artifacts / "engines" / tiny_dir.name / "cpu" / "vanilla"
+    assert ort.backend.manifest.dir == engine_dir and (engine_dir / "manifest.json").is_file()
+    from_dir = Generator.from_engine(engine_dir)
+    ngram = Generator.from_engine(engine_dir, method="ngram")
+    for prompt in PROMPTS:
+        want = reference.generate(prompt, max_new_tokens=24).token_ids
+        assert len(set(want)) > 3  # the tiny model's text varies, so a wrong step shows
+        for gen in (ort, from_dir, ngram):
+            assert gen.generate(prompt, max_new_tokens=24).token_ids == want
+
+
+def test_from_pretrained_reexports_a_stale_engine(tiny_dir, artifacts, tmp_path, real_model_dir):
+    Generator.from_pretrained(tiny_dir, backend="onnxruntime", max_context=512)
+    engine_dir = artifacts / "engines" / tiny_dir.name / "cpu" / "vanilla"
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0" * 16                 # as if exported from another checkpoint
+    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    gen = Generator.from_pretrained(tiny_dir, backend="onnxruntime", max_context=512)
+    assert gen.backend.manifest.model.fingerprint == model_fingerprint(tiny_dir)
+
+
+def test_tiny_ppd_on_onnxruntime_is_lossless(tiny_dir, artifacts, tmp_path):
+    hidden = load_checkpoint(tiny_dir)[0].config.hidden_size
+    torch.manual_seed(1)
+    checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
+                                    model_fingerprint(tiny_dir), dtype=torch.float32)
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps(PPD_TREES))
+    options = {"checkpoint": str(checkpoint), "tree": str(tree)}
+    vanilla = Generator.from_pretrained(tiny_dir, max_context=512)
+    ppd = Generator.from_pretrained(tiny_dir, method="ppd", backend="onnxruntime", max_context=512, **options)
+    engine_dir = artifacts / "engines" / tiny_dir.name / "cpu" / "ppd"
+    assert ppd.backend.manifest.dir == engine_dir and ppd.backend.info.num_extra_tokens == 4
+    from_dir = Generator.from_engine(engine_dir, **options)
+    for prompt in PROMPTS:
+        want = vanilla.generate(prompt, max_new_tokens=24).token_ids
+        assert ppd.generate(prompt, max_new_tokens=24).token_ids == want
+        assert from_dir.generate(prompt, max_new_tokens=24).token_ids == want
+    # Other prompt tokens than the ones in the graph are refused, not silently mixed.
+    other = save_prompt_tokens(tmp_path / "other.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
+                               model_fingerprint(tiny_dir), dtype=torch.float32)
+    with pytest.raises(ValueError, match="not the ones exported"):
+        Generator.from_engine(engine_dir, checkpoint=str(other), tree=str(tree))

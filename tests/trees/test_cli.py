@@ -1,0 +1,84 @@
+"""python -m trees: device checks, and build from statistics + profile to a tree the runtime accepts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import model_fingerprint
+from export.ppd import PPDConfig, save_prompt_tokens
+from trees import TreeError, check_tree_identity, load_ppd_trees, prompt_tokens_sha256
+from trees.__main__ import main
+from trees.latency import LatencyProfile
+from trees.stats import AcceptanceStats
+
+
+def test_gpu_that_is_not_present_is_an_error(capsys):
+    assert main(["profile", "--gpu", "h100", "--device", "cpu"]) == 2
+    assert "uses the CPU" in capsys.readouterr().err
+    assert main(["profile", "--gpu", "no such gpu"]) == 2  # no CUDA here, or a GPU of another name
+    assert "--gpu no such gpu" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def ppd_dir(tiny_model_dir, tmp_path):
+    """A prompt-token checkpoint for the tiny model, with statistics and a CPU profile beside it."""
+    rows = torch.randn(2, 64) * 0.02
+    checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", rows, PPDConfig(2, 1),
+                                    model_fingerprint(tiny_model_dir), dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    steps = [(2, *[int(r) for r in rng.choice([0, 0, 0, 1, 2, 3, 4], size=2)]) for _ in range(300)]
+    stats = AcceptanceStats(2, 1, 4, tuple(steps), model_fingerprint(tiny_model_dir), prompt_tokens_sha256(rows))
+    stats.save(tmp_path / "ppd-acceptance.json")
+    sizes = tuple(range(1, 17))
+    LatencyProfile("cpu", "cpu: test", "torch", sizes, tuple(0.03 + 0.002 * s for s in sizes), 3, 300,
+                   model_fingerprint(tiny_model_dir)).save(tmp_path / "latency-cpu-torch.json")
+    return tiny_model_dir, checkpoint, stats, rows
+
+
+def test_build_writes_a_tree_for_this_model_and_checkpoint(ppd_dir, tmp_path, capsys):
+    model_dir, checkpoint, stats, rows = ppd_dir
+    args = ["build", "--gpu", "cpu", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint),
+            "--budgets", "4,8,16"]
+    assert main(args) == 0, capsys.readouterr().err
+    tree_path = tmp_path / "ppd-tree-cpu-torch.json"
+    trees = load_ppd_trees(tree_path)
+    meta = trees.metadata
+    assert meta["device"] == "cpu: test" and meta["backend"] == "torch" and meta["budget"] <= 16
+    assert meta["expected_speedup"] > 1 and meta["expected_mean_accepted"] > 1
+    assert [f["budget"] for f in meta["fixed_budgets"]] == [4, 8, 16]
+    for suffix in ("latency", "search", "trees"):
+        assert (tmp_path / f"ppd-tree-cpu-torch-{suffix}.png").stat().st_size > 10_000
+    check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows))
+    with pytest.raises(TreeError, match="built for prompt tokens"):
+        check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows + 1))
+
+
+def test_build_refuses_statistics_of_another_checkpoint(ppd_dir, tmp_path, capsys):
+    model_dir, checkpoint, stats, rows = ppd_dir
+    save_prompt_tokens(checkpoint, rows + 0.01, PPDConfig(2, 1), model_fingerprint(model_dir), dtype=torch.float32)
+    assert main(["build", "--gpu", "cpu", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint)]) == 2
+    assert "retrained" in capsys.readouterr().err
+    assert not (tmp_path / "ppd-tree-cpu-torch.json").exists()
+
+
+def test_build_needs_a_profile_of_the_named_device(ppd_dir, capsys):
+    model_dir, checkpoint, _, _ = ppd_dir
+    assert main(["build", "--gpu", "h100", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint)]) == 2
+    assert "no torch latency profile for --gpu h100" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_variant_losslessly(ppd_dir, tmp_path, capsys):
+    model_dir, checkpoint, _, _ = ppd_dir
+    common = ["--gpu", "cpu", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint)]
+    assert main(["build", *common, "--budgets", "4,8", "--no-plots"]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Tell me about the sea."}\n')
+    report = tmp_path / "sweep.json"
+    assert main(["sweep", *common, "--budgets", "4,8", "--prompts", str(prompts), "--max-new-tokens", "8",
+                 "--out", str(report)]) == 0, capsys.readouterr().err  # 0 = every variant matched vanilla
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["vanilla", "chosen (ppd-tree-cpu-torch.json)", "fixed budget 4",
+                                            "fixed budget 8"]
+    assert all(r["matches_vanilla"] == 1 for r in rows) and rows[1]["predicted_mean_accepted"] > 1

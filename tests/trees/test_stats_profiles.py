@@ -1,0 +1,148 @@
+"""Acceptance statistics, latency profiles, tree metadata and identity, device names: round trips and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trees import PPDTreeSet, TreeError, check_tree_identity, load_ppd_trees, prompt_tokens_sha256
+from trees.devices import DeviceMismatchError, check_device, device_key, find_device_tree, tree_filename
+from trees.latency import LatencyProfile, ProfileError, load_profile, monotone_fit
+from trees.stats import AcceptanceStats, StatsError, load_stats
+
+K = 4
+
+
+def make_stats(steps, **extra) -> AcceptanceStats:
+    return AcceptanceStats(num_prompt_tokens=2, ensemble=1, topk=K, steps=tuple(steps), model_fingerprint="model-a",
+                           checkpoint_sha256="ckpt-a", **extra)
+
+
+def test_conditional_counts_only_steps_whose_shallower_depths_were_in_the_top_k():
+    stats = make_stats([(2, 0, 1), (2, 0, K), (2, K, 0), (2, 1), (1, 0), (0,)])
+    hits, trials = stats.counts()
+    # depth 1 in state 2: ranks 0, 0, miss, 1 -> 4 trials; depth 2 only after a depth-1 hit: 1 and miss
+    assert trials[2].tolist() == [4, 2] and hits[2, 0].tolist() == [2, 1, 0, 0] and hits[2, 1].tolist() == [0, 1, 0, 0]
+    assert trials[1].tolist() == [1, 0]
+    p = stats.conditional(shrinkage=0)
+    assert p[2, 0].tolist() == [0.5, 0.25, 0, 0] and p[2, 1].tolist() == [0, 0.5, 0, 0]
+    # state 1 has one observation; shrinkage pulls it towards the pooled depth-1 estimate (3/5 rank 0)
+    shrunk = stats.conditional(shrinkage=5)
+    assert shrunk[1, 0, 0] == pytest.approx((1 + 5 * 3 / 5) / (1 + 5))
+    assert shrunk[0, 1, 1] == pytest.approx(1 / 2)  # no data in state 0: the pooled estimate
+
+
+def test_stats_round_trip_and_identity(tmp_path):
+    stats = make_stats([(2, 0, 1), (2, K), (1,)], calibration="sharegpt calibration", num_prompts=3)
+    path = stats.save(tmp_path / "stats.json")
+    assert load_stats(path) == stats
+    assert json.loads(path.read_text())["summary"]["top1_per_depth"] == [0.5, 0.0]
+    stats.check_identity("model-a", "ckpt-a")
+    with pytest.raises(StatsError, match="for model model-a"):
+        stats.check_identity("model-b", "ckpt-a")
+    with pytest.raises(StatsError, match="retrained"):
+        stats.check_identity("model-a", "ckpt-b")
+
+
+@pytest.mark.parametrize("row", [(3, 0), (1, 0, 0), (2, K + 1), ()])
+def test_bad_step_records_are_refused(row):
+    with pytest.raises(StatsError, match="bad step record"):
+        make_stats([row])
+
+
+def test_profile_round_trip_and_monotone_latency(tmp_path):
+    profile = LatencyProfile(device_key="nvidia-h100-80gb-hbm3", device_name="NVIDIA H100 80GB HBM3",
+                             backend="onnxruntime", sizes=(1, 2, 4, 8), seconds=(0.010, 0.012, 0.011, 0.020),
+                             repeats=10, context=300, model_fingerprint="model-a",
+                             versions=(("onnxruntime", "1.31.1"), ("cuda", "12.8")))
+    path = profile.save(tmp_path / "p.json")
+    loaded = load_profile(path)
+    assert loaded == profile and dict(loaded.versions)["cuda"] == "12.8"
+    # 12 ms at T=2 then 11 ms at T=4 is noise: the fit pools them, and never decreases
+    assert loaded.fitted.tolist() == pytest.approx([0.010, 0.0115, 0.0115, 0.020])
+    assert loaded.latency(3) == pytest.approx(0.0115) and loaded.latency(6) == pytest.approx(0.01575)
+    with pytest.raises(ProfileError, match="outside the profiled sizes"):
+        loaded.latency(9)
+
+
+def test_monotone_fit_is_the_identity_on_increasing_data_and_never_decreases():
+    values = np.array([1.0, 2.0, 2.5, 4.0])
+    assert monotone_fit(values).tolist() == values.tolist()
+    noisy = np.random.default_rng(0).normal(size=50).cumsum()
+    assert (np.diff(monotone_fit(noisy)) >= 0).all()
+
+
+def test_profile_needs_sizes_from_one():
+    with pytest.raises(ProfileError, match="start at 1"):
+        LatencyProfile("cpu", "cpu: x", "torch", (2, 4), (0.1, 0.2), 3, 300, "m")
+
+
+TREE = {"num_prompt_tokens": 1, "topk": 2, "trees": {
+    "1": [{"path": [], "prompt_tokens": 1}, {"path": [0], "prompt_tokens": 1}, {"path": [1], "prompt_tokens": 0}],
+    "0": [{"path": [], "prompt_tokens": 1}]}}
+
+
+def test_tree_metadata_round_trips_and_old_files_still_load(tmp_path):
+    searched = {"format": "ppdeploy-ppd-tree", "model_fingerprint": "model-a", "checkpoint_sha256": "ckpt-a",
+                "device": "NVIDIA H100 80GB HBM3", "backend": "onnxruntime", "budget": 5,
+                "expected_mean_accepted": 1.7, "expected_speedup": 1.4, **TREE}
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(searched))
+    trees = load_ppd_trees(path)
+    assert trees.metadata["expected_speedup"] == 1.4 and trees.metadata["budget"] == 5
+    assert trees.to_json() == searched
+    assert trees == PPDTreeSet.from_json(TREE)  # metadata is not part of the tree's identity
+    assert PPDTreeSet.from_json(TREE).metadata == {}
+
+
+def test_tree_for_another_model_or_checkpoint_is_refused():
+    trees = PPDTreeSet.from_json({"model_fingerprint": "model-a", "checkpoint_sha256": "ckpt-a", **TREE})
+    check_tree_identity(trees, "model-a", "ckpt-a")
+    with pytest.raises(TreeError, match="built for model model-a"):
+        check_tree_identity(trees, "model-b", "ckpt-a")
+    with pytest.raises(TreeError, match="built for prompt tokens ckpt-a"):
+        check_tree_identity(trees, "model-a", "ckpt-b")
+    check_tree_identity(PPDTreeSet.from_json(TREE), "any", "any")  # hand-picked trees carry no identity
+
+
+def test_prompt_tokens_hash_matches_the_onnx_manifest_hash():
+    import torch
+
+    from export.onnx_export import tensor_sha256
+
+    rows = torch.randn(3, 8)
+    assert prompt_tokens_sha256(rows.numpy()) == tensor_sha256(rows)
+    assert prompt_tokens_sha256(rows) == tensor_sha256(rows)
+    assert prompt_tokens_sha256(rows.numpy() + 1) != tensor_sha256(rows)
+
+
+@pytest.mark.parametrize("requested, kind, name", [
+    ("h100", "cuda", "NVIDIA H100 80GB HBM3"), ("H100", "cuda", "NVIDIA H100 80GB HBM3"),
+    ("nvidia-h100", "cuda", "NVIDIA H100 80GB HBM3"), ("a100", "cuda", "NVIDIA A100-SXM4-80GB"),
+    ("cpu", "cpu", "cpu: Intel(R) Xeon(R) Processor @ 2.80GHz (2 cores, 2 threads)"),
+])
+def test_matching_device_names(requested, kind, name):
+    check_device(requested, kind, name)
+
+
+@pytest.mark.parametrize("requested, kind, name, message", [
+    ("h100", "cuda", "NVIDIA H200", "does not match the GPU present"),
+    ("h10", "cuda", "NVIDIA H100 80GB HBM3", "does not match the GPU present"),
+    ("h100", "cpu", "cpu: Intel Xeon", "uses the CPU"),
+    ("cpu", "cuda", "NVIDIA H100 80GB HBM3", "--gpu cpu was given"),
+])
+def test_mismatched_device_names_are_errors(requested, kind, name, message):
+    with pytest.raises(DeviceMismatchError, match=message):
+        check_device(requested, kind, name)
+
+
+def test_device_keys_and_tree_lookup(tmp_path):
+    assert device_key("cuda", "NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_key("cpu", "cpu: Intel Xeon (2 cores)") == "cpu"
+    fallback = tmp_path / "ppd-tree-cpu.json"
+    assert find_device_tree(tmp_path, "cpu", "torch", fallback) == fallback
+    (tmp_path / tree_filename("cpu", "onnxruntime")).write_text("{}")
+    assert find_device_tree(tmp_path, "cpu", "torch", fallback).name == "ppd-tree-cpu-onnxruntime.json"
+    (tmp_path / tree_filename("cpu", "torch")).write_text("{}")
+    assert find_device_tree(tmp_path, "cpu", "torch", fallback).name == "ppd-tree-cpu-torch.json"
+    assert find_device_tree(tmp_path, "nvidia-h100-80gb-hbm3", "torch", fallback) == fallback

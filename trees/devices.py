@@ -1,0 +1,76 @@
+"""Device keys and the per-device file names of latency profiles and searched trees.
+
+A device is known by its real name (torch.cuda.get_device_name, or the CPU model); files are keyed
+by a slug of that name, never by what a user typed or by a model path:
+
+    cpu                      -> key "cpu" (one key for CPUs: the profile records the exact model)
+    NVIDIA H100 80GB HBM3    -> key "nvidia-h100-80gb-hbm3"
+
+next to the model's prompt-token checkpoint:
+
+    latency-<key>-<backend>.json       step latency against tree size (trees.latency.LatencyProfile)
+    ppd-tree-<key>-<backend>.json      the searched PPD tree set (+ .png pictures beside it)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+class DeviceMismatchError(ValueError):
+    """The device named on the command line is not the one present."""
+
+
+def device_key(device_type: str, device_name: str) -> str:
+    if device_type == "cpu":
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"cannot make a device key from the device name {device_name!r}")
+    return slug
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def check_device(requested: str, device_type: str, device_name: str) -> None:
+    """Raise DeviceMismatchError unless `requested` (e.g. `--gpu h100`, `--gpu cpu`) names the device
+    present. `cpu` matches a CPU device; anything else must occur, case- and punctuation-
+    insensitively and on word boundaries, in the GPU's real name ('h100' in 'NVIDIA H100 80GB HBM3')."""
+    want = _words(requested)
+    if not want:
+        raise DeviceMismatchError("--gpu needs a device name: 'cpu', or part of the GPU's name such as 'h100'")
+    if want == "cpu":
+        if device_type != "cpu":
+            raise DeviceMismatchError(f"--gpu cpu was given, but the device used is {device_type} ({device_name}); "
+                                      f"pass --device cpu, or name the GPU (e.g. --gpu '{device_name}')")
+        return
+    if device_type == "cpu":
+        raise DeviceMismatchError(f"--gpu {requested} was given, but this run uses the CPU ({device_name}) "
+                                  f"(no CUDA device, or --device cpu): use --gpu cpu, or run on a machine with "
+                                  f"that GPU")
+    if f" {want} " not in f" {_words(device_name)} ":
+        raise DeviceMismatchError(f"--gpu {requested} does not match the GPU present, {device_name!r}: "
+                                  f"profiles and trees are per device; run on a {requested} or pass --gpu "
+                                  f"'{device_name}'")
+
+
+def profile_filename(key: str, backend: str) -> str:
+    return f"latency-{key}-{backend}.json"
+
+
+def tree_filename(key: str, backend: str) -> str:
+    return f"ppd-tree-{key}-{backend}.json"
+
+
+def find_device_tree(directory: str | Path, key: str, backend: str, fallback: str | Path) -> Path:
+    """The tree searched for this device and backend; else one for this device on another backend
+    (same hardware, similar latency curve); else `fallback` (the hand-picked tree)."""
+    directory = Path(directory)
+    exact = directory / tree_filename(key, backend)
+    if exact.is_file():
+        return exact
+    others = sorted(directory.glob(tree_filename(key, "*")))
+    return others[0] if others else Path(fallback)

@@ -1,0 +1,120 @@
+"""Step latency against tree size on one device and backend: the cost side of the tree search.
+
+Measured by `runtime.latency.profile_step_latency` (`python -m trees profile`): the median seconds
+of one decode step with T tokens (candidates + prompt tokens) over a fixed committed context.
+`latency(T)` reads a monotone fit of the medians (isotonic: a bigger tree is never cheaper; on a
+busy machine single medians jitter) and interpolates linearly between measured sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trees._json import write_json
+
+PROFILE_FORMAT = "ppdeploy-latency-profile"
+
+
+class ProfileError(ValueError):
+    """A latency profile that cannot be used, with the reason and the fix."""
+
+
+def monotone_fit(values: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in np.asarray(values, dtype=np.float64):
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([np.full(int(w), m) for m, w in blocks])
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    device_key: str                      # trees.devices.device_key: names the files
+    device_name: str                     # the real name (GPU name, or CPU model with cores/threads)
+    backend: str                         # torch | onnxruntime | ...
+    sizes: tuple[int, ...]               # T, strictly increasing, starting at 1 (vanilla)
+    seconds: tuple[float, ...]           # median seconds per step at each T
+    repeats: int
+    context: int                         # committed cache entries during the measurement
+    model_fingerprint: str
+    versions: tuple[tuple[str, str], ...] = ()   # (library, version) of what ran the step
+    fitted: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(s) for s in self.sizes)
+        seconds = tuple(float(s) for s in self.seconds)
+        if not sizes or len(sizes) != len(seconds):
+            raise ProfileError(f"a latency profile needs one median per size, got {len(sizes)} sizes and "
+                               f"{len(seconds)} medians")
+        if sizes[0] != 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ProfileError(f"profile sizes must start at 1 (the vanilla step) and increase, got {list(sizes)}")
+        if not all(np.isfinite(s) and s > 0 for s in seconds):
+            raise ProfileError("profile medians must be positive seconds")
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "seconds", seconds)
+        object.__setattr__(self, "versions", tuple((str(a), str(b)) for a, b in self.versions))
+        fitted = monotone_fit(np.asarray(seconds))
+        fitted.setflags(write=False)
+        object.__setattr__(self, "fitted", fitted)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def latency(self, tokens: int) -> float:
+        """Seconds of one step with `tokens` tokens (monotone fit, linear between measured sizes)."""
+        if not 1 <= tokens <= self.max_tokens:
+            raise ProfileError(f"{tokens} tokens is outside the profiled sizes 1..{self.max_tokens}: "
+                               f"profile larger trees with `python -m trees profile --max-tokens {tokens}`")
+        return float(np.interp(tokens, self.sizes, self.fitted))
+
+    def to_json(self) -> dict:
+        return {
+            "format": PROFILE_FORMAT,
+            "device_key": self.device_key,
+            "device_name": self.device_name,
+            "backend": self.backend,
+            "versions": dict(self.versions),
+            "model_fingerprint": self.model_fingerprint,
+            "context": self.context,
+            "repeats": self.repeats,
+            "sizes": list(self.sizes),
+            "seconds": [round(s, 7) for s in self.seconds],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatencyProfile":
+        if data.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"not a latency profile (format {data.get('format')!r}, expected {PROFILE_FORMAT!r}): "
+                               f"write one with `python -m trees profile`")
+        try:
+            return cls(device_key=str(data["device_key"]), device_name=str(data["device_name"]),
+                       backend=str(data["backend"]), sizes=tuple(data["sizes"]), seconds=tuple(data["seconds"]),
+                       repeats=int(data["repeats"]), context=int(data["context"]),
+                       model_fingerprint=str(data["model_fingerprint"]),
+                       versions=tuple(dict(data.get("versions", {})).items()))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"latency profile JSON is missing or has a bad field: {exc!r}") from exc
+
+    def save(self, path: str | Path) -> Path:
+        write_json(path, self.to_json())
+        return Path(path)
+
+
+def load_profile(path: str | Path) -> LatencyProfile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"latency profile {path} does not exist: measure it with `python -m trees profile`")
+    try:
+        return LatencyProfile.from_json(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path} is not valid JSON: {exc}") from exc
