@@ -50,7 +50,6 @@ class HTTrainConfig(DistillTrainConfig):
     generated from these fields)."""
 
     output: Path = _opt(DEFAULT_HT_CHECKPOINT, "transfer-map checkpoint to write (.safetensors)")
-    lr: float = _opt(1e-3, "AdamW peak learning rate")
     num_maps: int = _opt(DEFAULT_NUM_MAPS, "k: transfer maps (pseudo state j predicts t+2+j)")
     layer: int | None = _opt(None, "l: 0-based decoder layer whose output the maps read "
                                    "(default: export.ht.default_transfer_layer of the model's depth)")

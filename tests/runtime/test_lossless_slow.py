@@ -22,10 +22,11 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
     return {item.id: gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids for item in sweep_prompts}
 
 
-@pytest.mark.parametrize("method", ["ngram", "ppd"])
+@pytest.mark.parametrize("method", ["ngram", "ppd", "ht"])
 def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs, request):
-    if method == "ppd":
-        request.getfixturevalue("trained_ppd_checkpoint")
+    trained = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
+    if method in trained:
+        request.getfixturevalue(trained[method])
     gen = Generator.from_pretrained(real_model_dir, method=method)
     bad = [item.id for item in sweep_prompts
            if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != vanilla_outputs[item.id]]
