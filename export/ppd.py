@@ -141,11 +141,16 @@ def save_prompt_tokens(path: str | Path, embeddings: torch.Tensor, config: PPDCo
         "model_fingerprint": fingerprint,
         "training": json.dumps(metadata or {}, sort_keys=True),
     }
-    tensor = embeddings.detach().to("cpu", dtype).contiguous()
+    return save_safetensors_atomic(path, {TENSOR_NAME: embeddings.detach().to("cpu", dtype).contiguous()}, header)
+
+
+def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Write `tensors` with string metadata `header` via a temp file + rename (never a half file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({TENSOR_NAME: tensor}, str(tmp), metadata=header)
+        save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o644)  # safetensors writes 0600; the checkpoint is a shared, committed file
         tmp.replace(path)
     finally:

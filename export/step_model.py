@@ -10,8 +10,11 @@ runtime commits the accepted ones. This is the exact signature the ONNX exporter
 training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached after
 different positions of one cached sequence), the traced step leaves it None.
 
-Token ids >= vocab_size select rows of an optional extra embedding table (PPD prompt tokens), so
-every backend takes plain int64 ids; the LM head keeps the vocabulary size.
+Token ids >= vocab_size are method slots, so every backend takes plain int64 ids; the LM head
+keeps the vocabulary size. With an extra embedding table (PPD prompt tokens) they select its rows;
+with HT transfer maps (export/ht.py) id vocab_size + j is a pseudo slot whose row is replaced,
+right after layer l, by map j applied to its source node's layer-l state (`HiddenTransfer`). The
+two are mutually exclusive.
 
 Why a compact forward instead of transformers' LlamaModel with a 4-D mask (measured on the 2-core
 CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused,
@@ -26,6 +29,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from export.ht import TransferMaps
 
 
 def lowest_mask_value(dtype: torch.dtype) -> float:
@@ -64,9 +69,56 @@ class DecoderLayer(nn.Module):
         self.down_t = _frozen(mlp.down_proj.weight.t())                             # [I, H]
 
 
-class StepModel(nn.Module):
-    def __init__(self, hf_model: LlamaForCausalLM, extra_embeddings: torch.Tensor | None = None) -> None:
+class HiddenTransfer(nn.Module):
+    """HT's transfer maps inside the step: after layer `layer`, each pseudo row (id vocab_size + j)
+    becomes `h_src @ weight[j] + bias[j]`, h_src the layer-`layer` state of the row's source node.
+
+    The source is found in-graph from the step's own inputs, with no data-dependent Python control
+    flow (so torch.onnx.export traces it): among the rows a pseudo row may see (tree_mask == 0) that
+    hold real tokens, the one with the largest position id. Pseudo slots hang off a node as a chain,
+    so the visible real rows are that node and its ancestors, whose positions (depths) all differ:
+    the largest is the node itself, never a node of another branch. Pseudo rows' K/V at layers
+    <= l are junk, but only later pseudo rows of the same chain see them and pseudo KV is never
+    committed."""
+
+    def __init__(self, maps: TransferMaps, vocab_size: int) -> None:
         super().__init__()
+        self.layer = maps.layer
+        self.vocab_size = vocab_size
+        self.num_maps = maps.num_maps
+        self.weight = _frozen(maps.weight)     # [k, H, H] ([in, out])
+        self.bias = _frozen(maps.bias)         # [k, H]
+
+    def source_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    tree_mask: torch.Tensor) -> torch.Tensor:
+        """[T] index of each row's source: the nearest real (non-pseudo) row it sees; a real row's is itself."""
+        is_real = input_ids < self.vocab_size                                       # [T]
+        visible_real = (tree_mask == 0) & is_real.unsqueeze(0)                      # [T, T]
+        score = torch.where(visible_real, position_ids.to(torch.float32).unsqueeze(0), -1.0)
+        return score.argmax(dim=-1)
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                tree_mask: torch.Tensor) -> torch.Tensor:
+        # h: [T, H] output of layer `layer` -> same, pseudo rows replaced by their transferred state
+        t = h.shape[0]
+        source = h.index_select(0, self.source_rows(input_ids, position_ids, tree_mask))      # [T, H]
+        mapped = torch.matmul(source, self.weight.to(h.dtype)) + self.bias.to(h.dtype).unsqueeze(1)  # [k, T, H]
+        slot = (input_ids - self.vocab_size).clamp(min=0, max=self.num_maps - 1)             # [T] map j
+        pseudo = mapped.gather(0, slot.view(1, t, 1).expand(1, t, h.shape[1])).squeeze(0)   # [T, H]
+        return torch.where((input_ids >= self.vocab_size).unsqueeze(-1), pseudo, h)
+
+    def transfer(self, source: torch.Tensor) -> torch.Tensor:
+        """[G, H] layer-l states of G source positions -> [G, k, H] pseudo states (training)."""
+        return (torch.matmul(source, self.weight) + self.bias.unsqueeze(1)).transpose(0, 1)
+
+
+class StepModel(nn.Module):
+    def __init__(self, hf_model: LlamaForCausalLM, extra_embeddings: torch.Tensor | None = None,
+                 transfer_maps: TransferMaps | None = None) -> None:
+        super().__init__()
+        if extra_embeddings is not None and transfer_maps is not None:
+            raise ValueError("a step model takes PPD prompt-token rows or HT transfer maps, not both: "
+                             "build it for one method")
         config: LlamaConfig = hf_model.config
         for name in ("attention_bias", "mlp_bias"):
             if getattr(config, name, False):
@@ -89,9 +141,20 @@ class StepModel(nn.Module):
         self.rope_scaling = float(rotary.attention_scaling)
         # [E, H] rows for ids vocab_size .. vocab_size + E - 1 (PPD prompt tokens), or None.
         self.extra_embeddings = None if extra_embeddings is None else _frozen(extra_embeddings)
+        self.transfer = None
+        if transfer_maps is not None:
+            if transfer_maps.hidden_size != config.hidden_size:
+                raise ValueError(f"transfer maps of hidden size {transfer_maps.hidden_size} do not fit a model of "
+                                 f"hidden size {config.hidden_size}: use maps trained for this model")
+            if transfer_maps.layer >= self.num_layers:
+                raise ValueError(f"transfer maps read layer {transfer_maps.layer}, but the model has layers "
+                                 f"0..{self.num_layers - 1}: use maps trained for this model")
+            self.transfer = HiddenTransfer(transfer_maps, self.vocab_size)
 
     @property
     def num_extra_tokens(self) -> int:
+        if self.transfer is not None:
+            return self.transfer.num_maps
         return 0 if self.extra_embeddings is None else int(self.extra_embeddings.shape[0])
 
     def embed_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -101,6 +164,8 @@ class StepModel(nn.Module):
         return self.embed_weight[input_ids]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.transfer is not None:  # pseudo slots: any harmless row (token 0); replaced after layer l
+            return self.embed_vocab(torch.where(input_ids < self.vocab_size, input_ids, 0))
         if self.extra_embeddings is None:
             return self.embed_vocab(input_ids)
         is_extra = (input_ids >= self.vocab_size).unsqueeze(-1)
@@ -153,15 +218,33 @@ class StepModel(nn.Module):
         cos, sin = self.rope(position_ids, h.dtype)
         tree_mask = tree_mask.to(h.dtype)
         past_mask = None if past_mask is None else past_mask.to(h.dtype)
+        split = self.num_layers if self.transfer is None else self.transfer.layer + 1
+        h, keys, values = self.run_layers(h, cos, sin, tree_mask, past_keys, past_values, past_mask, 0, split)
+        if self.transfer is not None:
+            h = self.transfer(h, input_ids, position_ids, tree_mask)
+            h, upper_keys, upper_values = self.run_layers(h, cos, sin, tree_mask, past_keys, past_values, past_mask,
+                                                          split, self.num_layers)
+            keys, values = keys + upper_keys, values + upper_values
+        return self.final_hidden(h), torch.stack(keys), torch.stack(values)
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.final_norm, self.eps)
+
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tree_mask: torch.Tensor,
+                   past_keys: list[torch.Tensor], past_values: list[torch.Tensor], past_mask: torch.Tensor | None,
+                   start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Decoder layers start..stop-1 on the residual stream h [T, H] (past_* indexed by absolute
+        layer); returns h after layer stop-1 and the new K/V of those layers."""
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
+        for i in range(start, stop):
+            layer = self.layers[i]
             a, k, v = self.attention(layer, rms_norm(h, layer.input_norm, self.eps), cos, sin, tree_mask,
                                      past_keys[i], past_values[i], past_mask)
             h = h + a
             h = h + self.mlp(layer, rms_norm(h, layer.post_norm, self.eps))
             new_keys.append(k)
             new_values.append(v)
-        return rms_norm(h, self.final_norm, self.eps), torch.stack(new_keys), torch.stack(new_values)
+        return h, new_keys, new_values
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
                 past_keys: list[torch.Tensor], past_values: list[torch.Tensor],

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from export.checkpoint import model_fingerprint
+from export.ht import DEFAULT_HT_CHECKPOINT, TransferMaps, load_transfer_maps
 from export.paths import REPO_ROOT
 from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
 from runtime.devices import default_ppd_tree
@@ -16,10 +17,12 @@ from runtime.proposers import NgramConfig, NgramProposer, Proposer, VanillaPropo
 from runtime.proposers.ppd import PPDProposer
 from trees import check_tree_identity, load_ppd_trees, prompt_tokens_sha256
 
-METHODS = ("vanilla", "ngram", "ppd")
+METHODS = ("vanilla", "ngram", "ppd", "ht")
 # Hand-picked CPU tree for the committed SmolLM2 prompt tokens: the fallback when no tree was searched
 # for the device (`python -m trees build`, runtime/devices.py finds it next to the checkpoint).
 DEFAULT_PPD_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ppd-tree-cpu.json"
+# Hand-picked CPU tree for the committed SmolLM2 HT maps, in the PPD tree-set format (N = k).
+DEFAULT_HT_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ht-tree-cpu.json"
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Method:
     name: str
     proposer: Proposer
     extra_embeddings: torch.Tensor | None = None  # [E, H] rows appended after the vocabulary
+    transfer_maps: TransferMaps | None = None     # HT: pseudo slots vocab + j filled after layer l
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,14 @@ class PPDOptions:
     tree: str | None = None               # None: the tree searched for this device and backend, else DEFAULT_PPD_TREE
     num_prompt_tokens: int | None = None  # when given, the checkpoint must have exactly this N ...
     ensemble: int | None = None           # ... and this k
+
+
+@dataclass(frozen=True)
+class HTOptions:
+    checkpoint: str = str(DEFAULT_HT_CHECKPOINT)
+    tree: str = str(DEFAULT_HT_TREE)
+    num_maps: int | None = None  # when given, the checkpoint must have exactly this k ...
+    layer: int | None = None     # ... and read this layer
 
 
 @dataclass(frozen=True)
@@ -72,4 +84,13 @@ def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size:
         check_tree_identity(trees, fingerprint, prompt_tokens_sha256(embeddings))
         proposer = PPDProposer(config, trees, vocab_size)
         return Method(name, proposer, embeddings)
+    if name == "ht":
+        # HT at inference is PPD's dynamic sparse tree with ensemble 1: each candidate node carries
+        # its own chain of pseudo slots (ids vocab + j), which the step model fills from the node's
+        # layer-l state; so the proposer and the tree set are PPD's, only the step model differs.
+        opts: HTOptions = _config(HTOptions, name, options)
+        maps = load_transfer_maps(opts.checkpoint, model_fingerprint(model_dir), hidden_size, opts.num_maps,
+                                  opts.layer)
+        proposer = PPDProposer(maps.layout, load_ppd_trees(opts.tree), vocab_size)
+        return Method(name, proposer, transfer_maps=maps)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

@@ -78,3 +78,13 @@ def trained_ppd_checkpoint() -> Path:
     if not DEFAULT_PPD_CHECKPOINT.is_file():
         pytest.skip(f"trained PPD prompt tokens not committed yet at {DEFAULT_PPD_CHECKPOINT} (`make train`)")
     return DEFAULT_PPD_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def trained_ht_checkpoint() -> Path:
+    """The committed SmolLM2 HT transfer maps; tests of the trained method skip until they exist."""
+    from export.ht import DEFAULT_HT_CHECKPOINT
+
+    if not DEFAULT_HT_CHECKPOINT.is_file():
+        pytest.skip(f"trained HT transfer maps not committed yet at {DEFAULT_HT_CHECKPOINT} (`python -m train ht`)")
+    return DEFAULT_HT_CHECKPOINT

@@ -35,7 +35,7 @@ def make_backend(name: str, model_dir: str | Path, method: "Method", device: str
         from runtime.backends.torch_backend import TorchBackend
 
         hf_model, tokenizer = load_checkpoint(model_dir)
-        step_model = StepModel(hf_model, method.extra_embeddings)
+        step_model = StepModel(hf_model, method.extra_embeddings, method.transfer_maps)
         del hf_model
         return TorchBackend(step_model, max_context=max_context, device=device), tokenizer
     if name == "onnxruntime":
@@ -43,6 +43,9 @@ def make_backend(name: str, model_dir: str | Path, method: "Method", device: str
 
         from runtime.backends.ort_backend import OrtBackend, ensure_engine
 
+        if method.transfer_maps is not None:
+            raise ValueError(f"method {method.name!r} (HT transfer maps) has no ONNX export yet: "
+                             f"use backend='torch'")
         manifest = ensure_engine(model_dir, method, device, max_context)
         manifest.check_tree_size(method.proposer.max_draft_tokens)
         return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
@@ -68,6 +71,8 @@ def engine_method(manifest: "Manifest", name: str | None = None, device: str = "
     # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd).
     method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,
                           backend="onnxruntime", **options)
+    if method.transfer_maps is not None:
+        raise ValueError(f"method {name!r} (HT transfer maps) has no ONNX export yet: run it with backend='torch'")
     if method.extra_embeddings is not None and tensor_sha256(method.extra_embeddings) != record.extra_embeddings_sha256:
         raise ValueError(f"method {name!r} brings prompt-token rows that are not the ones exported into "
                          f"{manifest.dir}; re-export the engine with this checkpoint "

@@ -5,6 +5,7 @@ All 80 MT-Bench first turns and the first 40 HumanEval prompts, 128 new tokens (
 import pytest
 
 from runtime import Generator
+from runtime.methods import DEFAULT_PPD_TREE
 from runtime.prompts import load_prompts
 
 pytestmark = pytest.mark.slow
@@ -22,14 +23,14 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
     return {item.id: gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids for item in sweep_prompts}
 
 
-@pytest.mark.parametrize("method", ["ngram", "ppd"])
+@pytest.mark.parametrize("method", ["ngram", "ppd", "ht"])
 def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs, request):
-    options = {}
-    if method == "ppd":
-        request.getfixturevalue("trained_ppd_checkpoint")
-        from runtime.methods import DEFAULT_PPD_TREE
-
-        options["tree"] = str(DEFAULT_PPD_TREE)  # deep and branching: the hardest tree to keep lossless
+    trained = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
+    if method in trained:
+        request.getfixturevalue(trained[method])
+    # ppd: the deep and branching hand-picked tree, the hardest to keep lossless (the searched CPU
+    # trees are small on this hardware)
+    options = {"tree": str(DEFAULT_PPD_TREE)} if method == "ppd" else {}
     gen = Generator.from_pretrained(real_model_dir, method=method, **options)
     bad = [item.id for item in sweep_prompts
            if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != vanilla_outputs[item.id]]

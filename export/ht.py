@@ -1,0 +1,189 @@
+"""Hidden Transfer (HT, arXiv 2404.12022): transfer maps, their tree layout, and their checkpoint file.
+
+At an intermediate layer l, k trained linear maps turn the layer-l hidden state of a real token at
+position q into pseudo hidden states for positions q+1 .. q+k:
+
+    pseudo_j = h_l(q) @ weight[j] + bias[j]        j in 0..k-1, weight [k, H, H] ([in, out]), bias [k, H]
+
+From layer l+1 on, pseudo state j runs through the remaining layers at position q+1+j (attending to
+the context and to pseudo states 0..j-1 of its own group), and the model's own final norm and LM
+head decode from it the token at q+2+j (the real token at q already predicts q+1 itself).
+
+That is PPD's prompt-token geometry with N = k and ensemble 1, so the layout is shared: a pseudo
+slot is the id `vocab_size + j` attached after a node with `export.ppd.attach_prompt_tokens`
+(config `layout_config(k)`), and StepModel replaces its row by the transfer of its source node right
+after layer l (export/step_model.py). Training (train/ht.py) and inference (runtime/) both use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from export.paths import REPO_ROOT
+from export.ppd import MAX_PROMPT_TOKENS, PPDConfig, save_safetensors_atomic
+
+DEFAULT_NUM_MAPS = 3
+MAX_MAPS = MAX_PROMPT_TOKENS
+DEFAULT_HT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ht-transfer-maps.safetensors"
+
+CHECKPOINT_FORMAT = "ppdeploy-ht-transfer-maps"
+CHECKPOINT_VERSION = "1"
+WEIGHT_NAME = "weight"
+BIAS_NAME = "bias"
+TRAIN_COMMAND = "python -m train ht"
+
+
+# Where the maps read by default, as a fraction of the depth: layer int(L * fraction), 0-based.
+# Chosen by held-out accuracy (checkpoints/smollm2-135m-instruct/README.md, HT section).
+DEFAULT_LAYER_FRACTION = 0.5
+
+
+def default_transfer_layer(num_layers: int) -> int:
+    """The 0-based layer whose output the maps read when none is given (L = 30 -> 15)."""
+    return min(num_layers - 1, int(num_layers * DEFAULT_LAYER_FRACTION))
+
+
+class TransferMapError(ValueError):
+    """An HT transfer-map checkpoint that cannot be used here, with the reason and the fix."""
+
+
+@dataclass(frozen=True, eq=False)
+class TransferMaps:
+    """k linear maps from the layer-`layer` hidden state of position q to pseudo states for q+1..q+k.
+
+    weight: [k, H, H] stored [in, out] (pseudo_j = h @ weight[j] + bias[j]); bias: [k, H].
+    `layer` is 0-based: the maps read the output of decoder layer `layer`, and layers layer+1 ..
+    L-1 run on the pseudo states.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    layer: int
+
+    def __post_init__(self) -> None:
+        w, b = self.weight, self.bias
+        if w.dim() != 3 or w.shape[1] != w.shape[2]:
+            raise ValueError(f"transfer weight must be [k, H, H], got {tuple(w.shape)}")
+        if not 1 <= w.shape[0] <= MAX_MAPS:
+            raise ValueError(f"number of transfer maps must be in 1..{MAX_MAPS}, got {w.shape[0]}")
+        if tuple(b.shape) != (w.shape[0], w.shape[1]):
+            raise ValueError(f"transfer bias must be [k, H] = [{w.shape[0]}, {w.shape[1]}], got {tuple(b.shape)}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"transfer layer must be a non-negative int, got {self.layer!r}")
+
+    @property
+    def num_maps(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def layout(self) -> PPDConfig:
+        return layout_config(self.num_maps)
+
+    @classmethod
+    def identity(cls, num_maps: int, hidden_size: int, layer: int) -> "TransferMaps":
+        """W_j = I, b_j = 0: every pseudo state starts as its source's own state (train/ht.py says why)."""
+        weight = torch.eye(hidden_size).expand(num_maps, hidden_size, hidden_size).clone()
+        return cls(weight, torch.zeros(num_maps, hidden_size), layer)
+
+
+def layout_config(num_maps: int) -> PPDConfig:
+    """The PPD layout HT's pseudo slots use: N = k slots in one chain (ensemble 1), ids vocab + j."""
+    return PPDConfig(num_prompt_tokens=num_maps, ensemble=1)
+
+
+# --- checkpoint file ------------------------------------------------------------------------------
+
+def save_transfer_maps(path: str | Path, maps: TransferMaps, fingerprint: str, metadata: dict | None = None,
+                       dtype: torch.dtype = torch.float16) -> Path:
+    """Write the maps as safetensors (fp16 or fp32), atomically. The header records k, the layer,
+    the hidden size and the model fingerprint (so the file is refused for any other model);
+    `metadata` (training command, seed, data size, accuracies...) is stored as JSON under "training"."""
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"transfer maps are saved as float16 or float32, not {dtype}")
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "num_maps": str(maps.num_maps),
+        "layer": str(maps.layer),
+        "hidden_size": str(maps.hidden_size),
+        "model_fingerprint": fingerprint,
+        "training": json.dumps(metadata or {}, sort_keys=True),
+    }
+    tensors = {WEIGHT_NAME: maps.weight.detach().to("cpu", dtype).contiguous(),
+               BIAS_NAME: maps.bias.detach().to("cpu", dtype).contiguous()}
+    return save_safetensors_atomic(path, tensors, header)
+
+
+def read_transfer_map_header(path: str | Path) -> dict[str, str]:
+    """The raw safetensors header of a transfer-map checkpoint (raises TransferMapError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferMapError(
+            f"HT transfer-map checkpoint {path} does not exist: train one with `{TRAIN_COMMAND}`, "
+            f"or pass the path of an existing checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            names = set(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise TransferMapError(f"{path} is not a readable safetensors file ({exc}): re-create it with "
+                               f"`{TRAIN_COMMAND}`") from exc
+    if header.get("format") != CHECKPOINT_FORMAT or not {WEIGHT_NAME, BIAS_NAME} <= names:
+        raise TransferMapError(f"{path} is not an HT transfer-map checkpoint (no '{CHECKPOINT_FORMAT}' header): "
+                               f"pass a file written by `{TRAIN_COMMAND}`")
+    if header.get("version") != CHECKPOINT_VERSION:
+        raise TransferMapError(f"{path} has checkpoint version {header.get('version')!r}; this ppdeploy reads "
+                               f"version {CHECKPOINT_VERSION}: retrain with `{TRAIN_COMMAND}`")
+    return header
+
+
+def transfer_map_metadata(path: str | Path) -> dict:
+    """The training metadata stored with a checkpoint (command, seed, data size, accuracies...)."""
+    return json.loads(read_transfer_map_header(path).get("training", "{}"))
+
+
+def load_transfer_maps(path: str | Path, expected_fingerprint: str, hidden_size: int,
+                       num_maps: int | None = None, layer: int | None = None) -> TransferMaps:
+    """Load fp32 transfer maps, refusing a checkpoint trained for another model (fingerprint),
+    another hidden size, or a k / layer other than `num_maps` / `layer` (when given)."""
+    path = Path(path)
+    header = read_transfer_map_header(path)
+    fingerprint = header.get("model_fingerprint", "")
+    if fingerprint != expected_fingerprint:
+        raise TransferMapError(
+            f"{path} was trained for model {fingerprint or '(unknown)'}, but the loaded model is "
+            f"{expected_fingerprint}: retrain for this model with `{TRAIN_COMMAND} --model-dir <its dir>` "
+            f"and pass that checkpoint")
+    try:
+        saved_k, saved_layer, saved_hidden = (int(header["num_maps"]), int(header["layer"]),
+                                              int(header["hidden_size"]))
+    except (KeyError, ValueError) as exc:
+        raise TransferMapError(f"{path} has a damaged header ({exc}): re-create it with `{TRAIN_COMMAND}`") from exc
+    if saved_hidden != hidden_size:
+        raise TransferMapError(
+            f"{path} holds transfer maps of hidden size {saved_hidden}, but the model's hidden size is "
+            f"{hidden_size}: use a checkpoint trained for this model (`{TRAIN_COMMAND} --model-dir <its dir>`)")
+    if (num_maps is not None and num_maps != saved_k) or (layer is not None and layer != saved_layer):
+        raise TransferMapError(
+            f"{path} has k={saved_k} maps at layer {saved_layer}, but k={num_maps if num_maps is not None else saved_k}"
+            f" at layer {layer if layer is not None else saved_layer} was requested: drop the explicit k/layer to "
+            f"use the checkpoint's, or retrain with `{TRAIN_COMMAND} --num-maps {num_maps or saved_k} --layer "
+            f"{saved_layer if layer is None else layer}`")
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor(WEIGHT_NAME).to(torch.float32)
+        bias = f.get_tensor(BIAS_NAME).to(torch.float32)
+    if tuple(weight.shape) != (saved_k, saved_hidden, saved_hidden) or tuple(bias.shape) != (saved_k, saved_hidden):
+        raise TransferMapError(f"{path} holds tensors {tuple(weight.shape)} / {tuple(bias.shape)}, but its header "
+                               f"says k={saved_k}, H={saved_hidden}: re-create it with `{TRAIN_COMMAND}`")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise TransferMapError(f"{path} holds non-finite values: re-create it with `{TRAIN_COMMAND}`")
+    return TransferMaps(weight, bias, saved_layer)

@@ -1,0 +1,86 @@
+"""HT inference: PPD's dynamic sparse tree with pseudo slots, lossless decoding, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import load_checkpoint, model_fingerprint
+from export.ht import TransferMapError, TransferMaps, save_transfer_maps
+from runtime import Generator
+from runtime.methods import METHODS, build_method
+from tests.conftest import LOSSLESS_NEW_TOKENS
+
+# N = k = 2 pseudo slots; every tree shape PPD allows (per-node slot counts, per-m trees).
+TREES = {
+    "num_prompt_tokens": 2, "topk": 3,
+    "trees": {
+        "2": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}, {"path": [1], "prompt_tokens": 1},
+              {"path": [2], "prompt_tokens": 0}, {"path": [0, 0], "prompt_tokens": 2},
+              {"path": [1, 0], "prompt_tokens": 0}],
+        "1": [{"path": [], "prompt_tokens": 2}, {"path": [0], "prompt_tokens": 2}, {"path": [1], "prompt_tokens": 2}],
+        "0": [{"path": [], "prompt_tokens": 2}],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ht(tiny_model_dir, tmp_path_factory):
+    """Random (not identity) maps at layer 0 of the 2-layer tiny model, and a tree file."""
+    out = tmp_path_factory.mktemp("tiny-ht")
+    hidden = load_checkpoint(tiny_model_dir)[0].config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    maps = TransferMaps(torch.eye(hidden) + 0.5 * torch.randn(2, hidden, hidden, generator=g) / hidden ** 0.5,
+                        0.1 * torch.randn(2, hidden, generator=g), layer=0)
+    checkpoint = save_transfer_maps(out / "ht.safetensors", maps, model_fingerprint(tiny_model_dir),
+                                    dtype=torch.float32)
+    tree = out / "tree.json"
+    tree.write_text(json.dumps(TREES))
+    return checkpoint, tree
+
+
+def test_ht_is_a_registered_method():
+    assert "ht" in METHODS
+
+
+def test_tiny_ht_is_lossless_against_vanilla(tiny_model_dir, tiny_ht):
+    checkpoint, tree = tiny_ht
+    vanilla = Generator.from_pretrained(tiny_model_dir, max_context=512)
+    ht = Generator.from_pretrained(tiny_model_dir, method="ht", max_context=512, checkpoint=str(checkpoint),
+                                   tree=str(tree))
+    assert ht.backend.info.num_extra_tokens == 2
+    for prompt in ["Hello", "Write a poem about the sea", "1 2 3 4 5 6"]:
+        assert ht.generate(prompt, max_new_tokens=40).token_ids == vanilla.generate(prompt, max_new_tokens=40).token_ids
+
+
+def test_mismatched_checkpoint_is_refused(real_model_dir, tiny_model_dir, tiny_ht):
+    checkpoint, tree = tiny_ht
+    with pytest.raises(TransferMapError, match="trained for model"):
+        Generator.from_pretrained(real_model_dir, method="ht", checkpoint=str(checkpoint), tree=str(tree))
+    with pytest.raises(TransferMapError, match="k=2 maps at layer 0"):
+        Generator.from_pretrained(tiny_model_dir, method="ht", checkpoint=str(checkpoint), tree=str(tree), num_maps=3)
+    with pytest.raises(ValueError, match="unknown option"):
+        build_method("ht", tiny_model_dir, 10, 64, checkpoint=str(checkpoint), tree=str(tree), ensemble=2)
+
+
+def test_onnxruntime_backend_refuses_ht_clearly(tiny_model_dir, tiny_ht):
+    checkpoint, tree = tiny_ht
+    with pytest.raises(ValueError, match="no ONNX export yet.*backend='torch'"):
+        Generator.from_pretrained(tiny_model_dir, method="ht", backend="onnxruntime", checkpoint=str(checkpoint),
+                                  tree=str(tree))
+
+
+def test_real_ht_matches_transformers_generate(trained_ht_checkpoint, real_model_dir, lossless_prompts, hf_reference):
+    gen = Generator.from_pretrained(real_model_dir, method="ht")
+    mismatches, accepted = [], []
+    for item in lossless_prompts:
+        prompt_ids, expected = hf_reference[item.id]
+        result = gen.generate(prompt_ids, max_new_tokens=LOSSLESS_NEW_TOKENS)
+        accepted.append(result.stats.mean_accepted)
+        if result.token_ids != expected:
+            first = next((i for i, (a, b) in enumerate(zip(result.token_ids, expected)) if a != b), None)
+            mismatches.append(f"{item.id}: first difference at new token {first}")
+    assert not mismatches, f"ht differs from transformers greedy on {mismatches}"
+    # trained maps must actually be guessing: well above the 1.0 of vanilla
+    assert np.mean(accepted) > 1.3, np.mean(accepted)
