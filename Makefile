@@ -44,22 +44,26 @@ peers: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps onnxruntime-genai==0.18.0 onnx-ir==1.1.0
 
 bench-ort: peers
-	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
+	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ht,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
 
-# Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd}/ (export if stale, the
-# onnxruntime-optimised graph, and the PPD tree searched for the device). GPU targets stop with
-# what is missing (TensorRT).
+# Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd,ht}/ (export if stale, the
+# onnxruntime-optimised graph, and the ppd / ht trees searched for the device). GPU targets stop
+# with what is missing (TensorRT).
 engine: setup
 	$(PY) -m export engine --target $(GPU) --method vanilla
 	$(MAKE) tree GPU=$(GPU)
 	$(PY) -m export engine --target $(GPU) --method ppd
+	$(PY) -m export engine --target $(GPU) --method ht
 
-# The hardware-aware PPD tree for a device: latency profile (measured when missing), then the search.
+# The hardware-aware ppd and ht trees for a device: latency profile (measured when missing, shared
+# by both methods), then the searches.
 tree: setup
-	$(PY) -m trees build --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
+	$(PY) -m trees build --method ppd --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
+	$(PY) -m trees build --method ht --gpu $(GPU) --backend $(TREE_BACKEND)
 
 train: setup
 	$(PY) -m train ppd
+	$(PY) -m train ht
 
 clean:
 	rm -rf $(VENV) artifacts

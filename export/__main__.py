@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING
 
 from export.checkpoint import CheckpointError, check_model_dir, convert_gguf, packaged_gguf_path
 from export.paths import DEFAULT_MODEL_DIR
+from export.ht import DEFAULT_HT_CHECKPOINT
 from export.ppd import DEFAULT_PPD_CHECKPOINT
+
+DEFAULT_CHECKPOINTS = {"ppd": DEFAULT_PPD_CHECKPOINT, "ht": DEFAULT_HT_CHECKPOINT}
 
 if TYPE_CHECKING:
     from export.onnx_export import ExportConfig
@@ -34,8 +37,8 @@ def export_config(args: argparse.Namespace, out: Path) -> "ExportConfig":
     from export.onnx_export import ExportConfig
 
     checkpoint = args.checkpoint
-    if checkpoint is None and args.method == "ppd":
-        checkpoint = DEFAULT_PPD_CHECKPOINT
+    if checkpoint is None:
+        checkpoint = DEFAULT_CHECKPOINTS.get(args.method)
     return ExportConfig(model_dir=Path(args.model), out_dir=out, method=args.method,
                         checkpoint=None if checkpoint is None else Path(checkpoint), dtype=args.dtype,
                         max_context=args.max_context, max_tree=args.max_tree, validate=not args.no_validate)
@@ -57,15 +60,18 @@ def cmd_engine(args: argparse.Namespace) -> int:
     check_target(args.target)
     out = Path(args.out) if args.out else engine_dir(args.model, args.target, args.method)
     manifest = build_cpu_engine(export_config(args, out))
-    if manifest.method.name == "ppd":
+    method = manifest.method.name
+    if method in DEFAULT_CHECKPOINTS:
         # The tree searched for this device travels with the engine (Generator.from_engine uses it).
         from export.engine import install_tree
-        from runtime.devices import default_ppd_tree
-        from runtime.methods import DEFAULT_PPD_TREE
+        from runtime.devices import default_tree
+        from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
 
-        checkpoint = manifest.method.checkpoint.file if manifest.method.checkpoint else DEFAULT_PPD_CHECKPOINT
-        tree = install_tree(manifest, default_ppd_tree("cpu", "onnxruntime", checkpoint, DEFAULT_PPD_TREE))
-        print(f"PPD tree: {tree.name} (from {tree.resolve()})")
+        checkpoint = manifest.method.checkpoint.file if manifest.method.checkpoint else DEFAULT_CHECKPOINTS[method]
+        fallback = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}[method]
+        source = default_tree(method, "cpu", "onnxruntime", checkpoint, fallback)
+        tree = install_tree(manifest, source)
+        print(f"{method} tree: {tree.name} (from {source.resolve()})")
     print(f"engine ready: {manifest.dir}")
     return 0
 
@@ -76,9 +82,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="Llama checkpoint dir (default: %(default)s)")
     p.add_argument("--method", default="vanilla", choices=EXPORT_METHODS,
-                   help="vanilla (also serves ngram) or ppd (prompt-token rows baked in)")
+                   help="vanilla (also serves ngram), ppd (prompt-token rows baked in) or ht (transfer maps baked in)")
     p.add_argument("--checkpoint", default=None,
-                   help="ppd: prompt-token checkpoint (default: the committed SmolLM2 one, export/ppd.py)")
+                   help="ppd: prompt-token checkpoint, ht: transfer-map checkpoint (default: the committed "
+                        "SmolLM2 one, export/ppd.py / export/ht.py)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="graph precision (fp16 for GPU targets)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="cache entries (default: %(default)s)")
     p.add_argument("--max-tree", type=int, default=DEFAULT_MAX_TREE, help="largest decode tree T (default: %(default)s)")

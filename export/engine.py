@@ -15,11 +15,11 @@ from pathlib import Path
 
 from export.checkpoint import model_fingerprint
 from export.manifest import Manifest, ManifestError, write_atomic
-from export.onnx_export import DTYPES, ExportConfig, MethodExtras, export_onnx, load_method_extras, tensor_sha256
+from export.onnx_export import DTYPES, ExportConfig, MethodExtras, export_onnx, load_method_extras
 from export.paths import ARTIFACTS_DIR
 
 CPU_TARGET = "cpu"
-ENGINE_TREE_NAME = "ppd-tree.json"   # the PPD tree an engine dir runs by default (Generator.from_engine)
+TREE_METHODS = ("ppd", "ht")         # methods that decode with a tree set (the PPD tree-set format)
 
 
 class TargetError(ValueError):
@@ -47,12 +47,11 @@ def stale_reason(directory: Path, config: ExportConfig, extras: MethodExtras, ve
         manifest = Manifest.load(directory, verify_files=verify_files)
     except ManifestError as exc:
         return str(exc)
-    want_rows = None if extras.embeddings is None else tensor_sha256(extras.embeddings)
     checks = [
         ("model fingerprint", manifest.model.fingerprint, model_fingerprint(config.model_dir)),
         ("method", manifest.method.name, config.method),
         ("method options", manifest.method.options, dict(extras.options)),
-        ("method rows (sha256)", manifest.method.extra_embeddings_sha256, want_rows),
+        ("method weights (sha256)", manifest.method.weights_sha256, extras.weights_sha256),
         ("dtype", manifest.dtype, str(DTYPES[config.dtype]).removeprefix("torch.")),
     ]
     for what, have, want in checks:
@@ -94,8 +93,15 @@ def build_cpu_engine(config: ExportConfig, extras: MethodExtras | None = None, l
     return manifest
 
 
+def engine_tree_path(manifest: Manifest) -> Path:
+    """Where the tree set an engine dir runs by default lives (Generator.from_engine): <method>-tree.json."""
+    return manifest.dir / f"{manifest.method.name}-tree.json"
+
+
 def install_tree(manifest: Manifest, tree_file: str | Path) -> Path:
-    """Copy the PPD tree file into the engine dir (atomically), so the dir is all a deployment needs."""
-    target = manifest.dir / ENGINE_TREE_NAME
+    """Copy the tree file into the engine dir (atomically), so the dir is all a deployment needs."""
+    if manifest.method.name not in TREE_METHODS:
+        raise ValueError(f"a {manifest.method.name!r} engine decodes without a tree; only {TREE_METHODS} take one")
+    target = engine_tree_path(manifest)
     write_atomic(target, Path(tree_file).read_text())
     return target

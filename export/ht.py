@@ -17,6 +17,7 @@ after layer l (export/step_model.py). Training (train/ht.py) and inference (runt
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ import torch
 from safetensors import safe_open
 
 from export.paths import REPO_ROOT
-from export.ppd import MAX_PROMPT_TOKENS, PPDConfig, save_safetensors_atomic
+from export.ppd import MAX_PROMPT_TOKENS, PPDConfig
+from export.trained_file import read_checked_header, save_safetensors_atomic
 
 DEFAULT_NUM_MAPS = 3
 MAX_MAPS = MAX_PROMPT_TOKENS
@@ -88,6 +90,19 @@ class TransferMaps:
     def layout(self) -> PPDConfig:
         return layout_config(self.num_maps)
 
+    @property
+    def sha256(self) -> str:
+        """Identity of the trained tensors: sha256 of weight then bias as contiguous float32 bytes
+        (what engine manifests, searched trees and acceptance statistics record)."""
+        digest = hashlib.sha256()
+        for tensor in (self.weight, self.bias):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def to(self, dtype: torch.dtype) -> "TransferMaps":
+        """The same maps in `dtype` (an fp16 export bakes fp16 maps into the graph)."""
+        return TransferMaps(self.weight.to(dtype), self.bias.to(dtype), self.layer)
+
     @classmethod
     def identity(cls, num_maps: int, hidden_size: int, layer: int) -> "TransferMaps":
         """W_j = I, b_j = 0: every pseudo state starts as its source's own state (train/ht.py says why)."""
@@ -125,25 +140,9 @@ def save_transfer_maps(path: str | Path, maps: TransferMaps, fingerprint: str, m
 
 def read_transfer_map_header(path: str | Path) -> dict[str, str]:
     """The raw safetensors header of a transfer-map checkpoint (raises TransferMapError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TransferMapError(
-            f"HT transfer-map checkpoint {path} does not exist: train one with `{TRAIN_COMMAND}`, "
-            f"or pass the path of an existing checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            names = set(f.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise TransferMapError(f"{path} is not a readable safetensors file ({exc}): re-create it with "
-                               f"`{TRAIN_COMMAND}`") from exc
-    if header.get("format") != CHECKPOINT_FORMAT or not {WEIGHT_NAME, BIAS_NAME} <= names:
-        raise TransferMapError(f"{path} is not an HT transfer-map checkpoint (no '{CHECKPOINT_FORMAT}' header): "
-                               f"pass a file written by `{TRAIN_COMMAND}`")
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise TransferMapError(f"{path} has checkpoint version {header.get('version')!r}; this ppdeploy reads "
-                               f"version {CHECKPOINT_VERSION}: retrain with `{TRAIN_COMMAND}`")
-    return header
+    return read_checked_header(path, what="HT transfer-map", file_format=CHECKPOINT_FORMAT,
+                               version=CHECKPOINT_VERSION, tensor_names={WEIGHT_NAME, BIAS_NAME},
+                               train_command=TRAIN_COMMAND, error=TransferMapError)
 
 
 def transfer_map_metadata(path: str | Path) -> dict:

@@ -27,7 +27,7 @@ MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
 FORMAT_NAME = "ppdeploy-step"
 # Bump when the graph contract changes (names, axes, semantics): older exports become stale.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: method.weights_sha256 (was extra_embeddings_sha256), ht graphs
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_TREE = 64
 TREE_AXIS, CACHE_AXIS = "T", "S"
@@ -108,10 +108,11 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class MethodRecord:
-    name: str                                       # "vanilla" | "ppd"
-    options: dict = field(default_factory=dict)     # what runtime.methods.build_method takes (ppd: N, k)
-    num_extra_tokens: int = 0                       # ids vocab_size .. vocab_size + E - 1 are baked in
-    extra_embeddings_sha256: str | None = None      # of the [E, H] rows in the graph (staleness key)
+    name: str                                       # "vanilla" | "ppd" | "ht"
+    options: dict = field(default_factory=dict)     # what runtime.methods.build_method takes (ppd: N, k; ht: k, layer)
+    num_extra_tokens: int = 0                       # ids vocab_size .. vocab_size + E - 1 are method slots
+    weights_sha256: str | None = None               # of the trained tensors in the graph (ppd: [E, H] rows,
+                                                    # ht: transfer maps; the staleness key)
     checkpoint: FileRecord | None = None            # the method checkpoint they came from (sha256 of the file)
 
 

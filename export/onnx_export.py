@@ -1,7 +1,7 @@
 """Trace the step function into ONNX, write the manifest beside it, and validate it on every export.
 
     export_onnx(model_dir, out_dir, ...)
-        load checkpoint -> StepModel (+ method rows) -> trace (TorchScript exporter, fixed opset/IR)
+        load checkpoint -> StepModel (+ ppd rows / ht maps) -> trace (TorchScript exporter, fixed opset/IR)
         -> tidy graph (output shapes, tied-embedding dedup) -> save with external data -> onnx.checker
         -> validate against the torch step at untraced shapes (export/validate.py) -> manifest.json
 
@@ -38,13 +38,15 @@ from export.checkpoint import load_checkpoint, model_fingerprint
 from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, MANIFEST_NAME,
                              ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
+from export.ht import TransferMaps
 from export.step_model import StepModel
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17; onnxruntime 1.31 reads <= 11
 DATA_SUFFIX = ".data"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EXPORT_METHODS = ("vanilla", "ppd")
+EXPORT_METHODS = ("vanilla", "ppd", "ht")
+TRAINED_METHODS = ("ppd", "ht")   # methods whose graph bakes in trained tensors from --checkpoint
 # Shapes the graph is traced at: deliberately none of the validation shapes (export/validate.py).
 TRACE_TREE, TRACE_CACHE = 3, 5
 
@@ -56,7 +58,7 @@ class ExportConfig:
     model_dir: Path
     out_dir: Path
     method: str = "vanilla"
-    checkpoint: Path | None = None            # method checkpoint (ppd: trained prompt tokens)
+    checkpoint: Path | None = None            # method checkpoint (ppd: prompt tokens, ht: transfer maps)
     dtype: str = "fp32"
     max_context: int = DEFAULT_MAX_CONTEXT
     max_tree: int = DEFAULT_MAX_TREE
@@ -76,10 +78,23 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class MethodExtras:
-    """What a method adds to the step graph: rows after the vocabulary, and its runtime options."""
+    """What a method adds to the step graph (ppd: rows after the vocabulary; ht: transfer maps
+    applied after layer l), and its runtime options."""
 
     embeddings: torch.Tensor | None = None    # [E, H]
     options: dict = field(default_factory=dict)
+    transfer_maps: TransferMaps | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeddings is not None and self.transfer_maps is not None:
+            raise ValueError("a graph takes PPD prompt-token rows or HT transfer maps, not both")
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """Identity of the trained tensors baked into the graph (the engine's staleness key)."""
+        if self.transfer_maps is not None:
+            return self.transfer_maps.sha256
+        return None if self.embeddings is None else tensor_sha256(self.embeddings)
 
 
 class StepGraph(nn.Module):
@@ -221,18 +236,33 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 # --- the whole export -----------------------------------------------------------------------
 def load_method_extras(config: ExportConfig) -> MethodExtras:
-    """ppd: the trained prompt-token rows from --checkpoint (export/ppd.py owns that format; it
-    refuses a checkpoint trained for another model). Options are what runtime.methods takes (N, k)."""
+    """The trained tensors of --checkpoint: ppd's prompt-token rows (export/ppd.py owns that format)
+    or ht's transfer maps (export/ht.py); both refuse a checkpoint trained for another model.
+    Options are what runtime.methods takes (ppd: N, k; ht: k, layer)."""
     if config.method == "vanilla":
         return MethodExtras()
     if config.checkpoint is None:
-        raise ValueError("--method ppd needs --checkpoint FILE (the trained prompt tokens, `python -m train ppd`)")
-    from export.ppd import load_prompt_tokens
+        train = {"ppd": "the trained prompt tokens, `python -m train ppd`",
+                 "ht": "the trained transfer maps, `python -m train ht`"}[config.method]
+        raise ValueError(f"--method {config.method} needs --checkpoint FILE ({train})")
     from transformers import AutoConfig
 
     hidden_size = AutoConfig.from_pretrained(config.model_dir).hidden_size
-    embeddings, ppd = load_prompt_tokens(config.checkpoint, model_fingerprint(config.model_dir), hidden_size)
+    fingerprint = model_fingerprint(config.model_dir)
+    if config.method == "ht":
+        from export.ht import load_transfer_maps
+
+        maps = load_transfer_maps(config.checkpoint, fingerprint, hidden_size)
+        return MethodExtras(options=ht_options(maps), transfer_maps=maps)
+    from export.ppd import load_prompt_tokens
+
+    embeddings, ppd = load_prompt_tokens(config.checkpoint, fingerprint, hidden_size)
     return MethodExtras(embeddings, {"num_prompt_tokens": ppd.num_prompt_tokens, "ensemble": ppd.ensemble})
+
+
+def ht_options(maps: TransferMaps) -> dict:
+    """What an ht engine records as its method options (runtime.methods.HTOptions fields)."""
+    return {"num_maps": maps.num_maps, "layer": maps.layer}
 
 
 def exporter_versions() -> dict[str, str | int]:
@@ -250,10 +280,15 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
     extras = load_method_extras(config) if extras is None else extras
     if config.method == "ppd" and extras.embeddings is None:
         raise ValueError("a ppd export needs prompt-token embeddings")
+    if config.method == "ht" and extras.transfer_maps is None:
+        raise ValueError("an ht export needs transfer maps")
+    if config.method == "vanilla" and (extras.embeddings is not None or extras.transfer_maps is not None):
+        raise ValueError("a vanilla export takes no trained tensors")
     dtype = DTYPES[config.dtype]
     hf_model, tokenizer = load_checkpoint(config.model_dir, dtype=dtype)
     embeddings = None if extras.embeddings is None else extras.embeddings.to(dtype)
-    step = StepModel(hf_model, embeddings).eval()
+    maps = None if extras.transfer_maps is None else extras.transfer_maps.to(dtype)
+    step = StepModel(hf_model, embeddings, maps).eval()
     del hf_model
     inputs, outputs = io_specs(step, dtype)
     out_dir = Path(config.out_dir)
@@ -305,8 +340,7 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         max_context=config.max_context, max_tree=config.max_tree,
         model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, int(step.config.hidden_size),
                           step.num_layers, step.num_kv_heads, step.head_dim),
-        method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens,
-                            None if extras.embeddings is None else tensor_sha256(extras.embeddings),
+        method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
         inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),
         exporter=exporter_versions(),

@@ -18,16 +18,15 @@ the masks they use cannot drift apart.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from export.paths import REPO_ROOT
+from export.trained_file import read_checked_header, save_safetensors_atomic
 
 # Measured on the held-out ShareGPT split (checkpoints/smollm2-135m-instruct/README.md), 300 training
 # samples each: k=3 vs k=1 top-1 0.241/0.121/0.097 vs 0.252/0.117/0.090, top-10 +1 to +1.6 points,
@@ -144,41 +143,11 @@ def save_prompt_tokens(path: str | Path, embeddings: torch.Tensor, config: PPDCo
     return save_safetensors_atomic(path, {TENSOR_NAME: embeddings.detach().to("cpu", dtype).contiguous()}, header)
 
 
-def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
-    """Write `tensors` with string metadata `header` via a temp file + rename (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.chmod(tmp, 0o644)  # safetensors writes 0600; the checkpoint is a shared, committed file
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def read_prompt_token_header(path: str | Path) -> dict[str, str]:
     """The raw safetensors header of a prompt-token checkpoint (raises PromptTokenError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptTokenError(
-            f"PPD prompt-token checkpoint {path} does not exist: train one with `{TRAIN_COMMAND}` "
-            f"(`make train`), or pass the path of an existing checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            names = set(f.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise PromptTokenError(f"{path} is not a readable safetensors file ({exc}): re-create it with "
-                               f"`{TRAIN_COMMAND}`") from exc
-    if header.get("format") != CHECKPOINT_FORMAT or TENSOR_NAME not in names:
-        raise PromptTokenError(f"{path} is not a PPD prompt-token checkpoint (no '{CHECKPOINT_FORMAT}' header): "
-                               f"pass a file written by `{TRAIN_COMMAND}`")
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise PromptTokenError(f"{path} has checkpoint version {header.get('version')!r}; this ppdeploy reads "
-                               f"version {CHECKPOINT_VERSION}: retrain with `{TRAIN_COMMAND}`")
-    return header
+    return read_checked_header(path, what="PPD prompt-token", file_format=CHECKPOINT_FORMAT,
+                               version=CHECKPOINT_VERSION, tensor_names={TENSOR_NAME}, train_command=TRAIN_COMMAND,
+                               error=PromptTokenError, missing_hint=" (`make train`)")
 
 
 def prompt_token_metadata(path: str | Path) -> dict:

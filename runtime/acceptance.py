@@ -1,5 +1,6 @@
-"""Acceptance statistics of PPD on calibration prompts: the backend-running half of `python -m trees stats`
-(trees.stats holds the data type and the estimates, trees.search consumes them).
+"""Acceptance statistics of PPD or HT on calibration prompts: the backend-running half of `python -m trees
+stats` (trees.stats holds the data type and the estimates, trees.search consumes them). HT's pseudo
+slots use PPD's layout (N = k, ensemble 1), so both methods are measured and searched the same way.
 
 The decode loop runs unchanged with a collection tree set in which every node carries all N prompt
 tokens, so every step predicts N rows ahead whatever it accepts. After each step the proposer's
@@ -21,6 +22,7 @@ from transformers import AutoConfig
 
 from export.checkpoint import model_fingerprint
 from export.paths import DEFAULT_MODEL_DIR
+from export.ht import DEFAULT_HT_CHECKPOINT, load_transfer_maps
 from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator, Prompt
 from runtime.proposers.ppd import PPDProposer
@@ -28,10 +30,15 @@ from trees import PPDStepTree, PPDTreeSet, Tree, prompt_tokens_sha256
 from trees.stats import AcceptanceStats
 
 
+TREE_METHODS = ("ppd", "ht")
+DEFAULT_CHECKPOINTS = {"ppd": DEFAULT_PPD_CHECKPOINT, "ht": DEFAULT_HT_CHECKPOINT}
+
+
 @dataclass(frozen=True)
 class StatsConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)
-    checkpoint: str = str(DEFAULT_PPD_CHECKPOINT)
+    method: str = "ppd"                    # ppd or ht
+    checkpoint: str | None = None          # None: the committed checkpoint of `method`
     backend: str = "torch"
     device: str = "cpu"
     num_prompts: int = 40                  # calibration prompts that are decoded
@@ -40,6 +47,8 @@ class StatsConfig:
     max_prompt_tokens: int = 1024          # longer prompts are skipped (prefill time, context)
 
     def __post_init__(self) -> None:
+        if self.method not in TREE_METHODS:
+            raise ValueError(f"acceptance statistics are for {' or '.join(TREE_METHODS)}, not {self.method!r}")
         for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -52,10 +61,21 @@ class CheckpointIdentity:
     config: PPDConfig
 
 
-def checkpoint_identity(model_dir: str | Path, checkpoint: str | Path) -> CheckpointIdentity:
-    """Model fingerprint, prompt-token hash and N/k of a PPD checkpoint (refused for another model)."""
+def method_checkpoint(method: str, checkpoint: str | Path | None) -> Path:
+    """`checkpoint`, or the committed one of `method` when None."""
+    if method not in TREE_METHODS:
+        raise ValueError(f"trees are searched for {' or '.join(TREE_METHODS)}, not {method!r}")
+    return Path(DEFAULT_CHECKPOINTS[method] if checkpoint is None else checkpoint)
+
+
+def checkpoint_identity(model_dir: str | Path, checkpoint: str | Path, method: str = "ppd") -> CheckpointIdentity:
+    """Model fingerprint, hash of the trained tensors and slot layout of a ppd (prompt tokens, N/k) or
+    ht (transfer maps, N = k, ensemble 1) checkpoint; refused for another model."""
     fingerprint = model_fingerprint(model_dir)
     hidden_size = AutoConfig.from_pretrained(model_dir).hidden_size
+    if method == "ht":
+        maps = load_transfer_maps(checkpoint, fingerprint, hidden_size)
+        return CheckpointIdentity(fingerprint, maps.sha256, maps.layout)
     embeddings, config = load_prompt_tokens(checkpoint, fingerprint, hidden_size)
     return CheckpointIdentity(fingerprint, prompt_tokens_sha256(embeddings.numpy()), config)
 
@@ -82,10 +102,10 @@ def step_ranks(predictions: np.ndarray, future: Sequence[int]) -> tuple[int, ...
 
 
 def decode_records(gen: Generator, prompt_ids: list[int], max_new_tokens: int) -> list[tuple[int, ...]]:
-    """Decode one prompt greedily with `gen` (a PPD generator); one rank record per step."""
+    """Decode one prompt greedily with `gen` (a ppd or ht generator); one rank record per step."""
     proposer = gen.proposer
     if not isinstance(proposer, PPDProposer):
-        raise ValueError(f"acceptance statistics need a ppd generator, got {type(proposer).__name__}")
+        raise ValueError(f"acceptance statistics need a ppd or ht generator, got {type(proposer).__name__}")
     generated: list[int] = []
     pending: list[tuple[np.ndarray, int]] = []  # (predictions, index in `generated` of their depth-1 token)
     for tokens in gen.decode_steps(prompt_ids, GenerationStats()):
@@ -99,15 +119,16 @@ def decode_records(gen: Generator, prompt_ids: list[int], max_new_tokens: int) -
 
 def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibration: str,
                        show_progress: bool = True) -> AcceptanceStats:
-    """Run PPD on the first `config.num_prompts` prompts that fit and record every step's ranks.
+    """Run ppd or ht on the first `config.num_prompts` prompts that fit and record every step's ranks.
     `calibration` says where the prompts come from (held-out data, never an evaluation set)."""
-    identity = checkpoint_identity(config.model_dir, config.checkpoint)
+    checkpoint = method_checkpoint(config.method, config.checkpoint)
+    identity = checkpoint_identity(config.model_dir, checkpoint, config.method)
     n = identity.config.num_prompt_tokens
-    with tempfile.TemporaryDirectory(prefix="ppd-collect-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{config.method}-collect-") as tmp:
         tree_file = Path(tmp) / "collection-tree.json"
         tree_file.write_text(json.dumps(collection_trees(n, config.topk).to_json()))
-        gen = Generator.from_pretrained(config.model_dir, method="ppd", backend=config.backend, device=config.device,
-                                        checkpoint=config.checkpoint, tree=str(tree_file))
+        gen = Generator.from_pretrained(config.model_dir, method=config.method, backend=config.backend,
+                                        device=config.device, checkpoint=str(checkpoint), tree=str(tree_file))
     records: list[tuple[int, ...]] = []
     used = 0
     with tqdm(total=config.num_prompts, desc="acceptance", disable=not show_progress) as bar:

@@ -1,4 +1,4 @@
-"""The device a run uses, by its real name, and the PPD tree searched for it (trees/devices.py
+"""The device a run uses, by its real name, and the tree searched for it (trees/devices.py
 names the files)."""
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def present_device(device: str) -> tuple[str, str]:
     return dev.type, device_name(device)
 
 
-def default_ppd_tree(device: str, backend: str, checkpoint: str | Path, fallback: str | Path) -> Path:
-    """The tree searched for this device and backend (ppd-tree-<device key>-<backend>.json next to
-    the prompt-token checkpoint), else one for this device on another backend, else `fallback`."""
+def default_tree(method: str, device: str, backend: str, checkpoint: str | Path, fallback: str | Path) -> Path:
+    """The `method` (ppd, ht) tree searched for this device and backend (<method>-tree-<device
+    key>-<backend>.json next to the method's checkpoint), else one for this device on another
+    backend, else `fallback`."""
     kind, name = present_device(device)
-    return find_device_tree(Path(checkpoint).parent, device_key(kind, name), backend, fallback)
+    return find_device_tree(Path(checkpoint).parent, device_key(kind, name), backend, method, fallback)

@@ -2,6 +2,8 @@
 
     python -m train ppd [options]     train PPD prompt tokens (defaults: PPDTrainConfig)
     python -m train ht [options]      train HT transfer maps (defaults: HTTrainConfig)
+    python -m train ht-layers R1.json R2.json ... --out PNG
+                                      HT accuracy per offset against the layer l (table + PNG)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from export.checkpoint import CheckpointError
 from export.ht import TransferMapError
@@ -33,6 +36,17 @@ def cmd_ht(args: argparse.Namespace, argv: list[str]) -> int:
     if result is not None:
         print(f"transfer maps read layer {result.report['layer']} of {result.report['num_layers']}")
     return print_result(config, result, "map", "pseudo state")
+
+
+def cmd_ht_layers(args: argparse.Namespace, argv: list[str]) -> int:
+    """Compare HT maps trained at several layers: held-out accuracy per offset, table and PNG."""
+    from train.layer_report import load_runs, markdown_table, plot_layers
+
+    runs = load_runs([Path(p) for p in args.reports])
+    print(markdown_table(runs))
+    title = f"HT transfer maps by layer: k={len(runs[0].top1)}, {runs[0].train_samples} training samples"
+    print(f"wrote {plot_layers(runs, Path(args.out), title)}")
+    return 0
 
 
 def print_result(config, result: TrainResult | None, unit: str, slot: str) -> int:
@@ -60,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     ht = sub.add_parser("ht", help=cmd_ht.__doc__, description=cmd_ht.__doc__)
     add_config_arguments(ht, HTTrainConfig)
     ht.set_defaults(func=cmd_ht, config_class=HTTrainConfig)
+    layers = sub.add_parser("ht-layers", help=cmd_ht_layers.__doc__, description=cmd_ht_layers.__doc__)
+    layers.add_argument("reports", nargs="+", help="training reports (.json beside each map checkpoint), one per layer")
+    layers.add_argument("--out", required=True, help="PNG to write")
+    layers.set_defaults(func=cmd_ht_layers)
     return parser
 
 

@@ -192,6 +192,32 @@ def prepare_data(config: DistillTrainConfig, hf_model, tokenizer, fingerprint: s
     return train_data, val_data
 
 
+@dataclass
+class TrainingInputs:
+    device: torch.device
+    fingerprint: str           # of the frozen base model
+    hf_model: object           # transformers LlamaForCausalLM on `device`
+    train_data: DistillData
+    val_data: DistillData
+    data_seconds: float
+
+
+def load_training_inputs(config: DistillTrainConfig) -> TrainingInputs | None:
+    """The frozen base model on its device and the self-distilled data (generated where the cache
+    lacks it); None when `config.prepare_only` (the data cache is complete then)."""
+    from export.checkpoint import load_checkpoint, model_fingerprint
+
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    fingerprint = model_fingerprint(config.model_dir)
+    hf_model, tokenizer = load_checkpoint(config.model_dir)
+    hf_model.to(device)
+    train_data, val_data = prepare_data(config, hf_model, tokenizer, fingerprint)
+    if config.prepare_only:
+        return None
+    return TrainingInputs(device, fingerprint, hf_model, train_data, val_data, time.perf_counter() - started)
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:

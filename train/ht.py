@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ht import (DEFAULT_HT_CHECKPOINT, DEFAULT_NUM_MAPS, MAX_MAPS, TransferMaps, default_transfer_layer,
                        layout_config, save_transfer_maps)
 from export.step_model import StepModel
 from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, _opt, base_report,
-                          causal_mask, distill_scores, evaluate, prepare_data, resolve_device, usable_positions,
-                          write_report)
+                          causal_mask, distill_scores, evaluate, load_training_inputs, usable_positions, write_report)
 from train.ppd import build_prompt_groups
 
 
@@ -97,15 +95,11 @@ def sample_forward(model: StepModel, seq: np.ndarray, context_len: int, ends_wit
 def train_ht(config: HTTrainConfig, command: str | None = None) -> TrainResult | None:
     """Prepare (or reuse) the self-distilled data, train the transfer maps, evaluate, save.
     Returns None when `config.prepare_only` (the data cache is complete then)."""
-    started = time.perf_counter()
-    device = resolve_device(config.device)
-    fingerprint = model_fingerprint(config.model_dir)
-    hf_model, tokenizer = load_checkpoint(config.model_dir)
-    hf_model.to(device)
-    train_data, val_data = prepare_data(config, hf_model, tokenizer, fingerprint)
-    data_seconds = time.perf_counter() - started
-    if config.prepare_only:
+    inputs = load_training_inputs(config)
+    if inputs is None:
         return None
+    device, fingerprint, hf_model = inputs.device, inputs.fingerprint, inputs.hf_model
+    train_data, val_data, data_seconds = inputs.train_data, inputs.val_data, inputs.data_seconds
 
     num_layers, hidden = hf_model.config.num_hidden_layers, hf_model.config.hidden_size
     layer = default_transfer_layer(num_layers) if config.layer is None else config.layer

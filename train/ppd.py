@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ppd import (DEFAULT_ENSEMBLE, DEFAULT_NUM_PROMPT_TOKENS, DEFAULT_PPD_CHECKPOINT, PPDConfig,
                         attach_prompt_tokens, average_ensemble_logits, save_prompt_tokens)
 from export.step_model import StepModel, lowest_mask_value
 from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, _opt, base_report,
-                          causal_mask, distill_scores, evaluate, format_command, prepare_data, resolve_device,
+                          causal_mask, distill_scores, evaluate, format_command, load_training_inputs,
                           usable_positions, write_report)
 from trees import buffers_from_parents
 
@@ -140,16 +139,12 @@ def initial_embeddings(model: StepModel, config: PPDConfig, noise: float, genera
 def train_ppd(config: PPDTrainConfig, command: str | None = None) -> TrainResult | None:
     """Prepare (or reuse) the self-distilled data, train the prompt tokens, evaluate, save.
     Returns None when `config.prepare_only` (the data cache is complete then)."""
-    started = time.perf_counter()
-    device = resolve_device(config.device)
     ppd = config.ppd
-    fingerprint = model_fingerprint(config.model_dir)
-    hf_model, tokenizer = load_checkpoint(config.model_dir)
-    hf_model.to(device)
-    train_data, val_data = prepare_data(config, hf_model, tokenizer, fingerprint)
-    data_seconds = time.perf_counter() - started
-    if config.prepare_only:
+    inputs = load_training_inputs(config)
+    if inputs is None:
         return None
+    device, fingerprint, hf_model = inputs.device, inputs.fingerprint, inputs.hf_model
+    train_data, val_data, data_seconds = inputs.train_data, inputs.val_data, inputs.data_seconds
 
     model_parameters = sum(p.numel() for p in hf_model.parameters())
     model = StepModel(hf_model.cpu()).to(device)

@@ -1,4 +1,4 @@
-"""python -m trees: hardware-aware PPD trees.
+"""python -m trees: hardware-aware trees for PPD and HT (--method ppd|ht; same tree format, N = k for HT).
 
     python -m trees stats                          acceptance statistics on held-out ShareGPT prompts
     python -m trees profile --gpu cpu --backend onnxruntime
@@ -9,8 +9,9 @@
                                                    benchmark the chosen tree against fixed budgets,
                                                    the hand-picked tree and vanilla, in one run
 
-Files live next to the prompt-token checkpoint (checkpoints/<model>/): ppd-acceptance.json,
-latency-<device key>-<backend>.json, ppd-tree-<device key>-<backend>.json and its PNGs.
+Files live next to the method's checkpoint (checkpoints/<model>/): <method>-acceptance.json,
+latency-<device key>-<backend>.json (one per device, shared by both methods: see trees/devices.py),
+<method>-tree-<device key>-<backend>.json and its PNGs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from export.checkpoint import CheckpointError, model_fingerprint
 from export.manifest import DEFAULT_MAX_TREE
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import DEFAULT_PPD_CHECKPOINT, PromptTokenError
-from runtime.acceptance import StatsConfig
+from runtime.acceptance import TREE_METHODS, StatsConfig, method_checkpoint
 from runtime.backends import BACKENDS
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
 from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
@@ -43,7 +44,7 @@ from trees.search import (DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchCo
                           search_curve)
 from trees.stats import DEFAULT_SHRINKAGE, StatsError, load_stats
 
-STATS_FILENAME = "ppd-acceptance.json"
+CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
 TREE_FORMAT = "ppdeploy-ppd-tree"
 CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
                "trained on), first user turn, in file order")
@@ -58,7 +59,8 @@ def _help(text: str, **extra) -> dict:
 @dataclass(frozen=True)
 class StatsCommand:
     model_dir: str = field(default=str(DEFAULT_MODEL_DIR), metadata=_help("model checkpoint dir"))
-    checkpoint: str = field(default=str(DEFAULT_PPD_CHECKPOINT), metadata=_help("PPD prompt-token checkpoint"))
+    method: str = field(default="ppd", metadata=_help("method whose trees these are", choices=TREE_METHODS))
+    checkpoint: str | None = field(default=None, metadata=_help(CHECKPOINT_HELP))
     backend: str = field(default="torch", metadata=_help("backend that decodes", choices=BACKENDS))
     device: str = field(default="cpu", metadata=_help("cpu or cuda"))
     num_prompts: int = field(default=StatsConfig.num_prompts, metadata=_help("calibration prompts to decode"))
@@ -66,7 +68,7 @@ class StatsCommand:
     topk: int = field(default=StatsConfig.topk, metadata=_help("ranks recorded per prediction row"))
     max_prompt_tokens: int = field(default=StatsConfig.max_prompt_tokens,
                                    metadata=_help("skip longer calibration prompts"))
-    out: str | None = field(default=None, metadata=_help(f"output JSON (default: {STATS_FILENAME} next to "
+    out: str | None = field(default=None, metadata=_help("output JSON (default: <method>-acceptance.json next to "
                                                           "the checkpoint)"))
 
 
@@ -97,13 +99,14 @@ class BuildCommand:
     backend: str = field(default="torch", metadata=_help("backend of the latency profile", choices=BACKENDS))
     device: str | None = field(default=None, metadata=_help("for --profile-if-missing: cpu or cuda"))
     model_dir: str = field(default=str(DEFAULT_MODEL_DIR), metadata=_help("model checkpoint dir"))
-    checkpoint: str = field(default=str(DEFAULT_PPD_CHECKPOINT), metadata=_help("PPD prompt-token checkpoint"))
+    method: str = field(default="ppd", metadata=_help("method whose trees these are", choices=TREE_METHODS))
+    checkpoint: str | None = field(default=None, metadata=_help(CHECKPOINT_HELP))
     stats: str | None = field(default=None, metadata=_help("acceptance statistics (default: next to the checkpoint)"))
     profile: str | None = field(default=None, metadata=_help("latency profile (default: the one next to the "
                                                              "checkpoint whose device matches --gpu)"))
     profile_if_missing: bool = field(default=False, metadata=_help("measure the profile first when there is none"))
-    out: str | None = field(default=None, metadata=_help("tree JSON (default: ppd-tree-<device>-<backend>.json next "
-                                                         "to the checkpoint)"))
+    out: str | None = field(default=None, metadata=_help("tree JSON (default: <method>-tree-<device>-<backend>.json "
+                                                         "next to the checkpoint)"))
     budgets: str = field(default=",".join(map(str, DEFAULT_BUDGETS)),
                          metadata=_help("fixed budgets of the curve; the largest caps the chosen tree"))
     topk: int = field(default=SearchConfig.topk, metadata=_help("ranks considered per depth"))
@@ -120,7 +123,8 @@ class SweepCommand:
     backend: str = field(default="torch", metadata=_help("backend", choices=BACKENDS))
     device: str | None = field(default=None, metadata=_help("cpu or cuda (default: from --gpu)"))
     model_dir: str = field(default=str(DEFAULT_MODEL_DIR), metadata=_help("model checkpoint dir"))
-    checkpoint: str = field(default=str(DEFAULT_PPD_CHECKPOINT), metadata=_help("PPD prompt-token checkpoint"))
+    method: str = field(default="ppd", metadata=_help("method whose trees these are", choices=TREE_METHODS))
+    checkpoint: str | None = field(default=None, metadata=_help(CHECKPOINT_HELP))
     tree: str | None = field(default=None, metadata=_help("the chosen tree (default: this device's searched tree)"))
     stats: str | None = field(default=None, metadata=_help("acceptance statistics (default: next to the checkpoint)"))
     profile: str | None = field(default=None, metadata=_help("latency profile (default: this device's)"))
@@ -151,8 +155,16 @@ def _present(gpu: str, device: str | None) -> tuple[str, str, str]:
     return device, kind, name
 
 
+def _checkpoint(cfg) -> Path:
+    return method_checkpoint(cfg.method, cfg.checkpoint)
+
+
+def stats_filename(method: str) -> str:
+    return f"{method}-acceptance.json"
+
+
 def _stats_path(cfg) -> Path:
-    return Path(cfg.stats) if cfg.stats else Path(cfg.checkpoint).parent / STATS_FILENAME
+    return Path(cfg.stats) if cfg.stats else _checkpoint(cfg).parent / stats_filename(cfg.method)
 
 
 def _budgets(text: str) -> tuple[int, ...]:
@@ -196,15 +208,15 @@ def find_profile(directory: Path, gpu: str, backend: str) -> Path | None:
     return matches[0] if matches else None
 
 
-def _identity(model_dir: str, checkpoint: str):
+def _identity(cfg):
     from runtime.acceptance import checkpoint_identity
 
-    return checkpoint_identity(model_dir, checkpoint)
+    return checkpoint_identity(cfg.model_dir, _checkpoint(cfg), cfg.method)
 
 
 def _search_inputs(cfg, profile_path: Path):
     """Statistics and profile, both checked against the model and checkpoint loaded now."""
-    identity = _identity(cfg.model_dir, cfg.checkpoint)
+    identity = _identity(cfg)
     stats = load_stats(_stats_path(cfg))
     stats.check_identity(identity.model_fingerprint, identity.checkpoint_sha256)
     profile = load_profile(profile_path)
@@ -217,7 +229,7 @@ def _search_inputs(cfg, profile_path: Path):
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_stats(cfg: StatsCommand) -> int:
-    """Acceptance statistics of PPD on held-out ShareGPT prompts (never an evaluation set)."""
+    """Acceptance statistics of PPD or HT on held-out ShareGPT prompts (never an evaluation set)."""
     from runtime.acceptance import collect_acceptance
     from train.sharegpt import chat_messages, load_sharegpt, sharegpt_split
 
@@ -229,7 +241,7 @@ def cmd_stats(cfg: StatsCommand) -> int:
             prompts.append([first_user])
     config = StatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StatsConfig)})
     stats = collect_acceptance(config, prompts, CALIBRATION)
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / STATS_FILENAME
+    out = Path(cfg.out) if cfg.out else _checkpoint(cfg).parent / stats_filename(cfg.method)
     stats.save(out)
     top1, topk = stats.accuracy()
     print(f"wrote {out}: {len(stats.steps)} steps over {stats.num_prompts} prompts")
@@ -280,8 +292,8 @@ def cmd_profile(cfg: ProfileCommand) -> int:
 
 
 def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
-    """Search the PPD tree set with the most expected tokens per second on a profiled device."""
-    directory = Path(cfg.checkpoint).parent
+    """Search the PPD or HT tree set with the most expected tokens per second on a profiled device."""
+    directory = _checkpoint(cfg).parent
     profile_path = Path(cfg.profile) if cfg.profile else find_profile(directory, cfg.gpu, cfg.backend)
     if profile_path is None:
         if not cfg.profile_if_missing:
@@ -289,7 +301,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
                                f"with `python -m trees profile --gpu {cfg.gpu} --backend {cfg.backend}` on that "
                                f"device, or pass --profile-if-missing")
         profile_path = measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, device=cfg.device,
-                                                      model_dir=cfg.model_dir, checkpoint=cfg.checkpoint))
+                                                      model_dir=cfg.model_dir))
     identity, stats, profile = _search_inputs(cfg, profile_path)
     config = SearchConfig(budgets=_budgets(cfg.budgets), topk=min(cfg.topk, stats.topk),
                           candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage)
@@ -301,6 +313,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     replayed = replay(result.trees, stats.steps)
     metadata = {
         "format": TREE_FORMAT,
+        "method": cfg.method,
         "command": "python -m trees " + shlex.join(argv),
         "model_fingerprint": identity.model_fingerprint,
         "checkpoint_sha256": identity.checkpoint_sha256,
@@ -322,11 +335,11 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
                    "calibration": stats.calibration, "profile": profile_path.name, **dataclasses.asdict(config)},
     }
     trees = dataclasses.replace(result.trees, metadata=metadata)
-    out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend)
+    out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend, cfg.method)
     write_json(out, trees.to_json())
     print(f"wrote {out}")
-    references = _reference_evaluations(model, profile, stats.num_prompt_tokens)
-    title = f"{profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
+    references = _reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
+    title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
     print(f"  {title}")
     print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
           f"{chosen.mean_accepted:.3f} tokens/step, {chosen.speedup:.3f}x over vanilla")
@@ -336,7 +349,8 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     for label, e in [(f"fixed budget {b:>3}", e) for b, _, e in result.curve] + references:
         print(f"  {label}: {e.mean_accepted:.3f} tokens/step, {e.speedup:.3f}x")
     if chosen.speedup < 1.0:
-        print(f"  warning: PPD is predicted to be slower than vanilla on {profile.device_name} with {profile.backend}",
+        print(f"  warning: {cfg.method} is predicted to be slower than vanilla on {profile.device_name} with "
+              f"{profile.backend}",
               file=sys.stderr)
     if cfg.plots:
         pictures = write_pictures(out, result, trees, model, profile, title, references)
@@ -356,11 +370,16 @@ def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel,
                        f"(budget {chosen.budget})\n{title}")]
 
 
-def _reference_evaluations(model: AcceptanceModel, profile: LatencyProfile, n: int) -> list[tuple[str, Evaluation]]:
-    """The hand-picked default tree, evaluated the same way (when it fits N and the profile)."""
-    from runtime.methods import DEFAULT_PPD_TREE
+def hand_picked_tree(method: str) -> Path:
+    from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
 
-    hand = load_ppd_trees(DEFAULT_PPD_TREE)
+    return {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}[method]
+
+
+def _reference_evaluations(method: str, model: AcceptanceModel, profile: LatencyProfile,
+                           n: int) -> list[tuple[str, Evaluation]]:
+    """The method's hand-picked default tree, evaluated the same way (when it fits N and the profile)."""
+    hand = load_ppd_trees(hand_picked_tree(method))
     if hand.num_prompt_tokens != n or hand.max_tokens(model.ensemble) > profile.max_tokens:
         return []
     return [("hand-picked tree", evaluate(hand, model, profile.latency))]
@@ -373,12 +392,12 @@ def cmd_sweep(cfg: SweepCommand) -> int:
     from runtime.prompts import load_prompts
 
     device, kind, name = _present(cfg.gpu, cfg.device)
-    directory, key = Path(cfg.checkpoint).parent, device_key(kind, name)
-    tree_path = Path(cfg.tree) if cfg.tree else directory / tree_filename(key, cfg.backend)
+    directory, key = _checkpoint(cfg).parent, device_key(kind, name)
+    tree_path = Path(cfg.tree) if cfg.tree else directory / tree_filename(key, cfg.backend, cfg.method)
     profile_path = Path(cfg.profile) if cfg.profile else directory / profile_filename(key, cfg.backend)
     identity, stats, profile = _search_inputs(cfg, profile_path)
     model = AcceptanceModel.from_stats(stats, min(SearchConfig.topk, stats.topk))
-    variants = _sweep_variants(tree_path, identity, model, profile, _budgets(cfg.budgets))
+    variants = _sweep_variants(cfg.method, tree_path, identity, model, profile, _budgets(cfg.budgets))
     generators = _sweep_generators(cfg, device, tree_path, identity.config, variants)
     items = load_prompts(cfg.prompts, cfg.limit)
     encoded = [next(iter(generators.values())).encode(item.prompt) for item in items]
@@ -411,15 +430,13 @@ def cmd_sweep(cfg: SweepCommand) -> int:
     return 0 if all(r["matches_vanilla"] == len(items) for r in rows) else 1
 
 
-def _sweep_variants(tree_path: Path, identity, model: AcceptanceModel, profile: LatencyProfile,
+def _sweep_variants(method: str, tree_path: Path, identity, model: AcceptanceModel, profile: LatencyProfile,
                     budgets: tuple[int, ...]) -> dict[str, PPDTreeSet | None]:
     """vanilla (None), the chosen tree, the hand-picked tree (same N only), the best tree per budget."""
-    from runtime.methods import DEFAULT_PPD_TREE
-
     chosen = load_ppd_trees(tree_path)
     check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256)
     variants: dict[str, PPDTreeSet | None] = {"vanilla": None, f"chosen ({tree_path.name})": chosen}
-    hand_picked = load_ppd_trees(DEFAULT_PPD_TREE)
+    hand_picked = load_ppd_trees(hand_picked_tree(method))
     if hand_picked.num_prompt_tokens == identity.config.num_prompt_tokens:
         variants["hand-picked"] = hand_picked
     fixed = search_curve(model, profile.latency, SearchConfig(budgets=budgets, topk=model.topk),
@@ -434,8 +451,8 @@ def _sweep_generators(cfg: SweepCommand, device: str, tree_path: Path, config, v
     from runtime.proposers import VanillaProposer
     from runtime.proposers.ppd import PPDProposer
 
-    base = Generator.from_pretrained(cfg.model_dir, method="ppd", backend=cfg.backend, device=device,
-                                     checkpoint=cfg.checkpoint, tree=str(tree_path))
+    base = Generator.from_pretrained(cfg.model_dir, method=cfg.method, backend=cfg.backend, device=device,
+                                     checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
     vocab, eos = base.backend.info.vocab_size, sorted(base.eos_token_ids)
     return {label: Generator(base.backend, base.tokenizer,
                              VanillaProposer() if trees is None else PPDProposer(config, trees, vocab), eos)

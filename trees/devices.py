@@ -8,8 +8,10 @@ by a slug of that name, never by what a user typed or by a model path:
 
 next to the model's prompt-token checkpoint:
 
-    latency-<key>-<backend>.json       step latency against tree size (trees.latency.LatencyProfile)
-    ppd-tree-<key>-<backend>.json      the searched PPD tree set (+ .png pictures beside it)
+    latency-<key>-<backend>.json       step latency against tree size (trees.latency.LatencyProfile);
+                                       one per device and backend, shared by ppd and ht (same step
+                                       cost per tree size: ht's maps add k [T, H] x [H, H] products)
+    <method>-tree-<key>-<backend>.json the searched tree set of ppd or ht (+ .png pictures beside it)
 """
 
 from __future__ import annotations
@@ -61,16 +63,16 @@ def profile_filename(key: str, backend: str) -> str:
     return f"latency-{key}-{backend}.json"
 
 
-def tree_filename(key: str, backend: str) -> str:
-    return f"ppd-tree-{key}-{backend}.json"
+def tree_filename(key: str, backend: str, method: str) -> str:
+    return f"{method}-tree-{key}-{backend}.json"
 
 
-def find_device_tree(directory: str | Path, key: str, backend: str, fallback: str | Path) -> Path:
+def find_device_tree(directory: str | Path, key: str, backend: str, method: str, fallback: str | Path) -> Path:
     """The tree searched for this device and backend; else one for this device on another backend
     (same hardware, similar latency curve); else `fallback` (the hand-picked tree)."""
     directory = Path(directory)
-    exact = directory / tree_filename(key, backend)
+    exact = directory / tree_filename(key, backend, method)
     if exact.is_file():
         return exact
-    others = sorted(directory.glob(tree_filename(key, "*")))
+    others = sorted(directory.glob(tree_filename(key, "*", method)))
     return others[0] if others else Path(fallback)

@@ -123,15 +123,16 @@ def prompt_tokens_sha256(embeddings: Any) -> str:
 
 
 def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sha256: str) -> None:
-    """Refuse a searched tree built for another model or another prompt-token checkpoint.
+    """Refuse a searched tree built for another model or another checkpoint (ppd prompt tokens or
+    ht transfer maps, by the hash of their tensors).
 
     Trees without a recorded identity (hand-picked ones) are accepted for any model."""
     built_model = trees.metadata.get("model_fingerprint")
     built_checkpoint = trees.metadata.get("checkpoint_sha256")
     if built_model is not None and built_model != model_fingerprint:
-        raise TreeError(f"this PPD tree was built for model {built_model}, but the model loaded is "
+        raise TreeError(f"this tree was built for model {built_model}, but the model loaded is "
                         f"{model_fingerprint}: build one for it with `python -m trees build` (or `make tree`)")
     if built_checkpoint is not None and built_checkpoint != checkpoint_sha256:
-        raise TreeError(f"this PPD tree was built for prompt tokens {built_checkpoint[:16]}, but the checkpoint "
+        raise TreeError(f"this tree was built for checkpoint tensors {built_checkpoint[:16]}, but the checkpoint "
                         f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with `python -m trees stats` "
-                        f"then `python -m trees build` (or `make tree`)")
+                        f"then `python -m trees build` (--method ppd|ht; or `make tree`)")

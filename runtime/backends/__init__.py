@@ -2,7 +2,7 @@
 
 `make_backend` turns (backend name, checkpoint dir, built method) into a ready backend and its
 tokenizer; for `onnxruntime` that means an exported engine dir under
-artifacts/engines/<model>/<cpu|cuda>/<vanilla|ppd>/, (re-)exported when missing or stale.
+artifacts/engines/<model>/<cpu|cuda>/<vanilla|ppd|ht>/, (re-)exported when missing or stale.
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ def make_backend(name: str, model_dir: str | Path, method: "Method", device: str
 
         from runtime.backends.ort_backend import OrtBackend, ensure_engine
 
-        if method.transfer_maps is not None:
-            raise ValueError(f"method {method.name!r} (HT transfer maps) has no ONNX export yet: "
-                             f"use backend='torch'")
         manifest = ensure_engine(model_dir, method, device, max_context)
         manifest.check_tree_size(method.proposer.max_draft_tokens)
         return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
@@ -54,28 +51,31 @@ def make_backend(name: str, model_dir: str | Path, method: "Method", device: str
 
 def engine_method(manifest: "Manifest", name: str | None = None, device: str = "cpu", **options) -> "Method":
     """Build the method an engine dir runs: by default the one it was exported for, with its options
-    (ppd: N, k and the prompt-token checkpoint); `name` may pick another method that needs no rows
-    of its own (vanilla or ngram on any engine). The method's rows must be the ones in the graph."""
-    from export.engine import ENGINE_TREE_NAME
-    from export.onnx_export import tensor_sha256
+    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick another method that needs no
+    trained tensors (vanilla or ngram on any engine). The method's tensors must be the ones in the graph."""
+    from export.engine import TREE_METHODS, engine_tree_path
+    from export.onnx_export import TRAINED_METHODS, MethodExtras
     from runtime.methods import build_method
 
     record = manifest.method
     name = record.name if name is None else name
+    if name != record.name and name in TRAINED_METHODS:
+        raise ValueError(f"method {name!r} needs its trained tensors in the graph, but {manifest.dir} is an "
+                         f"{record.name!r} engine: export one with `python -m export onnx --method {name} ...`, "
+                         f"or pick vanilla or ngram, which run on any engine")
     if name == record.name:
         options = {**record.options, **({"checkpoint": record.checkpoint.file} if record.checkpoint else {}), **options}
-    engine_tree = manifest.dir / ENGINE_TREE_NAME
-    if name == "ppd" and "tree" not in options and engine_tree.is_file():
+    engine_tree = engine_tree_path(manifest)
+    if name == record.name and name in TREE_METHODS and "tree" not in options and engine_tree.is_file():
         options["tree"] = str(engine_tree)   # the tree `make engine` installed for this device
     model = manifest.model
-    # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd).
+    # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd, ht).
     method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,
                           backend="onnxruntime", **options)
-    if method.transfer_maps is not None:
-        raise ValueError(f"method {name!r} (HT transfer maps) has no ONNX export yet: run it with backend='torch'")
-    if method.extra_embeddings is not None and tensor_sha256(method.extra_embeddings) != record.extra_embeddings_sha256:
-        raise ValueError(f"method {name!r} brings prompt-token rows that are not the ones exported into "
-                         f"{manifest.dir}; re-export the engine with this checkpoint "
+    weights = MethodExtras(method.extra_embeddings, transfer_maps=method.transfer_maps).weights_sha256
+    if weights is not None and (name != record.name or weights != record.weights_sha256):
+        raise ValueError(f"method {name!r} brings trained tensors that are not the ones exported into "
+                         f"{manifest.dir} (a {record.name!r} engine); export an engine with this checkpoint "
                          f"(`python -m export onnx --method {name} --checkpoint FILE ...`)")
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     return method

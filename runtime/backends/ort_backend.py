@@ -26,7 +26,7 @@ import torch
 
 from export.engine import engine_dir, ensure_export
 from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError, check_file
-from export.onnx_export import EXPORT_METHODS, ExportConfig, MethodExtras
+from export.onnx_export import EXPORT_METHODS, ExportConfig, MethodExtras, ht_options
 from export.ort_optimize import graph_optimization_level, optimize_for_ort, usable_optimized_model
 from export.step_model import lowest_mask_value
 from runtime.backends.base import ModelInfo, StepOutput
@@ -148,21 +148,25 @@ class OrtBackend:
 def ensure_engine(model_dir: str | Path, method: "Method", device: str | torch.device = "cpu",
                   max_context: int = DEFAULT_MAX_CONTEXT) -> Manifest:
     """The engine dir for `model_dir` + `method` on `device`: artifacts/engines/<model>/<cpu|cuda>/<graph>/,
-    exported (and validated) when missing or stale. The graph is `vanilla` for methods without rows
-    of their own (vanilla, ngram share it) and `ppd` for PPD, keyed by the rows' hash."""
+    exported (and validated) when missing or stale. The graph is `vanilla` for methods without trained
+    tensors (vanilla, ngram share it), `ppd` or `ht` otherwise, keyed by the tensors' hash."""
     graph, options = graph_method(method)
     config = ExportConfig(Path(model_dir), engine_dir(model_dir, torch.device(device).type, graph), method=graph,
+                          checkpoint=None if graph == "vanilla" else method.checkpoint,
                           max_context=max_context, max_tree=max(DEFAULT_MAX_TREE, method.proposer.max_draft_tokens))
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731  (stdout is the generated text)
-    return ensure_export(config, MethodExtras(method.extra_embeddings, options), log=log, verify_files=False).manifest
+    extras = MethodExtras(method.extra_embeddings, options, method.transfer_maps)
+    return ensure_export(config, extras, log=log, verify_files=False).manifest
 
 
 def graph_method(method: "Method") -> tuple[str, dict]:
     """Which exported graph serves `method`, and the options recorded with it."""
-    if method.extra_embeddings is None:
+    if method.extra_embeddings is None and method.transfer_maps is None:
         return "vanilla", {}
-    if method.name == "ppd":
+    if method.name == "ppd" and method.extra_embeddings is not None:
         config = method.proposer.config
         return "ppd", {"num_prompt_tokens": config.num_prompt_tokens, "ensemble": config.ensemble}
-    raise ValueError(f"method {method.name!r} adds embedding rows but has no ONNX export; "
+    if method.name == "ht" and method.transfer_maps is not None:
+        return "ht", ht_options(method.transfer_maps)
+    raise ValueError(f"method {method.name!r} brings trained tensors but has no ONNX export; "
                      f"exportable: {', '.join(EXPORT_METHODS)}")

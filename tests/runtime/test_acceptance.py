@@ -82,14 +82,32 @@ def test_collect_acceptance_end_to_end(tiny_model_dir, tmp_path):
                            show_progress=False)
 
 
-def test_default_ppd_tree_is_the_one_searched_for_this_device(tmp_path):
-    """(runtime.devices, the lookup runtime/methods.py uses for the default tree.)"""
-    from runtime.devices import default_ppd_tree
+def test_default_tree_is_the_one_searched_for_this_device(tmp_path):
+    """(runtime.devices, the lookup runtime/methods.py uses for the default ppd and ht trees.)"""
+    from runtime.devices import default_tree
 
     checkpoint = tmp_path / "ppd-prompt-tokens.safetensors"
     fallback = tmp_path / "hand-picked.json"
-    assert default_ppd_tree("cpu", "onnxruntime", checkpoint, fallback) == fallback
+    assert default_tree("ppd", "cpu", "onnxruntime", checkpoint, fallback) == fallback
     (tmp_path / "ppd-tree-cpu-torch.json").write_text("{}")
-    assert default_ppd_tree("cpu", "onnxruntime", checkpoint, fallback).name == "ppd-tree-cpu-torch.json"
+    assert default_tree("ppd", "cpu", "onnxruntime", checkpoint, fallback).name == "ppd-tree-cpu-torch.json"
     (tmp_path / "ppd-tree-cpu-onnxruntime.json").write_text("{}")
-    assert default_ppd_tree("cpu", "onnxruntime", checkpoint, fallback).name == "ppd-tree-cpu-onnxruntime.json"
+    assert default_tree("ppd", "cpu", "onnxruntime", checkpoint, fallback).name == "ppd-tree-cpu-onnxruntime.json"
+    assert default_tree("ht", "cpu", "onnxruntime", checkpoint, fallback) == fallback  # ppd's trees are not ht's
+
+
+def test_collect_acceptance_for_ht(tiny_model_dir, tmp_path):
+    """HT statistics use the same collection trees with N = k pseudo slots, keyed by the maps' hash."""
+    from export.ht import TransferMaps, save_transfer_maps
+
+    g = torch.Generator().manual_seed(0)
+    maps = TransferMaps(torch.eye(64) + 0.1 * torch.randn(2, 64, 64, generator=g), torch.zeros(2, 64), layer=0)
+    checkpoint = save_transfer_maps(tmp_path / "ht.safetensors", maps, model_fingerprint(tiny_model_dir),
+                                    dtype=torch.float32)
+    config = StatsConfig(model_dir=str(tiny_model_dir), method="ht", checkpoint=str(checkpoint), num_prompts=1,
+                         max_new_tokens=12, topk=5, max_prompt_tokens=40)
+    stats = collect_acceptance(config, ["Hello there"], calibration="test prompts", show_progress=False)
+    assert stats.num_prompt_tokens == 2 and stats.ensemble == 1 and stats.checkpoint_sha256 == maps.sha256
+    assert all(step[0] == 2 for step in stats.steps) and len(stats.steps) >= 12 / 3
+    with pytest.raises(ValueError, match="ppd or ht, not 'ngram'"):
+        StatsConfig(method="ngram")

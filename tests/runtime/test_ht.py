@@ -64,15 +64,43 @@ def test_mismatched_checkpoint_is_refused(real_model_dir, tiny_model_dir, tiny_h
         build_method("ht", tiny_model_dir, 10, 64, checkpoint=str(checkpoint), tree=str(tree), ensemble=2)
 
 
-def test_onnxruntime_backend_refuses_ht_clearly(tiny_model_dir, tiny_ht):
+def test_tiny_ht_on_onnxruntime_is_lossless(tiny_model_dir, tiny_ht, tmp_path, monkeypatch):
+    """from_pretrained exports an `ht` engine (maps baked in); it and from_engine decode like vanilla;
+    the engine carries its tree; other maps, or ppd on an ht engine, are refused."""
+    import export.engine
+    from export.engine import engine_tree_path, install_tree
+
+    monkeypatch.setattr(export.engine, "ARTIFACTS_DIR", tmp_path / "artifacts")
     checkpoint, tree = tiny_ht
-    with pytest.raises(ValueError, match="no ONNX export yet.*backend='torch'"):
-        Generator.from_pretrained(tiny_model_dir, method="ht", backend="onnxruntime", checkpoint=str(checkpoint),
-                                  tree=str(tree))
+    vanilla = Generator.from_pretrained(tiny_model_dir, max_context=512)
+    ht = Generator.from_pretrained(tiny_model_dir, method="ht", backend="onnxruntime", max_context=512,
+                                   checkpoint=str(checkpoint), tree=str(tree))
+    manifest = ht.backend.manifest
+    assert manifest.dir == tmp_path / "artifacts" / "engines" / tiny_model_dir.name / "cpu" / "ht"
+    assert manifest.method.options == {"num_maps": 2, "layer": 0} and ht.backend.info.num_extra_tokens == 2
+    assert install_tree(manifest, tree) == engine_tree_path(manifest) == manifest.dir / "ht-tree.json"
+    from_dir = Generator.from_engine(manifest.dir)  # checkpoint from the manifest, tree installed in the dir
+    assert from_dir.proposer.trees == ht.proposer.trees
+    for prompt in ["Hello", "Write a poem about the sea", "1 2 3 4 5 6"]:
+        want = vanilla.generate(prompt, max_new_tokens=40).token_ids
+        assert ht.generate(prompt, max_new_tokens=40).token_ids == want
+        assert from_dir.generate(prompt, max_new_tokens=40).token_ids == want
+    hidden = manifest.model.hidden_size
+    other = save_transfer_maps(tmp_path / "other.safetensors", TransferMaps.identity(2, hidden, 0),
+                               model_fingerprint(tiny_model_dir), dtype=torch.float32)
+    with pytest.raises(ValueError, match="not the ones exported"):
+        Generator.from_engine(manifest.dir, checkpoint=str(other))
+    with pytest.raises(ValueError, match="an 'ht' engine"):
+        Generator.from_engine(manifest.dir, method="ppd")
+    assert Generator.from_engine(manifest.dir, method="ngram").generate("Hello", max_new_tokens=8).token_ids == \
+        vanilla.generate("Hello", max_new_tokens=8).token_ids
 
 
 def test_real_ht_matches_transformers_generate(trained_ht_checkpoint, real_model_dir, lossless_prompts, hf_reference):
-    gen = Generator.from_pretrained(real_model_dir, method="ht")
+    from runtime.methods import DEFAULT_HT_TREE
+
+    # The hand-picked tree: deeper and more branched than the small trees searched for the CPU.
+    gen = Generator.from_pretrained(real_model_dir, method="ht", tree=str(DEFAULT_HT_TREE))
     mismatches, accepted = [], []
     for item in lossless_prompts:
         prompt_ids, expected = hf_reference[item.id]

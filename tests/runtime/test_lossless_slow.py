@@ -1,15 +1,20 @@
 """Slow tier: the full lossless sweep, every parallel method against vanilla greedy on the same backend.
 
-All 80 MT-Bench first turns and the first 40 HumanEval prompts, 128 new tokens (`make test-slow`)."""
+All 80 MT-Bench first turns and the first 40 HumanEval prompts, 128 new tokens (`make test-slow`).
+Each backend's vanilla output is the reference for that backend (lossless is a same-backend property;
+the fast tier checks torch against transformers and onnxruntime against torch)."""
 
 import pytest
 
 from runtime import Generator
-from runtime.methods import DEFAULT_PPD_TREE
+from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
 from runtime.prompts import load_prompts
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 128
+# The hand-picked trees: deep and branching, the hardest to keep lossless (the searched CPU trees are small).
+HAND_PICKED = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}
+TRAINED = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
 @pytest.fixture(scope="module")
@@ -19,19 +24,26 @@ def sweep_prompts():
 
 @pytest.fixture(scope="module")
 def vanilla_outputs(real_model_dir, sweep_prompts):
-    gen = Generator.from_pretrained(real_model_dir)
-    return {item.id: gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids for item in sweep_prompts}
+    """{backend: {prompt id: token ids}}, filled on first use per backend."""
+    cache: dict[str, dict[str, list[int]]] = {}
+
+    def outputs(backend: str) -> dict[str, list[int]]:
+        if backend not in cache:
+            gen = Generator.from_pretrained(real_model_dir, backend=backend)
+            cache[backend] = {item.id: gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids
+                              for item in sweep_prompts}
+        return cache[backend]
+    return outputs
 
 
-@pytest.mark.parametrize("method", ["ngram", "ppd", "ht"])
-def test_full_sweep_matches_vanilla(method, real_model_dir, sweep_prompts, vanilla_outputs, request):
-    trained = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
-    if method in trained:
-        request.getfixturevalue(trained[method])
-    # ppd: the deep and branching hand-picked tree, the hardest to keep lossless (the searched CPU
-    # trees are small on this hardware)
-    options = {"tree": str(DEFAULT_PPD_TREE)} if method == "ppd" else {}
-    gen = Generator.from_pretrained(real_model_dir, method=method, **options)
+@pytest.mark.parametrize("backend,method", [("torch", "ngram"), ("torch", "ppd"), ("torch", "ht"),
+                                            ("onnxruntime", "ppd"), ("onnxruntime", "ht")])
+def test_full_sweep_matches_vanilla(backend, method, real_model_dir, sweep_prompts, vanilla_outputs, request):
+    if method in TRAINED:
+        request.getfixturevalue(TRAINED[method])
+    options = {"tree": str(HAND_PICKED[method])} if method in HAND_PICKED else {}
+    gen = Generator.from_pretrained(real_model_dir, method=method, backend=backend, **options)
+    reference = vanilla_outputs(backend)
     bad = [item.id for item in sweep_prompts
-           if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != vanilla_outputs[item.id]]
-    assert not bad, f"{method} differs from vanilla greedy on {len(bad)} prompts: {bad}"
+           if gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids != reference[item.id]]
+    assert not bad, f"{method} on {backend} differs from vanilla greedy on {len(bad)} prompts: {bad}"

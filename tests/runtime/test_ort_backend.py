@@ -165,7 +165,7 @@ def test_tiny_ppd_on_onnxruntime_is_lossless(tiny_dir, artifacts, tmp_path):
 
 def test_engine_dir_carries_its_ppd_tree(tiny_dir, artifacts, tmp_path):
     """`make engine` installs the device's tree into the engine dir; from_engine runs it by default."""
-    from export.engine import ENGINE_TREE_NAME, install_tree
+    from export.engine import engine_tree_path, install_tree
 
     hidden = load_checkpoint(tiny_dir)[0].config.hidden_size
     checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", torch.randn(4, hidden), PPDConfig(2, 2),
@@ -175,7 +175,7 @@ def test_engine_dir_carries_its_ppd_tree(tiny_dir, artifacts, tmp_path):
     ppd = Generator.from_pretrained(tiny_dir, method="ppd", backend="onnxruntime", max_context=512,
                                     checkpoint=str(checkpoint), tree=str(tree))
     installed = install_tree(ppd.backend.manifest, tree)
-    assert installed == ppd.backend.manifest.dir / ENGINE_TREE_NAME
+    assert installed == engine_tree_path(ppd.backend.manifest) == ppd.backend.manifest.dir / "ppd-tree.json"
     from_dir = Generator.from_engine(ppd.backend.manifest.dir, checkpoint=str(checkpoint))  # no tree: the installed one
     assert from_dir.proposer.trees == ppd.proposer.trees
     # A tree without prompt-token chains where the installed one has them would change the layout.

@@ -1,7 +1,7 @@
 """Lossless on the real model: greedy on the onnxruntime backend is token-identical to the torch backend.
 
-The first run exports the engines into artifacts/engines/<model>/cpu/{vanilla,ppd}/ (about 40 s each on
-the 2-core CPU); later runs reuse them.
+The first run exports the engines into artifacts/engines/<model>/cpu/{vanilla,ppd,ht}/ (about 40 s each
+on the 2-core CPU); later runs reuse them.
 """
 
 from __future__ import annotations
@@ -12,9 +12,13 @@ from runtime import Generator
 from tests.conftest import LOSSLESS_NEW_TOKENS as NEW_TOKENS
 
 
-@pytest.mark.parametrize("method", ["vanilla", "ppd"])
-def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, lossless_prompts):
-    """The default lossless subset: 5 MT-Bench + 5 HumanEval prompts, 64 new tokens each."""
+@pytest.mark.parametrize("method", ["vanilla", "ppd", "ht"])
+def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, lossless_prompts, request):
+    """The default lossless subset: 5 MT-Bench + 5 HumanEval prompts, 64 new tokens each; torch's
+    output of every method is itself checked against transformers' greedy (tests/runtime/test_*.py)."""
+    trained = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
+    if method in trained:
+        request.getfixturevalue(trained[method])
     prompts = lossless_prompts
     torch_gen = Generator.from_pretrained(real_model_dir, method=method)
     ort_gen = Generator.from_pretrained(real_model_dir, method=method, backend="onnxruntime")

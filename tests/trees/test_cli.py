@@ -51,7 +51,7 @@ def test_build_writes_a_tree_for_this_model_and_checkpoint(ppd_dir, tmp_path, ca
     for suffix in ("latency", "search", "trees"):
         assert (tmp_path / f"ppd-tree-cpu-torch-{suffix}.png").stat().st_size > 10_000
     check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows))
-    with pytest.raises(TreeError, match="built for prompt tokens"):
+    with pytest.raises(TreeError, match="built for checkpoint tensors"):
         check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows + 1))
 
 
@@ -82,3 +82,38 @@ def test_sweep_runs_every_variant_losslessly(ppd_dir, tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["vanilla", "chosen (ppd-tree-cpu-torch.json)", "fixed budget 4",
                                             "fixed budget 8"]
     assert all(r["matches_vanilla"] == 1 for r in rows) and rows[1]["predicted_mean_accepted"] > 1
+
+
+def test_ht_trees_build_and_sweep_next_to_the_maps(tiny_model_dir, tmp_path, capsys):
+    """--method ht: statistics keyed by the maps' hash, ht-tree-<device>-<backend>.json beside the maps
+    (ppd's files in the same dir are not used), a sweep that stays lossless, and the runtime's default ht
+    tree is the searched one."""
+    from export.ht import TransferMaps, save_transfer_maps
+    from runtime import Generator
+
+    g = torch.Generator().manual_seed(0)
+    maps = TransferMaps(torch.eye(64) + 0.1 * torch.randn(2, 64, 64, generator=g), torch.zeros(2, 64), layer=0)
+    checkpoint = save_transfer_maps(tmp_path / "ht.safetensors", maps, model_fingerprint(tiny_model_dir),
+                                    dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    steps = [(2, *[int(r) for r in rng.choice([0, 0, 1, 2, 4], size=2)]) for _ in range(300)]
+    AcceptanceStats(2, 1, 4, tuple(steps), model_fingerprint(tiny_model_dir), maps.sha256).save(
+        tmp_path / "ht-acceptance.json")
+    sizes = tuple(range(1, 17))
+    LatencyProfile("cpu", "cpu: test", "torch", sizes, tuple(0.03 + 0.002 * s for s in sizes), 3, 300,
+                   model_fingerprint(tiny_model_dir)).save(tmp_path / "latency-cpu-torch.json")
+    common = ["--gpu", "cpu", "--method", "ht", "--model-dir", str(tiny_model_dir), "--checkpoint", str(checkpoint)]
+    assert main(["build", *common, "--budgets", "4,8", "--no-plots"]) == 0, capsys.readouterr().err
+    trees = load_ppd_trees(tmp_path / "ht-tree-cpu-torch.json")
+    assert trees.metadata["method"] == "ht" and trees.metadata["checkpoint_sha256"] == maps.sha256
+    assert not (tmp_path / "ppd-tree-cpu-torch.json").exists()
+    gen = Generator.from_pretrained(tiny_model_dir, method="ht", checkpoint=str(checkpoint))
+    assert gen.proposer.trees == trees
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Tell me about the sea."}\n')
+    assert main(["sweep", *common, "--budgets", "4", "--prompts", str(prompts), "--max-new-tokens", "8"]) == 0
+    # Maps retrained after the search: the tree (and statistics) no longer name them.
+    save_transfer_maps(checkpoint, TransferMaps(maps.weight + 0.01, maps.bias, 0), model_fingerprint(tiny_model_dir),
+                       dtype=torch.float32)
+    with pytest.raises(TreeError, match="retrained"):
+        Generator.from_pretrained(tiny_model_dir, method="ht", checkpoint=str(checkpoint))

@@ -100,7 +100,7 @@ def test_tree_for_another_model_or_checkpoint_is_refused():
     check_tree_identity(trees, "model-a", "ckpt-a")
     with pytest.raises(TreeError, match="built for model model-a"):
         check_tree_identity(trees, "model-b", "ckpt-a")
-    with pytest.raises(TreeError, match="built for prompt tokens ckpt-a"):
+    with pytest.raises(TreeError, match="built for checkpoint tensors ckpt-a"):
         check_tree_identity(trees, "model-a", "ckpt-b")
     check_tree_identity(PPDTreeSet.from_json(TREE), "any", "any")  # hand-picked trees carry no identity
 
@@ -140,9 +140,13 @@ def test_device_keys_and_tree_lookup(tmp_path):
     assert device_key("cuda", "NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert device_key("cpu", "cpu: Intel Xeon (2 cores)") == "cpu"
     fallback = tmp_path / "ppd-tree-cpu.json"
-    assert find_device_tree(tmp_path, "cpu", "torch", fallback) == fallback
-    (tmp_path / tree_filename("cpu", "onnxruntime")).write_text("{}")
-    assert find_device_tree(tmp_path, "cpu", "torch", fallback).name == "ppd-tree-cpu-onnxruntime.json"
-    (tmp_path / tree_filename("cpu", "torch")).write_text("{}")
-    assert find_device_tree(tmp_path, "cpu", "torch", fallback).name == "ppd-tree-cpu-torch.json"
-    assert find_device_tree(tmp_path, "nvidia-h100-80gb-hbm3", "torch", fallback) == fallback
+    assert find_device_tree(tmp_path, "cpu", "torch", "ppd", fallback) == fallback
+    (tmp_path / tree_filename("cpu", "onnxruntime", "ppd")).write_text("{}")
+    assert find_device_tree(tmp_path, "cpu", "torch", "ppd", fallback).name == "ppd-tree-cpu-onnxruntime.json"
+    (tmp_path / tree_filename("cpu", "torch", "ppd")).write_text("{}")
+    assert find_device_tree(tmp_path, "cpu", "torch", "ppd", fallback).name == "ppd-tree-cpu-torch.json"
+    assert find_device_tree(tmp_path, "nvidia-h100-80gb-hbm3", "torch", "ppd", fallback) == fallback
+    # ht trees live in the same directory and never stand in for ppd's (or the other way round)
+    assert find_device_tree(tmp_path, "cpu", "torch", "ht", fallback) == fallback
+    (tmp_path / tree_filename("cpu", "torch", "ht")).write_text("{}")
+    assert find_device_tree(tmp_path, "cpu", "onnxruntime", "ht", fallback).name == "ht-tree-cpu-torch.json"
