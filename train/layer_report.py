@@ -48,7 +48,7 @@ def load_runs(paths: list[Path]) -> list[LayerRun]:
     for path, report in reports:
         if "layer" not in report or "val_top1" not in report:
             raise ValueError(f"{path} is not an HT training report (no layer / val_top1)")
-        config, first_config = json.loads(report.get("config", "{}")), json.loads(first.get("config", "{}"))
+        config, first_config = report.get("config", {}), first.get("config", {})
         for key in SAME_SETTINGS:
             if report.get(key) != first.get(key):
                 raise ValueError(f"{path} has {key}={report.get(key)!r} but {first_path} has {first.get(key)!r}: "

@@ -12,7 +12,7 @@ def write_report(path, layer, top1, **overrides):
     report = {"layer": layer, "num_layers": 30, "num_maps": 2, "model_fingerprint": "abc", "train_samples": 300,
               "val_samples": 128, "val_positions": 5000, "val_top1": top1, "val_top10": [0.6, 0.4],
               "val_loss": 9.0, "trainable_parameters": 10, "train_seconds": 12.0,
-              "config": json.dumps({"lr": 0.01, "seed": 0}), **overrides}
+              "config": {"lr": "0.01", "seed": "0"}, **overrides}
     path.write_text(json.dumps(report))
     return path
 
@@ -34,8 +34,8 @@ def test_runs_that_differ_in_more_than_the_layer_are_refused(tmp_path, capsys):
     b = write_report(tmp_path / "b.json", 22, [0.2, 0.1], train_samples=100)
     with pytest.raises(ValueError, match="train_samples=100.*differ only in --layer"):
         load_runs([a, b])
-    c = write_report(tmp_path / "c.json", 22, [0.2, 0.1], config=json.dumps({"lr": 0.001, "seed": 0}))
+    c = write_report(tmp_path / "c.json", 22, [0.2, 0.1], config={"lr": "0.001", "seed": "0"})
     assert main(["ht-layers", str(a), str(c), "--out", str(tmp_path / "x.png")]) == 2
-    assert "lr=0.001" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert "lr='0.001'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     with pytest.raises(ValueError, match="at least two"):
         load_runs([a])
