@@ -140,11 +140,12 @@ def save_transfer_maps(path: str | Path, maps: TransferMaps, fingerprint: str, m
     return save_safetensors_atomic(path, tensors, header)
 
 
-def read_transfer_map_header(path: str | Path) -> dict[str, str]:
+def read_transfer_map_header(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, str]:
     """The raw safetensors header of a transfer-map checkpoint (raises TransferMapError)."""
     return read_checked_header(path, what="HT transfer-map", file_format=CHECKPOINT_FORMAT,
                                version=CHECKPOINT_VERSION, tensor_names={WEIGHT_NAME, BIAS_NAME},
-                               train_command=TRAIN_COMMAND, error=TransferMapError)
+                               train_command=TRAIN_COMMAND, error=TransferMapError,
+                               expected_fingerprint=expected_fingerprint)
 
 
 def transfer_map_metadata(path: str | Path) -> dict:
@@ -157,13 +158,7 @@ def load_transfer_maps(path: str | Path, expected_fingerprint: str, hidden_size:
     """Load fp32 transfer maps, refusing a checkpoint trained for another model (fingerprint),
     another hidden size, or a k / layer other than `num_maps` / `layer` (when given)."""
     path = Path(path)
-    header = read_transfer_map_header(path)
-    fingerprint = header.get("model_fingerprint", "")
-    if fingerprint != expected_fingerprint:
-        raise TransferMapError(
-            f"{path} was trained for model {fingerprint or '(unknown)'}, but the loaded model is "
-            f"{expected_fingerprint}: retrain for this model with `{TRAIN_COMMAND} --model-dir <its dir>` "
-            f"and pass that checkpoint")
+    header = read_transfer_map_header(path, expected_fingerprint)
     try:
         saved_k, saved_layer, saved_hidden = (int(header["num_maps"]), int(header["layer"]),
                                               int(header["hidden_size"]))

@@ -143,11 +143,12 @@ def save_prompt_tokens(path: str | Path, embeddings: torch.Tensor, config: PPDCo
     return save_safetensors_atomic(path, {TENSOR_NAME: embeddings.detach().to("cpu", dtype).contiguous()}, header)
 
 
-def read_prompt_token_header(path: str | Path) -> dict[str, str]:
+def read_prompt_token_header(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, str]:
     """The raw safetensors header of a prompt-token checkpoint (raises PromptTokenError)."""
     return read_checked_header(path, what="PPD prompt-token", file_format=CHECKPOINT_FORMAT,
                                version=CHECKPOINT_VERSION, tensor_names={TENSOR_NAME}, train_command=TRAIN_COMMAND,
-                               error=PromptTokenError, missing_hint=" (`make train`)")
+                               error=PromptTokenError, missing_hint=" (`make train`)",
+                               expected_fingerprint=expected_fingerprint)
 
 
 def prompt_token_metadata(path: str | Path) -> dict:
@@ -160,13 +161,7 @@ def load_prompt_tokens(path: str | Path, expected_fingerprint: str, hidden_size:
     """Load [N*k, H] fp32 prompt embeddings and their PPDConfig, refusing a checkpoint trained for
     another model (fingerprint), another hidden size, or an N/k other than `expected` (when given)."""
     path = Path(path)
-    header = read_prompt_token_header(path)
-    fingerprint = header.get("model_fingerprint", "")
-    if fingerprint != expected_fingerprint:
-        raise PromptTokenError(
-            f"{path} was trained for model {fingerprint or '(unknown)'}, but the loaded model is "
-            f"{expected_fingerprint}: retrain for this model with `{TRAIN_COMMAND} --model-dir <its dir>` "
-            f"and pass that checkpoint")
+    header = read_prompt_token_header(path, expected_fingerprint)
     try:
         config = PPDConfig(int(header["num_prompt_tokens"]), int(header["ensemble"]))
         saved_hidden = int(header["hidden_size"])

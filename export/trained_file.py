@@ -28,9 +28,10 @@ def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], 
 
 def read_checked_header(path: str | Path, *, what: str, file_format: str, version: str,
                         tensor_names: set[str], train_command: str, error: type[ValueError],
-                        missing_hint: str = "") -> dict[str, str]:
-    """The raw header of a `what` checkpoint in `file_format`/`version` holding `tensor_names`;
-    any other file raises `error` saying how to get a right one (`train_command`)."""
+                        missing_hint: str = "", expected_fingerprint: str | None = None) -> dict[str, str]:
+    """The raw header of a `what` checkpoint in `file_format`/`version` holding `tensor_names`, and
+    (when `expected_fingerprint` is given) trained for that model; any other file raises `error`
+    saying how to get a right one (`train_command`)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} checkpoint {path} does not exist: train one with `{train_command}`{missing_hint}, "
@@ -48,4 +49,9 @@ def read_checked_header(path: str | Path, *, what: str, file_format: str, versio
     if header.get("version") != version:
         raise error(f"{path} has checkpoint version {header.get('version')!r}; this ppdeploy reads "
                     f"version {version}: retrain with `{train_command}`")
+    fingerprint = header.get("model_fingerprint", "")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise error(f"{path} was trained for model {fingerprint or '(unknown)'}, but the loaded model is "
+                    f"{expected_fingerprint}: retrain for this model with `{train_command} --model-dir <its dir>` "
+                    f"and pass that checkpoint")
     return header
