@@ -47,8 +47,9 @@ class BenchConfig:
 @dataclass
 class PromptRun:
     token_ids: list[int]
-    steps: int | None
+    steps: int | None                  # forward passes, prefill included; None where the peer hides them
     seconds: float
+    accepted_tokens: int | None = None  # tokens the steps produced, before truncation (our generators only)
 
 
 Runner = Callable[[list[int]], PromptRun]
@@ -57,7 +58,7 @@ Runner = Callable[[list[int]], PromptRun]
 def generator_runner(gen: Generator, max_new_tokens: int) -> Runner:
     def run(prompt_ids: list[int]) -> PromptRun:
         result = gen.generate(prompt_ids, max_new_tokens=max_new_tokens)
-        return PromptRun(result.token_ids, result.stats.steps, result.stats.seconds)
+        return PromptRun(result.token_ids, result.stats.steps, result.stats.seconds, result.stats.accepted_tokens)
     return run
 
 
@@ -119,19 +120,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     items: list[PromptItem] = load_prompts(cfg.prompts, cfg.limit)
     runners, gen = make_runners(cfg)
     encoded = [gen.encode(item.prompt) for item in items]
-    for run in runners.values():  # warm-up: allocator, thread pools, lazy init stay out of the figures
-        run(encoded[0][:32])
-    results: dict[str, list[list[PromptRun]]] = {m: [] for m in runners}
-    total = cfg.repeats * len(runners) * len(items)
-    with tqdm(total=total, desc="bench", disable=not show_progress) as bar:
-        # Repeats are interleaved across methods so slow drifts of the machine hit all of them alike.
-        for _ in range(cfg.repeats):
-            for method, run in runners.items():
-                runs = []
-                for ids in encoded:
-                    runs.append(run(ids))
-                    bar.update()
-                results[method].append(runs)
+    results = run_interleaved(runners, encoded, cfg.repeats, show_progress=show_progress)
     report = {
         "model": cfg.model_dir,
         "backend": cfg.backend,
@@ -143,6 +132,25 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     }
     add_comparisons(report)
     return report
+
+
+def run_interleaved(runners: dict[str, Runner], encoded: list[list[int]], repeats: int, desc: str = "bench",
+                    show_progress: bool = True) -> dict[str, list[list[PromptRun]]]:
+    """{label: [repeat][prompt] PromptRun}. Each repeat runs every runner over all prompts in turn, so slow
+    drifts of a shared machine hit all of them alike; one short warm-up run each first (allocator, thread
+    pools, lazy init stay out of the figures)."""
+    for run in runners.values():
+        run(encoded[0][:32])
+    results: dict[str, list[list[PromptRun]]] = {label: [] for label in runners}
+    with tqdm(total=repeats * len(runners) * len(encoded), desc=desc, disable=not show_progress) as bar:
+        for _ in range(repeats):
+            for label, run in runners.items():
+                runs = []
+                for ids in encoded:
+                    runs.append(run(ids))
+                    bar.update()
+                results[label].append(runs)
+    return results
 
 
 def summarise(method: str, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:

@@ -64,6 +64,14 @@ def hf_reference(real_model_dir, lossless_prompts):
     return reference
 
 
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    """Index of the first new token where two outputs differ (the shorter length when one is a prefix of
+    the other); None when they are identical."""
+    if got == want:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / name).exists():

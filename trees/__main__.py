@@ -35,14 +35,15 @@ from runtime.acceptance import TREE_METHODS, StatsConfig, method_checkpoint
 from runtime.backends import BACKENDS
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
 from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
-from trees import PPDTreeSet, TreeError, check_tree_identity, load_ppd_trees
+from trees import PPDTreeSet, TreeError
 from trees._json import write_json
 from trees.config_args import add_config_arguments
 from trees.devices import DeviceMismatchError, check_device, device_key, profile_filename, tree_filename
 from trees.latency import LatencyProfile, ProfileError, load_profile
-from trees.search import (DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, evaluate, replay,
+from trees.search import (DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay,
                           search_curve)
 from trees.stats import DEFAULT_SHRINKAGE, StatsError, load_stats
+from runtime.tree_sweep import reference_evaluations
 
 CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
 TREE_FORMAT = "ppdeploy-ppd-tree"
@@ -338,7 +339,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend, cfg.method)
     write_json(out, trees.to_json())
     print(f"wrote {out}")
-    references = _reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
+    references = reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
     title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
     print(f"  {title}")
     print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
@@ -370,26 +371,13 @@ def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel,
                        f"(budget {chosen.budget})\n{title}")]
 
 
-def hand_picked_tree(method: str) -> Path:
-    from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
-
-    return {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}[method]
-
-
-def _reference_evaluations(method: str, model: AcceptanceModel, profile: LatencyProfile,
-                           n: int) -> list[tuple[str, Evaluation]]:
-    """The method's hand-picked default tree, evaluated the same way (when it fits N and the profile)."""
-    hand = load_ppd_trees(hand_picked_tree(method))
-    if hand.num_prompt_tokens != n or hand.max_tokens(model.ensemble) > profile.max_tokens:
-        return []
-    return [("hand-picked tree", evaluate(hand, model, profile.latency))]
-
-
 def cmd_sweep(cfg: SweepCommand) -> int:
     """Measured tokens/s and accepted tokens of the chosen tree, the best tree of each fixed budget,
     the hand-picked tree and vanilla, on one backend in one run (repeats interleaved)."""
     from runtime.bench import write_report
+    from runtime.generator import Generator
     from runtime.prompts import load_prompts
+    from runtime.tree_sweep import format_sweep, run_sweep, sweep_generators, sweep_rows, sweep_variants
 
     device, kind, name = _present(cfg.gpu, cfg.device)
     directory, key = _checkpoint(cfg).parent, device_key(kind, name)
@@ -397,29 +385,14 @@ def cmd_sweep(cfg: SweepCommand) -> int:
     profile_path = Path(cfg.profile) if cfg.profile else directory / profile_filename(key, cfg.backend)
     identity, stats, profile = _search_inputs(cfg, profile_path)
     model = AcceptanceModel.from_stats(stats, min(SearchConfig.topk, stats.topk))
-    variants = _sweep_variants(cfg.method, tree_path, identity, model, profile, _budgets(cfg.budgets))
-    generators = _sweep_generators(cfg, device, tree_path, identity.config, variants)
+    variants = sweep_variants(cfg.method, tree_path, identity, model, profile, _budgets(cfg.budgets))
+    base = Generator.from_pretrained(cfg.model_dir, method=cfg.method, backend=cfg.backend, device=device,
+                                     checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
+    generators = sweep_generators(base, identity.config, variants)
     items = load_prompts(cfg.prompts, cfg.limit)
-    encoded = [next(iter(generators.values())).encode(item.prompt) for item in items]
-    runs = _run_interleaved(generators, encoded, cfg.max_new_tokens, cfg.repeats)
-    reference = [r.token_ids for r in runs["vanilla"][0]]
-    rows = []
-    for label, reps in runs.items():
-        trees = variants[label]
-        predicted = None if trees is None else evaluate(trees, model, profile.latency)
-        decode_steps = sum(r.stats.steps - 1 for r in reps[0])  # prefill left out: what the search predicts
-        rows.append({
-            "variant": label,
-            "budget": 1 if trees is None else trees.max_tokens(identity.config.ensemble),
-            "tokens_per_s": statistics.median(sum(len(r.token_ids) for r in rs) / sum(r.stats.seconds for r in rs)
-                                              for rs in reps),
-            "mean_accepted": sum(r.stats.accepted_tokens - 1 for r in reps[0]) / max(decode_steps, 1),
-            "predicted_mean_accepted": None if predicted is None else predicted.mean_accepted,
-            "predicted_speedup": None if predicted is None else predicted.speedup,
-            "matches_vanilla": sum(r.token_ids == t for r, t in zip(reps[0], reference)),
-        })
-    for row in rows:
-        row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    encoded = [base.encode(item.prompt) for item in items]
+    runs = run_sweep(generators, encoded, cfg.max_new_tokens, cfg.repeats)
+    rows = sweep_rows(runs, variants, model, profile, identity.config.ensemble)
     print(f"{cfg.prompts} x {len(items)} prompts, {cfg.max_new_tokens} new tokens, {cfg.backend} on {name}, "
           f"median of {cfg.repeats} repeat(s); accepted = tokens per decode step (prefill left out)")
     print(format_sweep(rows, len(items)))
@@ -428,65 +401,6 @@ def cmd_sweep(cfg: SweepCommand) -> int:
                       "backend": cfg.backend, "device": name, "repeats": cfg.repeats, "rows": rows}, cfg.out)
         print(f"wrote {cfg.out}")
     return 0 if all(r["matches_vanilla"] == len(items) for r in rows) else 1
-
-
-def _sweep_variants(method: str, tree_path: Path, identity, model: AcceptanceModel, profile: LatencyProfile,
-                    budgets: tuple[int, ...]) -> dict[str, PPDTreeSet | None]:
-    """vanilla (None), the chosen tree, the hand-picked tree (same N only), the best tree per budget."""
-    chosen = load_ppd_trees(tree_path)
-    check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256)
-    variants: dict[str, PPDTreeSet | None] = {"vanilla": None, f"chosen ({tree_path.name})": chosen}
-    hand_picked = load_ppd_trees(hand_picked_tree(method))
-    if hand_picked.num_prompt_tokens == identity.config.num_prompt_tokens:
-        variants["hand-picked"] = hand_picked
-    fixed = search_curve(model, profile.latency, SearchConfig(budgets=budgets, topk=model.topk),
-                         max_tokens=profile.max_tokens).curve
-    variants.update({f"fixed budget {b}": trees for b, trees, _ in fixed})
-    return variants
-
-
-def _sweep_generators(cfg: SweepCommand, device: str, tree_path: Path, config, variants: dict):
-    """One backend (and engine) shared by all variants; only the proposers differ."""
-    from runtime.generator import Generator
-    from runtime.proposers import VanillaProposer
-    from runtime.proposers.ppd import PPDProposer
-
-    base = Generator.from_pretrained(cfg.model_dir, method=cfg.method, backend=cfg.backend, device=device,
-                                     checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
-    vocab, eos = base.backend.info.vocab_size, sorted(base.eos_token_ids)
-    return {label: Generator(base.backend, base.tokenizer,
-                             VanillaProposer() if trees is None else PPDProposer(config, trees, vocab), eos)
-            for label, trees in variants.items()}
-
-
-def _run_interleaved(generators: dict, encoded: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
-    """{label: [repeat][prompt] Result}; each repeat runs every variant over all prompts in turn, so
-    slow drifts of a shared machine hit all variants alike."""
-    from tqdm import tqdm
-
-    for gen in generators.values():  # warm-up: allocator, thread pools
-        gen.generate(encoded[0][:32], max_new_tokens=8)
-    runs: dict[str, list[list]] = {label: [] for label in generators}
-    with tqdm(total=repeats * len(generators) * len(encoded), desc="sweep") as bar:
-        for _ in range(repeats):
-            for label, gen in generators.items():
-                results = []
-                for ids in encoded:
-                    results.append(gen.generate(ids, max_new_tokens=max_new_tokens))
-                    bar.update()
-                runs[label].append(results)
-    return runs
-
-
-def format_sweep(rows: list[dict], num_prompts: int) -> str:
-    lines = [f"{'variant':<34}{'T':>4}{'tokens/s':>10}{'speedup':>9}{'accepted':>10}{'predicted':>11}"
-             f"{'pred. speedup':>15}{'same':>8}"]
-    for r in rows:
-        pred = "-" if r["predicted_mean_accepted"] is None else f"{r['predicted_mean_accepted']:.2f}"
-        pred_speed = "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.2f}x"
-        lines.append(f"{r['variant']:<34}{r['budget']:>4}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x"
-                     f"{r['mean_accepted']:>10.2f}{pred:>11}{pred_speed:>15}{r['matches_vanilla']:>5}/{num_prompts}")
-    return "\n".join(lines)
 
 
 # --- argparse -------------------------------------------------------------------------------------

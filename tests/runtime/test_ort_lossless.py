@@ -10,6 +10,7 @@ import pytest
 
 from runtime import Generator
 from tests.conftest import LOSSLESS_NEW_TOKENS as NEW_TOKENS
+from tests.conftest import first_difference
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ppd", "ht"])
@@ -26,7 +27,7 @@ def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, 
     for item in prompts:
         want = torch_gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids
         got = ort_gen.generate(item.prompt, max_new_tokens=NEW_TOKENS).token_ids
-        if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        first = first_difference(got, want)
+        if first is not None:
             bad.append(f"{item.id}: first difference at new token {first}")
     assert not bad, f"{method} on onnxruntime differs from torch: {bad}"

@@ -15,7 +15,7 @@ from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ht import TransferMaps, layout_config, load_transfer_maps, transfer_map_metadata
 from export.ppd import attach_prompt_tokens
 from export.step_model import StepModel, lowest_mask_value
-from tests.train.test_ppd_train import write_sharegpt
+from tests.train.conftest import interrupt_and_resume, write_sharegpt
 from train.__main__ import build_parser, config_from_args, main
 from train.common import usable_positions
 from train.ht import HTTrainConfig, sample_forward, train_ht
@@ -118,20 +118,8 @@ def test_tiny_run_writes_a_loadable_checkpoint_and_report(tiny_run, sharp_tiny_m
 def test_interrupted_run_resumes_to_the_same_result(tiny_setup, tiny_run, monkeypatch):
     root, base = tiny_setup
     config = HTTrainConfig(output=root / "resumed" / "ht.safetensors", **base)
-    real_forward, calls = train_ht_module.sample_forward, []
-
-    def crash_on_7th(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7 + 4:  # 4 initial validation samples first, then step 4 (after step 3 was saved)
-            raise KeyboardInterrupt
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(train_ht_module, "sample_forward", crash_on_7th)
-    with pytest.raises(KeyboardInterrupt):
-        train_ht(config)
-    assert config.resume_path.is_file()
-    monkeypatch.setattr(train_ht_module, "sample_forward", real_forward)
-    resumed = train_ht(config)
+    # 4 initial validation samples first, then the 7th training sample: step 4, after step 3 was saved
+    resumed = interrupt_and_resume(train_ht_module, train_ht, config, crash_at_call=7 + 4, monkeypatch=monkeypatch)
     full_config, full = tiny_run
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     fp = model_fingerprint(base["model_dir"])

@@ -13,6 +13,7 @@ import train.ppd as train_ppd_module
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ppd import PPDConfig, attach_prompt_tokens, load_prompt_tokens, prompt_token_metadata
 from export.step_model import StepModel, lowest_mask_value
+from tests.train.conftest import interrupt_and_resume, write_sharegpt
 from train.__main__ import build_parser, config_from_args, main
 from train.ppd import (PPDTrainConfig, build_prompt_groups, causal_mask, initial_embeddings, sample_forward,
                        train_ppd, usable_positions)
@@ -90,22 +91,6 @@ def test_loss_reaches_only_the_prompt_embeddings(tiny_step):
     assert (out.top10 >= out.top1).all()
 
 
-def write_sharegpt(path, count=300):
-    """A small ShareGPT-style file, truncated mid-record like the packaged one."""
-    rng = np.random.default_rng(0)
-    words = "the a cat dog runs jumps over under blue red quick slow code python list sort".split()
-    items = []
-    for i in range(count):
-        turns = []
-        for _ in range(2):
-            turns.append({"from": "human", "value": " ".join(rng.choice(words, 8)) + "?"})
-            turns.append({"from": "gpt", "value": " ".join(rng.choice(words, 30)) + "."})
-        items.append({"id": f"c{i}_0", "conversations": turns})
-    text = json.dumps(items)
-    path.write_text(text[: len(text) - 40])
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(sharp_tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-ppd")
@@ -150,20 +135,8 @@ def test_tiny_run_writes_a_loadable_checkpoint_and_report(tiny_run, sharp_tiny_m
 def test_interrupted_run_resumes_to_the_same_result(tiny_setup, tiny_run, monkeypatch):
     root, base = tiny_setup
     config = PPDTrainConfig(output=root / "resumed" / "ppd.safetensors", **base)
-    real_forward, calls = train_ppd_module.sample_forward, []
-
-    def crash_on_7th(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # in optimizer step 4 (2 samples a step), after step 3 was saved
-            raise KeyboardInterrupt
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(train_ppd_module, "sample_forward", crash_on_7th)
-    with pytest.raises(KeyboardInterrupt):
-        train_ppd(config)
-    assert config.resume_path.is_file()
-    monkeypatch.setattr(train_ppd_module, "sample_forward", real_forward)
-    resumed = train_ppd(config)
+    # the 7th sample forward is in optimizer step 4 (2 samples a step), after step 3 was saved
+    resumed = interrupt_and_resume(train_ppd_module, train_ppd, config, crash_at_call=7, monkeypatch=monkeypatch)
     full_config, full = tiny_run
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     fp = model_fingerprint(base["model_dir"])

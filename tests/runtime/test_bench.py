@@ -1,0 +1,56 @@
+"""The benchmark harness: interleaved repeats, the report's comparisons against vanilla, its table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.bench import BenchConfig, PromptRun, format_table, run_bench, run_interleaved, write_report
+
+
+def test_repeats_interleave_runners_after_one_warm_up_each():
+    """Each repeat runs every runner over all prompts before the next repeat starts, so a drift of the
+    machine hits every method alike; the warm-up (a prefix of the first prompt) comes before any timing."""
+    calls: list[tuple[str, int]] = []
+
+    def runner(label: str):
+        def run(ids: list[int]) -> PromptRun:
+            calls.append((label, len(ids)))
+            return PromptRun(ids[:2], 1, 0.1)
+        return run
+
+    encoded = [list(range(40)), list(range(5))]
+    results = run_interleaved({"a": runner("a"), "b": runner("b")}, encoded, repeats=2, show_progress=False)
+    assert calls[:2] == [("a", 32), ("b", 32)]  # warm-ups
+    assert calls[2:] == [("a", 40), ("a", 5), ("b", 40), ("b", 5)] * 2
+    assert [len(reps) for reps in results.values()] == [2, 2]
+    assert all(len(prompts) == 2 for reps in results.values() for prompts in reps)
+
+
+def test_report_compares_every_method_with_vanilla_of_the_same_run(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Tell me about the sea."}\n'
+                       '{"id": "b", "prompt": "def add(a, b):"}\n')
+    report = run_bench(BenchConfig(prompts=str(prompts), methods=("vanilla", "ngram"), model_dir=str(tiny_model_dir),
+                                   max_new_tokens=12, repeats=2), show_progress=False)
+    vanilla, ngram = report["runs"]
+    assert [vanilla["method"], ngram["method"]] == ["vanilla", "ngram"]
+    assert vanilla["speedup_vs_vanilla"] == pytest.approx(1.0)
+    assert ngram["speedup_vs_vanilla"] == pytest.approx(ngram["tokens_per_s"] / vanilla["tokens_per_s"])
+    assert vanilla["matches_vanilla"] == ngram["matches_vanilla"] == 2  # lossless: same tokens on both prompts
+    assert vanilla["mean_accepted"] == pytest.approx(1.0)  # one token per decode step
+    assert ngram["mean_accepted"] >= 1.0
+    assert all(r["deterministic"] and len(r["tokens_per_s_repeats"]) == 2 for r in report["runs"])
+    table = format_table(report)
+    assert "2/2" in table and table.count("\n") == 3
+
+    out = tmp_path / "reports" / "bench.json"
+    write_report(report, out)
+    assert json.loads(out.read_text())["runs"][1]["method"] == "ngram"
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temp file left behind
+
+
+def test_unknown_method_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown method.*'medusa'.*choose from vanilla"):
+        BenchConfig(methods=("vanilla", "medusa"))
