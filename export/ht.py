@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from export.paths import REPO_ROOT
 from export.ppd import MAX_PROMPT_TOKENS, PPDConfig
-from export.trained_file import read_checked_header, save_safetensors_atomic
+from export.trained_file import (TrainedFileFormat, check_hidden_size, header_ints, load_checked_tensors,
+                                 read_checked_header, save_safetensors_atomic)
 
 DEFAULT_NUM_MAPS = 3
 MAX_MAPS = MAX_PROMPT_TOKENS
@@ -54,6 +54,11 @@ def default_transfer_layer(num_layers: int) -> int:
 
 class TransferMapError(ValueError):
     """An HT transfer-map checkpoint that cannot be used here, with the reason and the fix."""
+
+
+FILE_FORMAT = TrainedFileFormat(what="HT transfer-map", contents="transfer maps", file_format=CHECKPOINT_FORMAT,
+                                version=CHECKPOINT_VERSION, tensor_names=frozenset({WEIGHT_NAME, BIAS_NAME}),
+                                train_command=TRAIN_COMMAND, error=TransferMapError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,10 +147,7 @@ def save_transfer_maps(path: str | Path, maps: TransferMaps, fingerprint: str, m
 
 def read_transfer_map_header(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, str]:
     """The raw safetensors header of a transfer-map checkpoint (raises TransferMapError)."""
-    return read_checked_header(path, what="HT transfer-map", file_format=CHECKPOINT_FORMAT,
-                               version=CHECKPOINT_VERSION, tensor_names={WEIGHT_NAME, BIAS_NAME},
-                               train_command=TRAIN_COMMAND, error=TransferMapError,
-                               expected_fingerprint=expected_fingerprint)
+    return read_checked_header(path, FILE_FORMAT, expected_fingerprint)
 
 
 def transfer_map_metadata(path: str | Path) -> dict:
@@ -159,27 +161,14 @@ def load_transfer_maps(path: str | Path, expected_fingerprint: str, hidden_size:
     another hidden size, or a k / layer other than `num_maps` / `layer` (when given)."""
     path = Path(path)
     header = read_transfer_map_header(path, expected_fingerprint)
-    try:
-        saved_k, saved_layer, saved_hidden = (int(header["num_maps"]), int(header["layer"]),
-                                              int(header["hidden_size"]))
-    except (KeyError, ValueError) as exc:
-        raise TransferMapError(f"{path} has a damaged header ({exc}): re-create it with `{TRAIN_COMMAND}`") from exc
-    if saved_hidden != hidden_size:
-        raise TransferMapError(
-            f"{path} holds transfer maps of hidden size {saved_hidden}, but the model's hidden size is "
-            f"{hidden_size}: use a checkpoint trained for this model (`{TRAIN_COMMAND} --model-dir <its dir>`)")
+    saved_k, saved_layer, saved_hidden = header_ints(path, header, ("num_maps", "layer", "hidden_size"), FILE_FORMAT)
+    check_hidden_size(path, saved_hidden, hidden_size, FILE_FORMAT)
     if (num_maps is not None and num_maps != saved_k) or (layer is not None and layer != saved_layer):
         raise TransferMapError(
             f"{path} has k={saved_k} maps at layer {saved_layer}, but k={num_maps if num_maps is not None else saved_k}"
             f" at layer {layer if layer is not None else saved_layer} was requested: drop the explicit k/layer to "
             f"use the checkpoint's, or retrain with `{TRAIN_COMMAND} --num-maps {num_maps or saved_k} --layer "
             f"{saved_layer if layer is None else layer}`")
-    with safe_open(str(path), framework="pt") as f:
-        weight = f.get_tensor(WEIGHT_NAME).to(torch.float32)
-        bias = f.get_tensor(BIAS_NAME).to(torch.float32)
-    if tuple(weight.shape) != (saved_k, saved_hidden, saved_hidden) or tuple(bias.shape) != (saved_k, saved_hidden):
-        raise TransferMapError(f"{path} holds tensors {tuple(weight.shape)} / {tuple(bias.shape)}, but its header "
-                               f"says k={saved_k}, H={saved_hidden}: re-create it with `{TRAIN_COMMAND}`")
-    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
-        raise TransferMapError(f"{path} holds non-finite values: re-create it with `{TRAIN_COMMAND}`")
-    return TransferMaps(weight, bias, saved_layer)
+    tensors = load_checked_tensors(path, {WEIGHT_NAME: (saved_k, saved_hidden, saved_hidden),
+                                          BIAS_NAME: (saved_k, saved_hidden)}, FILE_FORMAT)
+    return TransferMaps(tensors[WEIGHT_NAME], tensors[BIAS_NAME], saved_layer)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from export.paths import REPO_ROOT
-from export.trained_file import read_checked_header, save_safetensors_atomic
+from export.trained_file import (TrainedFileFormat, check_hidden_size, header_ints, load_checked_tensors,
+                                 read_checked_header, save_safetensors_atomic)
 
 # Measured on the held-out ShareGPT split (checkpoints/smollm2-135m-instruct/README.md), 300 training
 # samples each: k=3 vs k=1 top-1 0.241/0.121/0.097 vs 0.252/0.117/0.090, top-10 +1 to +1.6 points,
@@ -46,6 +46,11 @@ TRAIN_COMMAND = "python -m train ppd"
 
 class PromptTokenError(ValueError):
     """A PPD prompt-token checkpoint that cannot be used here, with the reason and the fix."""
+
+
+FILE_FORMAT = TrainedFileFormat(what="PPD prompt-token", contents="prompt tokens", file_format=CHECKPOINT_FORMAT,
+                                version=CHECKPOINT_VERSION, tensor_names=frozenset({TENSOR_NAME}),
+                                train_command=TRAIN_COMMAND, error=PromptTokenError, missing_hint=" (`make train`)")
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,7 @@ def save_prompt_tokens(path: str | Path, embeddings: torch.Tensor, config: PPDCo
 
 def read_prompt_token_header(path: str | Path, expected_fingerprint: str | None = None) -> dict[str, str]:
     """The raw safetensors header of a prompt-token checkpoint (raises PromptTokenError)."""
-    return read_checked_header(path, what="PPD prompt-token", file_format=CHECKPOINT_FORMAT,
-                               version=CHECKPOINT_VERSION, tensor_names={TENSOR_NAME}, train_command=TRAIN_COMMAND,
-                               error=PromptTokenError, missing_hint=" (`make train`)",
-                               expected_fingerprint=expected_fingerprint)
+    return read_checked_header(path, FILE_FORMAT, expected_fingerprint)
 
 
 def prompt_token_metadata(path: str | Path) -> dict:
@@ -162,26 +164,16 @@ def load_prompt_tokens(path: str | Path, expected_fingerprint: str, hidden_size:
     another model (fingerprint), another hidden size, or an N/k other than `expected` (when given)."""
     path = Path(path)
     header = read_prompt_token_header(path, expected_fingerprint)
-    try:
-        config = PPDConfig(int(header["num_prompt_tokens"]), int(header["ensemble"]))
-        saved_hidden = int(header["hidden_size"])
-    except (KeyError, ValueError) as exc:
-        raise PromptTokenError(f"{path} has a damaged header ({exc}): re-create it with `{TRAIN_COMMAND}`") from exc
-    if saved_hidden != hidden_size:
-        raise PromptTokenError(
-            f"{path} holds prompt tokens of hidden size {saved_hidden}, but the model's hidden size is "
-            f"{hidden_size}: use a checkpoint trained for this model (`{TRAIN_COMMAND} --model-dir <its dir>`)")
+    n, ensemble, saved_hidden = header_ints(path, header, ("num_prompt_tokens", "ensemble", "hidden_size"),
+                                            FILE_FORMAT)
+    config = PPDConfig(n, ensemble)
+    check_hidden_size(path, saved_hidden, hidden_size, FILE_FORMAT)
     if expected is not None and expected != config:
         raise PromptTokenError(
             f"{path} has N={config.num_prompt_tokens} prompt tokens with k={config.ensemble} virtual tokens, "
             f"but N={expected.num_prompt_tokens}, k={expected.ensemble} was requested: drop the explicit "
             f"N/k to use the checkpoint's, or retrain with `{TRAIN_COMMAND} --num-prompt-tokens "
             f"{expected.num_prompt_tokens} --ensemble {expected.ensemble}`")
-    with safe_open(str(path), framework="pt") as f:
-        embeddings = f.get_tensor(TENSOR_NAME).to(torch.float32)
-    if tuple(embeddings.shape) != (config.num_virtual_tokens, saved_hidden):
-        raise PromptTokenError(f"{path} holds a {tuple(embeddings.shape)} tensor, but its header says "
-                               f"[{config.num_virtual_tokens}, {saved_hidden}]: re-create it with `{TRAIN_COMMAND}`")
-    if not torch.isfinite(embeddings).all():
-        raise PromptTokenError(f"{path} holds non-finite values: re-create it with `{TRAIN_COMMAND}`")
+    shape = (config.num_virtual_tokens, saved_hidden)
+    embeddings = load_checked_tensors(path, {TENSOR_NAME: shape}, FILE_FORMAT)[TENSOR_NAME]
     return embeddings, config
