@@ -93,11 +93,12 @@ def sweep_rows(runs: dict[str, list[list[PromptRun]]], variants: dict[str, PPDTr
 
 
 def format_sweep(rows: list[dict], num_prompts: int) -> str:
-    lines = [f"{'variant':<34}{'T':>4}{'tokens/s':>10}{'speedup':>9}{'accepted':>10}{'predicted':>11}"
+    width = max(len("variant"), *(len(r["variant"]) for r in rows)) + 2
+    lines = [f"{'variant':<{width}}{'T':>4}{'tokens/s':>10}{'speedup':>9}{'accepted':>10}{'predicted':>11}"
              f"{'pred. speedup':>15}{'same':>8}"]
     for r in rows:
         pred = "-" if r["predicted_mean_accepted"] is None else f"{r['predicted_mean_accepted']:.2f}"
         pred_speed = "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.2f}x"
-        lines.append(f"{r['variant']:<34}{r['budget']:>4}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x"
+        lines.append(f"{r['variant']:<{width}}{r['budget']:>4}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x"
                      f"{r['mean_accepted']:>10.2f}{pred:>11}{pred_speed:>15}{r['matches_vanilla']:>5}/{num_prompts}")
     return "\n".join(lines)
