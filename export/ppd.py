@@ -166,7 +166,10 @@ def load_prompt_tokens(path: str | Path, expected_fingerprint: str, hidden_size:
     header = read_prompt_token_header(path, expected_fingerprint)
     n, ensemble, saved_hidden = header_ints(path, header, ("num_prompt_tokens", "ensemble", "hidden_size"),
                                             FILE_FORMAT)
-    config = PPDConfig(n, ensemble)
+    try:
+        config = PPDConfig(n, ensemble)
+    except ValueError as exc:  # out-of-range N or k: written by something other than our saver
+        raise PromptTokenError(f"{path} has a damaged header ({exc}): re-create it with `{TRAIN_COMMAND}`") from exc
     check_hidden_size(path, saved_hidden, hidden_size, FILE_FORMAT)
     if expected is not None and expected != config:
         raise PromptTokenError(

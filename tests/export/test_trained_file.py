@@ -71,3 +71,10 @@ def test_damaged_header_is_refused(method, tmp_path):
     rewrite(path, edit_header=lambda h: {**h, "hidden_size": "eight"})
     with pytest.raises(error, match=rf"damaged header .*re-create it with `{command}`"):
         load(path)
+
+
+def test_prompt_token_counts_out_of_range_are_a_damaged_header(tmp_path):
+    path, load, error, command = saved_ppd(tmp_path / "c.safetensors")
+    rewrite(path, edit_header=lambda h: {**h, "num_prompt_tokens": "0"})
+    with pytest.raises(error, match=rf"damaged header .*re-create it with `{command}`"):
+        load(path)
