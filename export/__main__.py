@@ -65,11 +65,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
         # The tree searched for this device travels with the engine (Generator.from_engine uses it).
         from export.engine import install_tree
         from runtime.devices import default_tree
-        from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
+        from runtime.methods import HAND_PICKED_TREES
 
         checkpoint = manifest.method.checkpoint.file if manifest.method.checkpoint else DEFAULT_CHECKPOINTS[method]
-        fallback = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}[method]
-        source = default_tree(method, "cpu", "onnxruntime", checkpoint, fallback)
+        source = default_tree(method, "cpu", "onnxruntime", checkpoint, HAND_PICKED_TREES[method])
         tree = install_tree(manifest, source)
         print(f"{method} tree: {tree.name} (from {source.resolve()})")
     print(f"engine ready: {manifest.dir}")

@@ -153,8 +153,17 @@ def run_interleaved(runners: dict[str, Runner], encoded: list[list[int]], repeat
     return results
 
 
+def tokens_per_s_per_repeat(reps: list[list[PromptRun]]) -> list[float]:
+    """Generated tokens over generation seconds, all prompts of a repeat together, per repeat."""
+    return [sum(len(r.token_ids) for r in runs) / sum(r.seconds for r in runs) for runs in reps]
+
+
+def median_tokens_per_s(reps: list[list[PromptRun]]) -> float:
+    return statistics.median(tokens_per_s_per_repeat(reps))
+
+
 def summarise(method: str, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:
-    per_repeat = [sum(len(r.token_ids) for r in runs) / sum(r.seconds for r in runs) for runs in reps]
+    per_repeat = tokens_per_s_per_repeat(reps)
     first = reps[0]
     steps = [r.steps for r in first]
     mean_accepted = None if None in steps else sum(len(r.token_ids) for r in first) / sum(steps)

@@ -23,6 +23,9 @@ METHODS = ("vanilla", "ngram", "ppd", "ht")
 DEFAULT_PPD_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ppd-tree-cpu.json"
 # Hand-picked CPU tree for the committed SmolLM2 HT maps, in the PPD tree-set format (N = k).
 DEFAULT_HT_TREE = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "ht-tree-cpu.json"
+# The hand-picked tree of each tree method: the fallback above, the reference in sweeps, and the deep,
+# branching tree the lossless tests walk.
+HAND_PICKED_TREES = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}
 
 
 @dataclass

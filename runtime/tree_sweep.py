@@ -3,10 +3,10 @@ hand-picked tree and vanilla, on one backend in one run (the library half of `py
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
-from runtime.bench import PromptRun, generator_runner, run_interleaved
+from runtime.bench import PromptRun, generator_runner, median_tokens_per_s, run_interleaved
+from runtime.methods import HAND_PICKED_TREES
 from trees import PPDTreeSet, check_tree_identity, load_ppd_trees
 from trees.latency import LatencyProfile
 from trees.search import AcceptanceModel, Evaluation, SearchConfig, evaluate, search_curve
@@ -14,16 +14,10 @@ from trees.search import AcceptanceModel, Evaluation, SearchConfig, evaluate, se
 VANILLA = "vanilla"
 
 
-def hand_picked_tree(method: str) -> Path:
-    from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
-
-    return {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}[method]
-
-
 def reference_evaluations(method: str, model: AcceptanceModel, profile: LatencyProfile,
                           n: int) -> list[tuple[str, Evaluation]]:
     """The method's hand-picked default tree, evaluated the same way (when it fits N and the profile)."""
-    hand = load_ppd_trees(hand_picked_tree(method))
+    hand = load_ppd_trees(HAND_PICKED_TREES[method])
     if hand.num_prompt_tokens != n or hand.max_tokens(model.ensemble) > profile.max_tokens:
         return []
     return [("hand-picked tree", evaluate(hand, model, profile.latency))]
@@ -36,7 +30,7 @@ def sweep_variants(method: str, tree_path: Path, identity, model: AcceptanceMode
     chosen = load_ppd_trees(tree_path)
     check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256)
     variants: dict[str, PPDTreeSet | None] = {VANILLA: None, f"chosen ({tree_path.name})": chosen}
-    hand_picked = load_ppd_trees(hand_picked_tree(method))
+    hand_picked = load_ppd_trees(HAND_PICKED_TREES[method])
     if hand_picked.num_prompt_tokens == identity.config.num_prompt_tokens:
         variants["hand-picked"] = hand_picked
     fixed = search_curve(model, profile.latency, SearchConfig(budgets=budgets, topk=model.topk),
@@ -79,8 +73,7 @@ def sweep_rows(runs: dict[str, list[list[PromptRun]]], variants: dict[str, PPDTr
         rows.append({
             "variant": label,
             "budget": 1 if trees is None else trees.max_tokens(ensemble),
-            "tokens_per_s": statistics.median(sum(len(r.token_ids) for r in rs) / sum(r.seconds for r in rs)
-                                              for rs in reps),
+            "tokens_per_s": median_tokens_per_s(reps),
             "mean_accepted": sum(r.accepted_tokens - 1 for r in first) / max(decode_steps, 1),
             "predicted_mean_accepted": None if predicted is None else predicted.mean_accepted,
             "predicted_speedup": None if predicted is None else predicted.speedup,

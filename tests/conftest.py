@@ -12,6 +12,8 @@ from export.paths import DEFAULT_MODEL_DIR
 from runtime.prompts import load_prompts
 
 LOSSLESS_NEW_TOKENS = 64
+# The session fixture that provides each trained method's committed checkpoint (skips when absent).
+TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
 @pytest.fixture(scope="session")

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 
 from runtime import Generator
-from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
-from tests.conftest import LOSSLESS_NEW_TOKENS, first_difference
+from runtime.methods import HAND_PICKED_TREES
+from tests.conftest import LOSSLESS_NEW_TOKENS, TRAINED_FIXTURES, first_difference
 
-HAND_PICKED = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}
-TRAINED = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ngram", "ppd", "ht"])
 def test_method_matches_transformers_generate(method, real_model_dir, lossless_prompts, hf_reference, request):
-    if method in TRAINED:
-        request.getfixturevalue(TRAINED[method])
-    options = {"tree": str(HAND_PICKED[method])} if method in HAND_PICKED else {}
+    if method in TRAINED_FIXTURES:
+        request.getfixturevalue(TRAINED_FIXTURES[method])
+    options = {"tree": str(HAND_PICKED_TREES[method])} if method in HAND_PICKED_TREES else {}
     gen = Generator.from_pretrained(real_model_dir, method=method, **options)
     mismatches, accepted = [], []
     for item in lossless_prompts:
@@ -29,5 +27,5 @@ def test_method_matches_transformers_generate(method, real_model_dir, lossless_p
         if first is not None:
             mismatches.append(f"{item.id}: first difference at new token {first}")
     assert not mismatches, f"{method} differs from transformers greedy: {mismatches}"
-    if method in TRAINED:  # the trained tokens / maps must actually be guessing: well above vanilla's 1.0
+    if method in TRAINED_FIXTURES:  # the trained tokens / maps must actually be guessing: well above vanilla's 1.0
         assert np.mean(accepted) > 1.3, np.mean(accepted)

@@ -7,14 +7,12 @@ the fast tier checks torch against transformers and onnxruntime against torch)."
 import pytest
 
 from runtime import Generator
-from runtime.methods import DEFAULT_HT_TREE, DEFAULT_PPD_TREE
+from runtime.methods import HAND_PICKED_TREES
 from runtime.prompts import load_prompts
+from tests.conftest import TRAINED_FIXTURES
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 128
-# The hand-picked trees: deep and branching, the hardest to keep lossless (the searched CPU trees are small).
-HAND_PICKED = {"ppd": DEFAULT_PPD_TREE, "ht": DEFAULT_HT_TREE}
-TRAINED = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +37,10 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
 @pytest.mark.parametrize("backend,method", [("torch", "ngram"), ("torch", "ppd"), ("torch", "ht"),
                                             ("onnxruntime", "ppd"), ("onnxruntime", "ht")])
 def test_full_sweep_matches_vanilla(backend, method, real_model_dir, sweep_prompts, vanilla_outputs, request):
-    if method in TRAINED:
-        request.getfixturevalue(TRAINED[method])
-    options = {"tree": str(HAND_PICKED[method])} if method in HAND_PICKED else {}
+    if method in TRAINED_FIXTURES:
+        request.getfixturevalue(TRAINED_FIXTURES[method])
+    # the hand-picked trees: deep and branching, the hardest to keep lossless (searched CPU trees are small)
+    options = {"tree": str(HAND_PICKED_TREES[method])} if method in HAND_PICKED_TREES else {}
     gen = Generator.from_pretrained(real_model_dir, method=method, backend=backend, **options)
     reference = vanilla_outputs(backend)
     bad = [item.id for item in sweep_prompts

@@ -10,16 +10,15 @@ import pytest
 
 from runtime import Generator
 from tests.conftest import LOSSLESS_NEW_TOKENS as NEW_TOKENS
-from tests.conftest import first_difference
+from tests.conftest import TRAINED_FIXTURES, first_difference
 
 
 @pytest.mark.parametrize("method", ["vanilla", "ppd", "ht"])
 def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, lossless_prompts, request):
     """The default lossless subset: 5 MT-Bench + 5 HumanEval prompts, 64 new tokens each; torch's
     output of every method is itself checked against transformers' greedy (tests/runtime/test_*.py)."""
-    trained = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
-    if method in trained:
-        request.getfixturevalue(trained[method])
+    if method in TRAINED_FIXTURES:
+        request.getfixturevalue(TRAINED_FIXTURES[method])
     prompts = lossless_prompts
     torch_gen = Generator.from_pretrained(real_model_dir, method=method)
     ort_gen = Generator.from_pretrained(real_model_dir, method=method, backend="onnxruntime")
