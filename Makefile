@@ -58,8 +58,8 @@ engine: setup
 # The hardware-aware ppd and ht trees for a device: latency profile (measured when missing, shared
 # by both methods), then the searches.
 tree: setup
-	$(PY) -m trees build --method ppd --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
-	$(PY) -m trees build --method ht --gpu $(GPU) --backend $(TREE_BACKEND)
+	$(PY) -m runtime trees build --method ppd --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
+	$(PY) -m runtime trees build --method ht --gpu $(GPU) --backend $(TREE_BACKEND)
 
 train: setup
 	$(PY) -m train ppd

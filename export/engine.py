@@ -10,16 +10,19 @@ Only the CPU target exists so far; GPU targets are TensorRT engines (a later iss
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import model_fingerprint
-from export.manifest import Manifest, ManifestError, write_atomic
-from export.onnx_export import DTYPES, ExportConfig, MethodExtras, export_onnx, load_method_extras
+from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError
+from export.methods import TREE_METHODS, MethodExtras
+from export.onnx_export import DTYPES, ExportConfig, export_onnx, load_method_extras
 from export.paths import ARTIFACTS_DIR
+from trees.atomic import write_atomic
 
 CPU_TARGET = "cpu"
-TREE_METHODS = ("ppd", "ht")         # methods that decode with a tree set (the PPD tree-set format)
+DEFAULT_ORT_LEVEL = "extended"   # graph optimisation level of the saved onnxruntime graph (measured, README)
 
 
 class TargetError(ValueError):
@@ -81,16 +84,32 @@ def ensure_export(config: ExportConfig, extras: MethodExtras | None = None, log=
     return EngineResult(export_onnx(config, extras, log=log), True, reason)
 
 
-def build_cpu_engine(config: ExportConfig, extras: MethodExtras | None = None, level: str = "extended",
-                     log=print) -> Manifest:
-    """The whole CPU path: export (if stale) and the ORT-optimised graph (if missing)."""
-    from export.ort_optimize import optimize_for_ort, usable_optimized_model
+def build_ort_engine(config: ExportConfig, extras: MethodExtras | None = None, device_type: str = "cpu",
+                     level: str = DEFAULT_ORT_LEVEL, log=print, verify_files: bool = True) -> Manifest:
+    """An onnxruntime engine dir: export (if stale) and the graph optimised for the device's
+    execution provider (if missing and the provider is present)."""
+    import onnxruntime as ort
 
-    manifest = ensure_export(config, extras, log).manifest
-    if usable_optimized_model(manifest, "CPUExecutionProvider", level) is None:
-        log(f"optimising {manifest.onnx_path} for onnxruntime CPU ({level})")
-        manifest = optimize_for_ort(manifest, "CPUExecutionProvider", level)
+    from export.ort_optimize import PROVIDERS, optimize_for_ort, usable_optimized_model
+
+    manifest = ensure_export(config, extras, log, verify_files).manifest
+    provider = PROVIDERS[device_type]
+    if provider in ort.get_available_providers() and usable_optimized_model(manifest, provider, level) is None:
+        log(f"optimising {manifest.onnx_path} for onnxruntime {device_type} ({level})")
+        manifest = optimize_for_ort(manifest, provider, level)
     return manifest
+
+
+def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, device_type: str = "cpu",
+                   max_context: int = DEFAULT_MAX_CONTEXT, max_tree: int = DEFAULT_MAX_TREE) -> Manifest:
+    """The engine dir serving `graph` (vanilla, ppd, ht) with `extras` for `model_dir` on a device
+    type: artifacts/engines/<model>/<cpu|cuda>/<graph>/, exported (and validated) when missing or
+    stale and optimised for onnxruntime, keyed by the trained tensors' hash. Progress goes to
+    stderr (stdout is the generated text)."""
+    config = ExportConfig(Path(model_dir), engine_dir(model_dir, device_type, graph), method=graph,
+                          checkpoint=extras.checkpoint, max_context=max_context, max_tree=max(DEFAULT_MAX_TREE, max_tree))
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    return build_ort_engine(config, extras, device_type, log=log, verify_files=False)
 
 
 def engine_tree_path(manifest: Manifest) -> Path:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from trees._json import read_json_file
+from trees.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
@@ -48,22 +49,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temp file in the same dir, fsync, then rename over `path` (readers never see half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -250,11 +235,7 @@ class Manifest:
         path = directory / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{directory} has no {MANIFEST_NAME}: export one with `python -m export onnx --out {directory} ...`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path} is not valid JSON ({exc}); re-export it") from exc
-        manifest = cls.from_json(data, directory)
+        manifest = cls.from_json(read_json_file(path, ManifestError, "manifest", "re-export it"), directory)
         if verify_files:
             for record in (manifest.onnx, *manifest.external_data):
                 check_file(directory, record)

@@ -19,13 +19,12 @@ TensorRT >= 8.6.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +37,13 @@ from export.checkpoint import load_checkpoint, model_fingerprint
 from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, MANIFEST_NAME,
                              ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
-from export.ht import TransferMaps
+from export.methods import EXPORT_METHODS, METHODS, MethodExtras
 from export.step_model import StepModel
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17; onnxruntime 1.31 reads <= 11
 DATA_SUFFIX = ".data"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EXPORT_METHODS = ("vanilla", "ppd", "ht")
-TRAINED_METHODS = ("ppd", "ht")   # methods whose graph bakes in trained tensors from --checkpoint
 # Shapes the graph is traced at: deliberately none of the validation shapes (export/validate.py).
 TRACE_TREE, TRACE_CACHE = 3, 5
 
@@ -74,27 +71,6 @@ class ExportConfig:
                              f"max_context={self.max_context}")
         if self.method == "vanilla" and self.checkpoint is not None:
             raise ValueError("--method vanilla takes no --checkpoint")
-
-
-@dataclass(frozen=True)
-class MethodExtras:
-    """What a method adds to the step graph (ppd: rows after the vocabulary; ht: transfer maps
-    applied after layer l), and its runtime options."""
-
-    embeddings: torch.Tensor | None = None    # [E, H]
-    options: dict = field(default_factory=dict)
-    transfer_maps: TransferMaps | None = None
-
-    def __post_init__(self) -> None:
-        if self.embeddings is not None and self.transfer_maps is not None:
-            raise ValueError("a graph takes PPD prompt-token rows or HT transfer maps, not both")
-
-    @property
-    def weights_sha256(self) -> str | None:
-        """Identity of the trained tensors baked into the graph (the engine's staleness key)."""
-        if self.transfer_maps is not None:
-            return self.transfer_maps.sha256
-        return None if self.embeddings is None else tensor_sha256(self.embeddings)
 
 
 class StepGraph(nn.Module):
@@ -236,42 +212,23 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 # --- the whole export -----------------------------------------------------------------------
 def load_method_extras(config: ExportConfig) -> MethodExtras:
-    """The trained tensors of --checkpoint: ppd's prompt-token rows (export/ppd.py owns that format)
-    or ht's transfer maps (export/ht.py); both refuse a checkpoint trained for another model.
-    Options are what runtime.methods takes (ppd: N, k; ht: k, layer)."""
-    if config.method == "vanilla":
+    """The trained tensors of --checkpoint for a trained method's graph (ppd: prompt-token rows,
+    ht: transfer maps; export/methods.py), refused when trained for another model."""
+    spec = METHODS[config.method]
+    if not spec.trained:
         return MethodExtras()
     if config.checkpoint is None:
-        train = {"ppd": "the trained prompt tokens, `python -m train ppd`",
-                 "ht": "the trained transfer maps, `python -m train ht`"}[config.method]
-        raise ValueError(f"--method {config.method} needs --checkpoint FILE ({train})")
+        raise ValueError(f"--method {config.method} needs --checkpoint FILE (its trained tensors, made by "
+                         f"`{spec.train_command}`; the committed one is {spec.default_checkpoint})")
     from transformers import AutoConfig
 
     hidden_size = AutoConfig.from_pretrained(config.model_dir).hidden_size
-    fingerprint = model_fingerprint(config.model_dir)
-    if config.method == "ht":
-        from export.ht import load_transfer_maps
-
-        maps = load_transfer_maps(config.checkpoint, fingerprint, hidden_size)
-        return MethodExtras(options=ht_options(maps), transfer_maps=maps)
-    from export.ppd import load_prompt_tokens
-
-    embeddings, ppd = load_prompt_tokens(config.checkpoint, fingerprint, hidden_size)
-    return MethodExtras(embeddings, {"num_prompt_tokens": ppd.num_prompt_tokens, "ensemble": ppd.ensemble})
-
-
-def ht_options(maps: TransferMaps) -> dict:
-    """What an ht engine records as its method options (runtime.methods.HTOptions fields)."""
-    return {"num_maps": maps.num_maps, "layer": maps.layer}
+    return spec.load_extras(config.checkpoint, model_fingerprint(config.model_dir), hidden_size)
 
 
 def exporter_versions() -> dict[str, str | int]:
     return {"ppdeploy": importlib.metadata.version("ppdeploy"), "torch": torch.__version__,
             "onnx": onnx.__version__, "format_version": FORMAT_VERSION}
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=print) -> Manifest:

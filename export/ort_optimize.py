@@ -18,6 +18,7 @@ from export.manifest import FileRecord, Manifest, ManifestError, check_file, sha
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 PROVIDER_TAGS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+PROVIDERS = {tag: provider for provider, tag in PROVIDER_TAGS.items()}   # torch device type -> provider
 
 
 def graph_optimization_level(name: str):

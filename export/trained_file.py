@@ -4,7 +4,6 @@ export/ppd.py and export/ht.py own their formats; this module owns what the two 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,18 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trees.atomic import atomic_path
+
 
 def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
     """Write `tensors` with string metadata `header` via a temp file + rename (never a half file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # safetensors writes 0600; atomic_path makes the shared file 0644
         save_file(tensors, str(tmp), metadata=header)
-        os.chmod(tmp, 0o644)  # safetensors writes 0600; the checkpoint is a shared, committed file
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

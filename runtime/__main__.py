@@ -1,27 +1,92 @@
-"""python -m runtime {generate,demo,bench,memory}: a thin CLI over runtime.Generator, runtime.bench and
-runtime.memory."""
+"""python -m runtime {generate,demo,bench,memory,trees}: a thin CLI over runtime.Generator, runtime.bench,
+runtime.memory and the tree search (`python -m runtime trees --help`, runtime/trees_cli.py).
+
+Each command's flags are the fields of its config dataclass below (trees/config_args.py), and every
+default is read from the library: the model dir from export.paths, the backend from runtime.backends,
+the budgets from runtime.generator and export.manifest, the decoding options from
+runtime.verify.DecodingOptions, the benchmark's from runtime.bench.BenchConfig.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 
 from export.checkpoint import CheckpointError
+from export.manifest import DEFAULT_MAX_CONTEXT
+from export.methods import METHODS
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.backends import BACKENDS
+from runtime.backends import BACKENDS, DEFAULT_BACKEND
 from runtime.bench import PEERS, BenchConfig, format_table, run_bench, write_report
-from runtime.generator import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS, Generator
-from runtime.methods import METHODS
+from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
+from runtime.verify import DecodingOptions, make_verifier
+from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain how it works."
+PROMPTS_HELP = "mtbench, humaneval, or a JSONL file of {id, prompt}"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="Llama checkpoint dir (default: %(default)s)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+# --- configs: one per command, mapped to argparse ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What every command shares: which model, where it runs, how many tokens."""
+    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    backend: str = option(DEFAULT_BACKEND, "backend that runs the model", choices=tuple(BACKENDS))
+    device: str = option(DEFAULT_DEVICE, "cpu or cuda")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "new tokens per prompt")
+
+
+@dataclass(frozen=True)
+class GenerateFlags(ModelOptions):
+    method: str = option(DEFAULT_METHOD, "decoding method", choices=tuple(METHODS))
+    max_context: int = option(DEFAULT_MAX_CONTEXT, "cache entries: prompt + new tokens must fit")
+    temperature: float = option(DecodingOptions.temperature, "0 = greedy; sampling (> 0) is not available yet")
+    top_p: float = option(DecodingOptions.top_p, "sampling: nucleus mass kept (1 = off)")
+    top_k: int = option(DecodingOptions.top_k, "sampling: most likely tokens kept (0 = off)")
+    seed: int | None = option(DecodingOptions.seed, "sampling: the random stream's key (default: a new one per call)")
+
+    def decoding(self) -> DecodingOptions:
+        """The decoding options, validated (ValueError names the bad one)."""
+        return DecodingOptions(self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateCommand(GenerateFlags):
+    """GenerateFlags plus the arguments argparse takes positionally or repeatedly (added in build_parser)."""
+    prompt: str
+    stop: list[str] | None = None      # --stop S, repeatable
+    option: list[str] | None = None    # --option key=value, repeatable
+
+
+@dataclass(frozen=True)
+class DemoCommand(ModelOptions):
+    method: str = option("ngram", "the parallel method compared with vanilla",
+                         choices=tuple(m for m in METHODS if m != "vanilla"))
+
+
+@dataclass(frozen=True)
+class BenchCommand(ModelOptions):
+    prompts: str = option(BenchConfig.prompts, PROMPTS_HELP)
+    methods: str = option(",".join(BenchConfig.methods), f"comma list from {', '.join((*METHODS, *PEERS))}")
+    limit: int | None = option(BenchConfig.limit, "first N prompts only (default: all)")
+    repeats: int = option(BenchConfig.repeats, "timed repeats; medians are reported")
+    out: str | None = option(None, "write report.json here")
+
+    def bench_config(self) -> BenchConfig:
+        return BenchConfig(prompts=self.prompts, methods=tuple(self.methods.split(",")), backend=self.backend,
+                           device=self.device, max_new_tokens=self.max_new_tokens, model_dir=self.model,
+                           limit=self.limit, repeats=self.repeats)
+
+
+@dataclass(frozen=True)
+class MemoryCommand(ModelOptions):
+    prompts: str = option(BenchConfig.prompts, PROMPTS_HELP)
+    methods: str = option("vanilla,ppd", f"comma list from {', '.join(METHODS)}")
+    limit: int = option(5, "first N prompts")
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -38,105 +103,95 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    gen = Generator.from_pretrained(args.model, method=args.method, backend=args.backend, device=args.device,
-                                    max_context=args.max_context, **parse_options(args.option))
-    from runtime.generator import Result
+def shared_flags(cfg: ModelOptions, *names: str) -> list[str]:
+    """`cfg`'s ModelOptions fields and `names` as command-line flags (for a child `python -m runtime`)."""
+    fields = [f.name for f in dataclasses.fields(ModelOptions)] + list(names)
+    return [arg for name in fields for arg in ("--" + name.replace("_", "-"), str(getattr(cfg, name)))]
 
+
+# --- commands -----------------------------------------------------------------------------------------
+
+def cmd_generate(cfg: GenerateCommand) -> int:
+    """generate from one prompt, streaming the text"""
+    decoding = cfg.decoding()
+    make_verifier(decoding)   # what cannot run (sampling, for now) is refused before the model loads
+    gen = Generator.from_pretrained(cfg.model, method=cfg.method, backend=cfg.backend, device=cfg.device,
+                                    max_context=cfg.max_context, **parse_options(cfg.option or []))
     result = Result([], "")
-    for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, result=result):
+    for piece in gen.stream(cfg.prompt, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, result=result,
+                            **dataclasses.asdict(decoding)):
         print(piece, end="", flush=True)
     s = result.stats
-    print(f"\n[{args.method}] {s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, "
+    print(f"\n[{cfg.method}] {s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, "
           f"{s.mean_accepted:.2f} tokens/step, {s.forward_seconds:.2f}s forward / {s.other_seconds:.2f}s other",
           file=sys.stderr)
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(cfg: DemoCommand) -> int:
     """Generate with vanilla and a parallel method on one prompt; show the text and the speedup."""
     results = {}
-    for method in ("vanilla", args.method):
-        gen = Generator.from_pretrained(args.model, method=method, backend=args.backend, device=args.device)
+    for method in ("vanilla", cfg.method):
+        gen = Generator.from_pretrained(cfg.model, method=method, backend=cfg.backend, device=cfg.device)
         gen.generate("Hi", max_new_tokens=4)  # warm-up
-        results[method] = gen.generate(DEMO_PROMPT, max_new_tokens=args.max_new_tokens)
-    base, fast = results["vanilla"], results[args.method]
+        results[method] = gen.generate(DEMO_PROMPT, max_new_tokens=cfg.max_new_tokens)
+    base, fast = results["vanilla"], results[cfg.method]
     print(f"prompt: {DEMO_PROMPT}\n\n{fast.text}\n")
     for method, r in results.items():
         print(f"{method:>8}: {r.stats.tokens_per_s:6.1f} tokens/s, {r.stats.mean_accepted:.2f} tokens/step")
-    print(f"speedup of {args.method} over vanilla: {fast.stats.tokens_per_s / base.stats.tokens_per_s:.2f}x; "
+    print(f"speedup of {cfg.method} over vanilla: {fast.stats.tokens_per_s / base.stats.tokens_per_s:.2f}x; "
           f"identical output: {fast.token_ids == base.token_ids}")
     return 0 if fast.token_ids == base.token_ids else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    cfg = BenchConfig(prompts=args.prompts, methods=tuple(args.methods.split(",")), backend=args.backend,
-                      device=args.device, max_new_tokens=args.max_new_tokens, model_dir=args.model,
-                      limit=args.limit, repeats=args.repeats)
-    report = run_bench(cfg)
+def cmd_bench(cfg: BenchCommand) -> int:
+    """tokens/s and accepted tokens per step of methods and peers"""
+    report = run_bench(cfg.bench_config())
     print(format_table(report))
-    if args.out:
-        write_report(report, args.out)
-        print(f"wrote {args.out}")
+    if cfg.out:
+        write_report(report, cfg.out)
+        print(f"wrote {cfg.out}")
     return 0
 
 
-def cmd_memory(args: argparse.Namespace) -> int:
+def cmd_memory(cfg: MemoryCommand) -> int:
     """Peak resident memory of each method, each alone in a fresh process on the same prompts."""
     from runtime.memory import format_memory, measure_methods
 
-    methods = args.methods.split(",")
+    methods = cfg.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    bench_args = ["--prompts", args.prompts, "--limit", str(args.limit), "--backend", args.backend,
-                  "--device", args.device, "--max-new-tokens", str(args.max_new_tokens), "--model", args.model]
-    print(f"{args.prompts} x {args.limit} prompts, {args.max_new_tokens} new tokens, backend {args.backend}, "
+    print(f"{cfg.prompts} x {cfg.limit} prompts, {cfg.max_new_tokens} new tokens, backend {cfg.backend}, "
           f"one fresh process per method")
-    print(format_memory(measure_methods(methods, bench_args)))
+    print(format_memory(measure_methods(methods, shared_flags(cfg, "prompts", "limit"))))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    g = add_config_command(sub, "generate", GenerateFlags, cmd_generate)
+    g.add_argument("prompt", help="the prompt: one user turn through the chat template")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    g.set_defaults(config_class=GenerateCommand)
+    add_config_command(sub, "demo", DemoCommand, cmd_demo)
+    add_config_command(sub, "bench", BenchCommand, cmd_bench)
+    add_config_command(sub, "memory", MemoryCommand, cmd_memory)
+    return parser
 
-    g = sub.add_parser("generate", help="generate from one prompt, streaming the text")
-    g.add_argument("prompt")
-    add_model_args(g)
-    g.add_argument("--method", default="vanilla", choices=METHODS)
-    g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--option", action="append", default=[], help="method option key=value (repeatable)")
-    g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help=cmd_demo.__doc__)
-    add_model_args(d)
-    d.add_argument("--method", default="ngram", choices=[m for m in METHODS if m != "vanilla"])
-    d.set_defaults(func=cmd_demo)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["trees"]:  # the tree search has its own command set (runtime/trees_cli.py)
+        from runtime.trees_cli import main as trees_main
 
-    b = sub.add_parser("bench", help="tokens/s and accepted tokens per step of methods and peers")
-    add_model_args(b)
-    b.add_argument("--prompts", default="mtbench", help="mtbench, humaneval, or a JSONL file of {id, prompt}")
-    b.add_argument("--methods", default="vanilla,ngram", help=f"comma list from {', '.join(METHODS + PEERS)}")
-    b.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    b.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed repeats; medians are reported")
-    b.add_argument("--out", default=None, help="write report.json here")
-    b.set_defaults(func=cmd_bench)
-
-    m = sub.add_parser("memory", help=cmd_memory.__doc__)
-    add_model_args(m)
-    m.add_argument("--prompts", default="mtbench", help="mtbench, humaneval, or a JSONL file of {id, prompt}")
-    m.add_argument("--methods", default="vanilla,ppd", help=f"comma list from {', '.join(METHODS)}")
-    m.add_argument("--limit", type=int, default=5, help="first N prompts (default: %(default)s)")
-    m.set_defaults(func=cmd_memory)
-
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return trees_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    errors = (CheckpointError, FileNotFoundError, ValueError)
+    return exit_code_of(lambda: args.func(config_from_args(args)), errors)
 
 
 if __name__ == "__main__":

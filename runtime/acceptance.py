@@ -1,11 +1,12 @@
-"""Acceptance statistics of PPD or HT on calibration prompts: the backend-running half of `python -m trees
+"""Acceptance statistics of PPD or HT on calibration prompts: the backend-running half of `python -m runtime trees
 stats` (trees.stats holds the data type and the estimates, trees.search consumes them). HT's pseudo
 slots use PPD's layout (N = k, ensemble 1), so both methods are measured and searched the same way.
 
 The decode loop runs unchanged with a collection tree set in which every node carries all N prompt
-tokens, so every step predicts N rows ahead whatever it accepts. After each step the proposer's
-`predictions` ([m, K] top-K ids) are kept with the position they refer to; the decode is lossless
-greedy, so the tokens it goes on to produce are exactly the tokens those rows had to guess.
+tokens, so every step predicts N rows ahead whatever it accepts. After each step the accepted
+node's prediction rows ([m, K] top-K ids, read from the step's readout through the draft's layout)
+are kept with the position they refer to; the decode is lossless greedy, so the tokens it goes on
+to produce are exactly the tokens those rows had to guess.
 """
 
 from __future__ import annotations
@@ -21,17 +22,13 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from export.checkpoint import model_fingerprint
+from export.methods import METHODS, TREE_METHODS, method_spec
 from export.paths import DEFAULT_MODEL_DIR
-from export.ht import DEFAULT_HT_CHECKPOINT, load_transfer_maps
-from export.ppd import DEFAULT_PPD_CHECKPOINT, PPDConfig, load_prompt_tokens
+from export.ppd import PPDConfig
+from runtime.backends import DEFAULT_BACKEND
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator, Prompt
-from runtime.proposers.ppd import PPDProposer
-from trees import PPDStepTree, PPDTreeSet, Tree, prompt_tokens_sha256
+from trees import PPDStepTree, PPDTreeSet, Tree
 from trees.stats import AcceptanceStats
-
-
-TREE_METHODS = ("ppd", "ht")
-DEFAULT_CHECKPOINTS = {"ppd": DEFAULT_PPD_CHECKPOINT, "ht": DEFAULT_HT_CHECKPOINT}
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class StatsConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)
     method: str = "ppd"                    # ppd or ht
     checkpoint: str | None = None          # None: the committed checkpoint of `method`
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
     device: str = "cpu"
     num_prompts: int = 40                  # calibration prompts that are decoded
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -63,9 +60,8 @@ class CheckpointIdentity:
 
 def method_checkpoint(method: str, checkpoint: str | Path | None) -> Path:
     """`checkpoint`, or the committed one of `method` when None."""
-    if method not in TREE_METHODS:
-        raise ValueError(f"trees are searched for {' or '.join(TREE_METHODS)}, not {method!r}")
-    return Path(DEFAULT_CHECKPOINTS[method] if checkpoint is None else checkpoint)
+    spec = method_spec(method, among=TREE_METHODS)
+    return Path(spec.default_checkpoint if checkpoint is None else checkpoint)
 
 
 def checkpoint_identity(model_dir: str | Path, checkpoint: str | Path, method: str = "ppd") -> CheckpointIdentity:
@@ -73,11 +69,8 @@ def checkpoint_identity(model_dir: str | Path, checkpoint: str | Path, method: s
     ht (transfer maps, N = k, ensemble 1) checkpoint; refused for another model."""
     fingerprint = model_fingerprint(model_dir)
     hidden_size = AutoConfig.from_pretrained(model_dir).hidden_size
-    if method == "ht":
-        maps = load_transfer_maps(checkpoint, fingerprint, hidden_size)
-        return CheckpointIdentity(fingerprint, maps.sha256, maps.layout)
-    embeddings, config = load_prompt_tokens(checkpoint, fingerprint, hidden_size)
-    return CheckpointIdentity(fingerprint, prompt_tokens_sha256(embeddings.numpy()), config)
+    extras = METHODS[method].load_extras(checkpoint, fingerprint, hidden_size)
+    return CheckpointIdentity(fingerprint, extras.weights_sha256, extras.slot_layout)
 
 
 def collection_trees(num_prompt_tokens: int, topk: int) -> PPDTreeSet:
@@ -102,17 +95,17 @@ def step_ranks(predictions: np.ndarray, future: Sequence[int]) -> tuple[int, ...
 
 
 def decode_records(gen: Generator, prompt_ids: list[int], max_new_tokens: int) -> list[tuple[int, ...]]:
-    """Decode one prompt greedily with `gen` (a ppd or ht generator); one rank record per step."""
-    proposer = gen.proposer
-    if not isinstance(proposer, PPDProposer):
-        raise ValueError(f"acceptance statistics need a ppd or ht generator, got {type(proposer).__name__}")
+    """Decode one prompt greedily with `gen` (a tree method carrying prediction rows, i.e. ppd or ht);
+    one rank record per step: the accepted node's predictions against the tokens that followed."""
     generated: list[int] = []
     pending: list[tuple[np.ndarray, int]] = []  # (predictions, index in `generated` of their depth-1 token)
-    for tokens in gen.decode_steps(prompt_ids, GenerationStats()):
-        generated.extend(tokens)
-        pending.append((proposer.predictions.copy(), len(generated)))
-        if any(t in gen.eos_token_ids for t in tokens) or len(generated) >= max_new_tokens:
+    for step in gen.decode_steps(prompt_ids, GenerationStats()):
+        generated.extend(step.tokens)
+        pending.append((step.readout.predictions_of(step.draft, step.path[-1]), len(generated)))
+        if any(t in gen.eos_token_ids for t in step.tokens) or len(generated) >= max_new_tokens:
             break
+    if not any(len(predictions) for predictions, _ in pending):
+        raise ValueError("acceptance statistics need a ppd or ht generator: this one's steps carry no prediction rows")
     end = next((i + 1 for i, t in enumerate(generated) if t in gen.eos_token_ids), len(generated))
     return [step_ranks(predictions, generated[start:end]) for predictions, start in pending]
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,10 +13,12 @@ import torch
 from tqdm import tqdm
 
 from export.paths import DEFAULT_MODEL_DIR
+from runtime.backends import DEFAULT_BACKEND
 from runtime.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
-from runtime.methods import METHODS
+from export.methods import METHODS
 from runtime.prompts import PromptItem, load_prompts
+from trees.atomic import write_atomic
 
 PEERS = ("hf-generate", "hf-prompt-lookup", "ortgenai")
 HF_PROMPT_LOOKUP_TOKENS = 10
@@ -28,7 +28,7 @@ HF_PROMPT_LOOKUP_TOKENS = 10
 class BenchConfig:
     prompts: str = "mtbench"
     methods: tuple[str, ...] = ("vanilla", "ngram")
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
     device: str = "cpu"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     model_dir: str = str(DEFAULT_MODEL_DIR)
@@ -37,9 +37,9 @@ class BenchConfig:
     method_options: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS + PEERS]
+        unknown = [m for m in self.methods if m not in METHODS and m not in PEERS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + PEERS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join((*METHODS, *PEERS))}")
         if self.repeats < 1:
             raise ValueError("repeats must be >= 1")
 
@@ -206,8 +206,4 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", delete=False) as f:
-        json.dump(report, f, indent=1)
-    os.replace(f.name, path)
+    write_atomic(path, json.dumps(report, indent=1))

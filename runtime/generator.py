@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from export.checkpoint import check_model_dir
 from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.backends import BACKENDS, Backend, engine_method, make_backend
+from export.methods import method_spec
+from runtime.backends import DEFAULT_BACKEND, Backend, backend_spec, engine_method, make_backend
+from runtime.detokenize import IncrementalDetokenizer, first_stop
 from runtime.draft import Draft
-from runtime.methods import METHODS, build_method
+from runtime.methods import build_method
 from runtime.proposers import Proposer
-from runtime.verify import verify_greedy
+from runtime.readout import StepReadout, read_step
+from runtime.verify import DecodingOptions, Verifier, make_verifier, walk
 
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_METHOD = "vanilla"
+DEFAULT_DEVICE = "cpu"
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
@@ -30,7 +35,7 @@ class GenerationStats:
     new_tokens: int = 0
     accepted_tokens: int = 0          # tokens produced by the steps, bonus included, before truncation
     seconds: float = 0.0              # wall time of the whole generation (prefill included)
-    forward_seconds: float = 0.0      # time inside backend.step
+    forward_seconds: float = 0.0      # time inside backend.step + the readout (synchronised)
 
     @property
     def mean_accepted(self) -> float:
@@ -46,6 +51,16 @@ class GenerationStats:
         return self.seconds - self.forward_seconds
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One forward pass of the decode loop, as the loop saw it."""
+
+    tokens: list[int]         # the tokens it produced (accepted candidates + the bonus)
+    draft: Draft
+    readout: StepReadout
+    path: list[int]           # accepted candidate nodes, root first (prefill: the whole prompt)
+
+
 @dataclass
 class Result:
     token_ids: list[int]              # new tokens only (EOS included if generated)
@@ -54,42 +69,45 @@ class Result:
 
 
 class Generator:
+    """Decodes one sequence at a time: a Generator owns its backend's KV cache, so it is
+    single-threaded. A second thread calling it while a generation runs gets a RuntimeError (run one
+    Generator per worker thread instead)."""
+
     def __init__(self, backend: Backend, tokenizer: PreTrainedTokenizerBase, proposer: Proposer,
                  eos_token_ids: Sequence[int]) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self._busy = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path | None = None, method: str = "vanilla", backend: str = "torch",
-                        device: str = "cpu", max_context: int = DEFAULT_MAX_CONTEXT, **method_options) -> "Generator":
+    def from_pretrained(cls, model_dir: str | Path | None = None, method: str = DEFAULT_METHOD, backend: str = DEFAULT_BACKEND,
+                        device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, **method_options) -> "Generator":
         """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        backend_spec(backend)
+        method_spec(method)
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
         model_dir = check_model_dir(DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir))
         config = AutoConfig.from_pretrained(model_dir)
-        spec = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
-                            **method_options)
-        runner, tokenizer = make_backend(backend, model_dir, spec, device=device, max_context=max_context)
-        return cls(runner, tokenizer, spec.proposer, eos_token_ids(tokenizer))
+        built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
+                             **method_options)
+        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context)
+        return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     @classmethod
-    def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = "cpu",
+    def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
                     max_context: int | None = None, **method_options) -> "Generator":
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime. The
         method defaults to the one it was exported for; vanilla and ngram run on any engine."""
         from runtime.backends.ort_backend import OrtBackend
 
         manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
-        spec = engine_method(manifest, method, device=device, **method_options)
+        built = engine_method(manifest, method, device=device, **method_options)
         runner = OrtBackend(manifest, device, max_context)
         tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
-        return cls(runner, tokenizer, spec.proposer, eos_token_ids(tokenizer))
+        return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     # --- prompt handling -------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -122,93 +140,108 @@ class Generator:
             )
 
     # --- the decode loop -------------------------------------------------------------------
-    def run_step(self, draft: Draft, stats: GenerationStats) -> torch.Tensor:
-        """One forward pass over `draft` at the current cache length; returns the step output."""
-        positions = self.backend.cache.length + draft.buffers.depth
+    def run_step(self, draft: Draft, verifier: Verifier, stats: GenerationStats) -> StepReadout:
+        """One forward pass over `draft` at the committed length, and its one readout (which
+        synchronises the device, so the timing is the step's)."""
         start = time.perf_counter()
-        output = self.backend.step(draft.tokens, positions, draft.buffers.ancestor_mask)
+        readout = read_step(self.backend.step(draft), draft, verifier)
         stats.forward_seconds += time.perf_counter() - start
         stats.steps += 1
-        return output
+        return readout
 
-    def decode_steps(self, prompt_ids: list[int], stats: GenerationStats) -> Iterator[list[int]]:
-        """Yield the tokens each step produces: prefill, then propose -> step -> verify -> commit."""
-        cache = self.backend.cache
-        cache.reset()
+    def decode_steps(self, prompt_ids: list[int], stats: GenerationStats,
+                     verifier: Verifier | None = None) -> Iterator[DecodeStep]:
+        """Prefill, then propose -> step -> verify -> commit -> observe, one DecodeStep per pass."""
+        verifier = verifier or make_verifier(DecodingOptions())
+        self.backend.reset()
         draft = self.proposer.prefill_draft(prompt_ids)
-        output = self.run_step(draft, stats)
-        last = len(prompt_ids) - 1
-        root = int(output.logits[last].argmax())
-        cache.commit(output.new_keys, output.new_values, list(range(len(prompt_ids))))
-        self.proposer.observe(draft, output, last)
-        history = list(prompt_ids) + [root]
-        yield [root]
+        readout = self.run_step(draft, verifier, stats)
+        path = list(range(len(prompt_ids)))
+        self.backend.commit(path)
+        self.proposer.observe(draft, readout, path)
+        history = list(prompt_ids) + [readout.chosen_after(path[-1])]
+        yield DecodeStep(history[-1:], draft, readout, path)
         while True:
             draft = self.proposer.propose(history)
-            output = self.run_step(draft, stats)
-            path, bonus = verify_greedy(draft, output.logits)
-            cache.commit(output.new_keys, output.new_values, path)
-            self.proposer.observe(draft, output, path[-1])
+            readout = self.run_step(draft, verifier, stats)
+            path, bonus = walk(draft, readout.chosen)
+            self.backend.commit(path)
+            self.proposer.observe(draft, readout, path)
             new_tokens = [int(draft.tokens[i]) for i in path[1:]] + [bonus]
             history.extend(new_tokens)
-            yield new_tokens
+            yield DecodeStep(new_tokens, draft, readout, path)
 
-    def _token_stream(self, prompt: Prompt, max_new_tokens: int, stats: GenerationStats) -> Iterator[int]:
+    def _token_stream(self, prompt: Prompt, max_new_tokens: int, options: DecodingOptions,
+                      stats: GenerationStats) -> Iterator[int]:
         """New tokens one by one, ending after EOS or the budget."""
         prompt_ids = self.encode(prompt)
         self.check_budget(len(prompt_ids), max_new_tokens)
+        verifier = make_verifier(options)
         produced = 0
-        for tokens in self.decode_steps(prompt_ids, stats):
-            stats.accepted_tokens += len(tokens)
-            for token in tokens:
+        for step in self.decode_steps(prompt_ids, stats, verifier):
+            stats.accepted_tokens += len(step.tokens)
+            for token in step.tokens:
                 produced += 1
                 yield token
                 if token in self.eos_token_ids or produced >= max_new_tokens:
                     return
 
     def stream(self, prompt: Prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               stop: Sequence[str] | None = None, result: Result | None = None) -> Iterator[str]:
+               stop: Sequence[str] | None = None, result: Result | None = None, *, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are accepted. Generation ends at EOS, at the first stop string
         (text through the stop string is returned, nothing after it) or after max_new_tokens.
-        Pass a `result` to have it filled with the token ids, full text and stats."""
-        result = result if result is not None else Result([], "")
+        temperature 0 (the default) is greedy. Pass a `result` to have it filled with the token ids,
+        full text and stats."""
+        options = DecodingOptions(temperature, top_p, top_k, seed)   # refused before any work
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this Generator is already generating in another thread: a Generator owns one KV "
+                               "cache and decodes one sequence at a time; use one Generator per thread")
+        try:
+            yield from self._stream_text(prompt, max_new_tokens, stop, options, result or Result([], ""))
+        finally:
+            self._busy.release()
+
+    def _stream_text(self, prompt: Prompt, max_new_tokens: int, stop: Sequence[str] | None,
+                     options: DecodingOptions, result: Result) -> Iterator[str]:
         stats, tokens = result.stats, result.token_ids
         stops = [s for s in (stop or []) if s]
-        emitted = ""
+        longest_stop = max((len(s) for s in stops), default=0)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        text, emitted = "", 0     # text decoded so far; how much of it was yielded
         start = time.perf_counter()
         try:
-            for token in self._token_stream(prompt, max_new_tokens, stats):
+            for token in self._token_stream(prompt, max_new_tokens, options, stats):
                 tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = _first_stop(text, stops, search_from=max(0, len(emitted) - max((len(s) for s in stops), default=0)))
+                searched = max(0, len(text) - longest_stop + 1)   # a stop string must end in the new text
+                text += detokenizer.add(token)
+                cut = first_stop(text, stops, searched)
                 if cut is not None:
                     text = text[:cut]
-                if not text.endswith("\ufffd") and len(text) > len(emitted):  # hold back partial UTF-8
-                    yield text[len(emitted):]
-                    emitted = text
-                if cut is not None:
                     break
+                if len(text) > emitted:
+                    yield text[emitted:]
+                    emitted = len(text)
+            else:  # EOS or budget: release what was held back as partial UTF-8
+                searched = max(0, len(text) - longest_stop + 1)
+                text += detokenizer.flush()
+                cut = first_stop(text, stops, searched)
+                text = text if cut is None else text[:cut]
         finally:
             stats.new_tokens = len(tokens)
             stats.seconds = time.perf_counter() - start
-        final = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _first_stop(final, stops, 0)
-        result.text = final if cut is None else final[:cut]
-        if len(result.text) > len(emitted):
-            yield result.text[len(emitted):]
+        result.text = text
+        if len(text) > emitted:
+            yield text[emitted:]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 stop: Sequence[str] | None = None) -> Result:
+                 stop: Sequence[str] | None = None, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> Result:
         result = Result([], "")
-        for _ in self.stream(prompt, max_new_tokens, stop, result):
+        for _ in self.stream(prompt, max_new_tokens, stop, result, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed):
             pass
         return result
-
-
-def _first_stop(text: str, stops: list[str], search_from: int) -> int | None:
-    """End index (exclusive) of the earliest stop string in text, or None."""
-    ends = [i + len(s) for s in stops if (i := text.find(s, search_from)) >= 0]
-    return min(ends) if ends else None
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,12 +1,28 @@
-"""The committed KV cache: preallocated once, grown only by commits of accepted tree nodes."""
+"""The committed KV cache: preallocated once, grown only by commits of accepted tree nodes. A
+backend owns one; nothing outside the backend writes it."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 
 class ContextOverflowError(ValueError):
     """More tokens than the cache was allocated for."""
+
+
+def contiguous_runs(nodes: Sequence[int]) -> list[tuple[int, int]]:
+    """[(first node, count)] of consecutive node indices, in order: a prefill or a chain is one run,
+    a tree path a few. Copying runs by slice needs no index tensor on the device (no upload)."""
+    runs: list[tuple[int, int]] = []
+    for node in nodes:
+        node = int(node)
+        if runs and runs[-1][0] + runs[-1][1] == node:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((node, 1))
+    return runs
 
 
 class KVCache:
@@ -33,20 +49,19 @@ class KVCache:
         s = self.length
         return [k[:s] for k in self.keys], [v[:s] for v in self.values]
 
-    def commit(self, new_keys: torch.Tensor, new_values: torch.Tensor, nodes: list[int]) -> None:
-        """Append the entries of tree `nodes` (in order) from a step's new_keys/new_values [L, T, Hkv, D]."""
-        n = len(nodes)
-        if self.length + n > self.max_context:
+    def check_room(self, count: int) -> None:
+        if self.length + count > self.max_context:
             raise ContextOverflowError(
-                f"KV cache full: {self.length} + {n} entries > max_context {self.max_context}; "
+                f"KV cache full: {self.length} + {count} entries > max_context {self.max_context}; "
                 "load the model with a larger max_context"
             )
-        start, end = self.length, self.length + n
-        if nodes == list(range(nodes[0], nodes[0] + n)):  # a contiguous run (prefill, chains): slice, no gather
-            self.keys[:, start:end] = new_keys[:, nodes[0]: nodes[0] + n]
-            self.values[:, start:end] = new_values[:, nodes[0]: nodes[0] + n]
-        else:
-            index = torch.as_tensor(nodes, device=new_keys.device)
-            self.keys[:, start:end] = new_keys.index_select(1, index)
-            self.values[:, start:end] = new_values.index_select(1, index)
+
+    def commit(self, new_keys: torch.Tensor, new_values: torch.Tensor, nodes: Sequence[int]) -> None:
+        """Append the entries of tree `nodes` (in order) from a step's new_keys/new_values [L, T, Hkv, D]."""
+        self.check_room(len(nodes))
+        end = self.length
+        for first, count in contiguous_runs(nodes):
+            self.keys[:, end: end + count] = new_keys[:, first: first + count]
+            self.values[:, end: end + count] = new_values[:, first: first + count]
+            end += count
         self.length = end

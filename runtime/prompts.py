@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from export.paths import packaged_file
 
 PROMPT_SETS = ("mtbench", "humaneval")
 _PACKAGE_FILES = {
@@ -24,14 +25,7 @@ class PromptItem:
 
 def package_file(distribution: str, relative: str) -> Path:
     """A data file inside an installed wheel, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(f"package {distribution} is not installed: run `make setup`") from exc
-    path = Path(dist.locate_file(relative))
-    if not path.is_file():
-        raise FileNotFoundError(f"{distribution} is installed but {path} is missing: reinstall it")
-    return path
+    return packaged_file(distribution, relative, FileNotFoundError, "run `make setup`")
 
 
 def load_prompts(name_or_path: str, limit: int | None = None) -> list[PromptItem]:

@@ -1,12 +1,12 @@
 """Measured check of a searched tree: the chosen tree against the best tree of each fixed budget, the
-hand-picked tree and vanilla, on one backend in one run (the library half of `python -m trees sweep`)."""
+hand-picked tree and vanilla, on one backend in one run (the library half of `python -m runtime trees sweep`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from runtime.bench import PromptRun, generator_runner, median_tokens_per_s, run_interleaved
-from runtime.methods import HAND_PICKED_TREES
+from export.methods import METHODS
 from trees import PPDTreeSet, check_tree_identity, load_ppd_trees
 from trees.latency import LatencyProfile
 from trees.search import AcceptanceModel, Evaluation, SearchConfig, evaluate, search_curve
@@ -17,7 +17,7 @@ VANILLA = "vanilla"
 def reference_evaluations(method: str, model: AcceptanceModel, profile: LatencyProfile,
                           n: int) -> list[tuple[str, Evaluation]]:
     """The method's hand-picked default tree, evaluated the same way (when it fits N and the profile)."""
-    hand = load_ppd_trees(HAND_PICKED_TREES[method])
+    hand = load_ppd_trees(METHODS[method].hand_picked_tree)
     if hand.num_prompt_tokens != n or hand.max_tokens(model.ensemble) > profile.max_tokens:
         return []
     return [("hand-picked tree", evaluate(hand, model, profile.latency))]
@@ -30,7 +30,7 @@ def sweep_variants(method: str, tree_path: Path, identity, model: AcceptanceMode
     chosen = load_ppd_trees(tree_path)
     check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256)
     variants: dict[str, PPDTreeSet | None] = {VANILLA: None, f"chosen ({tree_path.name})": chosen}
-    hand_picked = load_ppd_trees(HAND_PICKED_TREES[method])
+    hand_picked = load_ppd_trees(METHODS[method].hand_picked_tree)
     if hand_picked.num_prompt_tokens == identity.config.num_prompt_tokens:
         variants["hand-picked"] = hand_picked
     fixed = search_curve(model, profile.latency, SearchConfig(budgets=budgets, topk=model.topk),

@@ -1,23 +1,80 @@
-"""Greedy verification: accept the longest path of candidates that the model itself would emit."""
+"""Verification as a strategy: the decoding options pick a verifier; every verifier has two halves.
+
+    choose(logits [C, V], positions [C]) -> [C] int64     on the backend's device, per candidate node:
+                                                          the token the model emits after that node
+    walk(draft, chosen [C]) -> (path, bonus)              on the host: follow the child whose token
+                                                          is the chosen one; the last choice is the bonus
+
+Greedy chooses the argmax. The sampling verifier (the next issue) chooses a token drawn from the
+processed distribution with a uniform keyed by (seed, absolute position) and walks the same way,
+which is exact for deterministic drafts: the walk only reads `chosen`.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 import torch
 
 from runtime.draft import Draft
 
 
-def verify_greedy(draft: Draft, logits: torch.Tensor) -> tuple[list[int], int]:
-    """Walk the candidate tree from the root, following the child whose token equals the model's
-    argmax at the current node.
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How tokens are chosen: greedy when temperature is 0 (the default), sampling otherwise."""
 
-    logits: [T, V] for all draft nodes. Returns (accepted node indices root..last, bonus token):
-    the bonus token is the model's argmax after the last accepted node, so every step yields
-    len(path) new tokens (len(path) - 1 candidates + the bonus).
-    """
-    predictions = logits[: draft.num_candidates].argmax(dim=-1).tolist()
+    temperature: float = 0.0   # 0 = greedy
+    top_p: float = 1.0         # nucleus mass kept (1 = off)
+    top_k: int = 0             # most likely tokens kept (0 = off)
+    seed: int | None = None    # sampling: the key of the random stream (None = a random one per call)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Verifier(Protocol):
+    def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """logits [C, V] of the candidate nodes, positions [C] their absolute positions (device
+        tensors) -> [C] int64 on the same device: the token the model emits after each node."""
+        ...
+
+
+class GreedyVerifier:
+    def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+
+def make_verifier(options: DecodingOptions) -> Verifier:
+    """The verifier for `options`: greedy for temperature 0."""
+    if options.greedy:
+        return GreedyVerifier()
+    raise ValueError(f"sampling (temperature={options.temperature}) is not available yet: every method "
+                     "decodes greedily for now; pass temperature=0 (top_p, top_k and seed apply to sampling only)")
+
+
+def walk(draft: Draft, chosen: np.ndarray) -> tuple[list[int], int]:
+    """Follow the candidate tree from the root along the chosen tokens.
+
+    chosen: [C] the token emitted after each candidate node. Returns (accepted node indices
+    root..last, bonus token): the bonus is the token chosen after the last accepted node, so every
+    step yields len(path) new tokens (len(path) - 1 candidates + the bonus)."""
     node, path = 0, [0]
-    while (child := draft.children[node].get(predictions[node])) is not None:
+    while (child := draft.children[node].get(int(chosen[node]))) is not None:
         path.append(child)
         node = child
-    return path, predictions[node]
+    return path, int(chosen[node])

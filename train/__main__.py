@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from train.common import TrainResult, format_command
 from train.ht import HTTrainConfig, train_ht
 from train.ppd import PPDTrainConfig, train_ppd
 from train.sharegpt import DatasetError
-from trees.config_args import add_config_arguments
+from trees.config_args import add_config_command, config_from_args, exit_code_of
 
 
 def cmd_ppd(args: argparse.Namespace, argv: list[str]) -> int:
@@ -68,12 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    ppd = sub.add_parser("ppd", help=cmd_ppd.__doc__, description=cmd_ppd.__doc__)
-    add_config_arguments(ppd, PPDTrainConfig)
-    ppd.set_defaults(func=cmd_ppd, config_class=PPDTrainConfig)
-    ht = sub.add_parser("ht", help=cmd_ht.__doc__, description=cmd_ht.__doc__)
-    add_config_arguments(ht, HTTrainConfig)
-    ht.set_defaults(func=cmd_ht, config_class=HTTrainConfig)
+    add_config_command(sub, "ppd", PPDTrainConfig, cmd_ppd)
+    add_config_command(sub, "ht", HTTrainConfig, cmd_ht)
     layers = sub.add_parser("ht-layers", help=cmd_ht_layers.__doc__, description=cmd_ht_layers.__doc__)
     layers.add_argument("reports", nargs="+", help="training reports (.json beside each map checkpoint), one per layer")
     layers.add_argument("--out", required=True, help="PNG to write")
@@ -81,20 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> PPDTrainConfig | HTTrainConfig:
-    cls = args.config_class
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args, argv)
-    except (CheckpointError, DatasetError, PromptTokenError, TransferMapError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    errors = (CheckpointError, DatasetError, PromptTokenError, TransferMapError, ValueError)
+    return exit_code_of(lambda: args.func(args, argv), errors)
 
 
 if __name__ == "__main__":

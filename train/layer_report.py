@@ -9,10 +9,10 @@ checked, so the table compares layers and nothing else.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from trees.atomic import atomic_path
 
 # Settings that must agree between the compared runs (report keys; `config` holds the rest).
 SAME_SETTINGS = ("model_fingerprint", "num_maps", "train_samples", "val_samples", "val_positions")
@@ -97,14 +97,9 @@ def plot_layers(runs: list[LayerRun], out: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".png") as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

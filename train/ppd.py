@@ -31,10 +31,11 @@ import torch
 from export.ppd import (DEFAULT_ENSEMBLE, DEFAULT_NUM_PROMPT_TOKENS, DEFAULT_PPD_CHECKPOINT, PPDConfig,
                         attach_prompt_tokens, average_ensemble_logits, save_prompt_tokens)
 from export.step_model import StepModel, lowest_mask_value
-from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, _opt, base_report,
+from train.common import (DistillTrainConfig, SampleOutput, TrainingRun, TrainResult, base_report,
                           causal_mask, distill_scores, evaluate, format_command, load_training_inputs,
                           usable_positions, write_report)
 from trees import buffers_from_parents
+from trees.config_args import option
 
 __all__ = ["PPDTrainConfig", "PromptGroups", "build_prompt_groups", "causal_mask", "format_command",
            "initial_embeddings", "sample_forward", "train_ppd", "usable_positions"]
@@ -45,11 +46,11 @@ class PPDTrainConfig(DistillTrainConfig):
     """Every default of `python -m train ppd` lives here or in DistillTrainConfig (the CLI is
     generated from these fields)."""
 
-    output: Path = _opt(DEFAULT_PPD_CHECKPOINT, "prompt-token checkpoint to write (.safetensors)")
-    lr: float = _opt(1e-2, "AdamW peak learning rate (PPD paper: 1e-2)")
-    num_prompt_tokens: int = _opt(DEFAULT_NUM_PROMPT_TOKENS, "N: prompt tokens (prompt token i predicts t+2+i)")
-    ensemble: int = _opt(DEFAULT_ENSEMBLE, "k: ensemble virtual tokens per prompt token (EPT)")
-    init_noise: float = _opt(0.1, "init = mean vocab embedding + this * per-dim std * N(0, 1)")
+    output: Path = option(DEFAULT_PPD_CHECKPOINT, "prompt-token checkpoint to write (.safetensors)")
+    lr: float = option(DistillTrainConfig.lr, "AdamW peak learning rate (PPD paper: 1e-2)")
+    num_prompt_tokens: int = option(DEFAULT_NUM_PROMPT_TOKENS, "N: prompt tokens (prompt token i predicts t+2+i)")
+    ensemble: int = option(DEFAULT_ENSEMBLE, "k: ensemble virtual tokens per prompt token (EPT)")
+    init_noise: float = option(0.1, "init = mean vocab embedding + this * per-dim std * N(0, 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

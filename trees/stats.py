@@ -1,6 +1,6 @@
 """Acceptance statistics of PPD's prompt-token predictions: the data the tree search is fitted to.
 
-Collected by `runtime.acceptance` (`python -m trees stats`) on held-out calibration prompts. After
+Collected by `runtime.acceptance` (`python -m runtime trees stats`) on held-out calibration prompts. After
 every decode step the accepted node's m prompt tokens give [m, K] top-K predictions for the next
 step; row d-1 guesses the token d places after the next root. The decode is lossless greedy, so the
 tokens it goes on to produce are the truth to compare with. One record per step:
@@ -23,13 +23,12 @@ sparse m usable and leaves well-observed m to their own data.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trees._json import write_json
+from trees._json import check_format, fields_of, read_json_file, write_json
 
 STATS_FORMAT = "ppdeploy-ppd-acceptance"
 DEFAULT_SHRINKAGE = 20.0
@@ -132,10 +131,9 @@ class AcceptanceStats:
 
     @classmethod
     def from_json(cls, data: dict) -> "AcceptanceStats":
-        if data.get("format") != STATS_FORMAT:
-            raise StatsError(f"not a PPD acceptance-statistics file (format {data.get('format')!r}, "
-                             f"expected {STATS_FORMAT!r}): write one with `python -m trees stats`")
-        try:
+        check_format(data, STATS_FORMAT, StatsError, "a PPD acceptance-statistics file",
+                     "write one with `python -m runtime trees stats`")
+        with fields_of(StatsError, "acceptance statistics JSON is missing or has a bad field"):
             return cls(
                 num_prompt_tokens=int(data["num_prompt_tokens"]), ensemble=int(data["ensemble"]),
                 topk=int(data["topk"]), steps=tuple(tuple(s) for s in data["steps"]),
@@ -143,33 +141,23 @@ class AcceptanceStats:
                 calibration=str(data.get("calibration", "")), num_prompts=int(data.get("num_prompts", 0)),
                 max_new_tokens=int(data.get("max_new_tokens", 0)), backend=str(data.get("backend", "")),
                 device=str(data.get("device", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, StatsError):
-                raise
-            raise StatsError(f"acceptance statistics JSON is missing or has a bad field: {exc!r}") from exc
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically, one step record per line (diffable; a few thousand lines)."""
-        write_json(path, self.to_json())
-        return Path(path)
+        return write_json(path, self.to_json())
 
     def check_identity(self, model_fingerprint: str, checkpoint_sha256: str) -> None:
         """Refuse statistics collected for another model or another prompt-token checkpoint."""
         if self.model_fingerprint != model_fingerprint:
             raise StatsError(f"these acceptance statistics were collected for model {self.model_fingerprint}, not "
-                             f"{model_fingerprint}: run `python -m trees stats` for this model")
+                             f"{model_fingerprint}: run `python -m runtime trees stats` for this model")
         if self.checkpoint_sha256 != checkpoint_sha256:
             raise StatsError(f"these acceptance statistics were collected with prompt tokens "
                              f"{self.checkpoint_sha256[:16]}, not the checkpoint now loaded "
                              f"({checkpoint_sha256[:16]}): the prompt tokens were retrained, rerun "
-                             f"`python -m trees stats`")
+                             f"`python -m runtime trees stats`")
 
 
 def load_stats(path: str | Path) -> AcceptanceStats:
-    path = Path(path)
-    if not path.is_file():
-        raise StatsError(f"acceptance statistics {path} do not exist: collect them with `python -m trees stats`")
-    try:
-        return AcceptanceStats.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise StatsError(f"{path} is not valid JSON: {exc}") from exc
+    return AcceptanceStats.from_json(read_json_file(path, StatsError, "acceptance statistics file",
+                                                    "collect them with `python -m runtime trees stats`"))

@@ -7,11 +7,12 @@ length plus its depth. Everything here is plain data: numpy arrays built once, n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from trees._json import fields_of, read_json_file
 
 
 class TreeError(ValueError):
@@ -38,6 +39,12 @@ class TreeBuffers:
         return int(self.parents.shape[0])
 
 
+def readonly(array: np.ndarray) -> np.ndarray:
+    """`array`, made read-only in place: tree buffers are built once and never written."""
+    array.setflags(write=False)
+    return array
+
+
 def buffers_from_parents(parents: list[int] | np.ndarray) -> TreeBuffers:
     """Build the tree buffers from a topologically ordered parent list (parents[0] == -1)."""
     parents = np.asarray(parents, dtype=np.int64)
@@ -61,9 +68,8 @@ def buffers_from_parents(parents: list[int] | np.ndarray) -> TreeBuffers:
     for row, leaf in enumerate(leaves):
         path = np.flatnonzero(mask[leaf])  # ancestors are in topological order = root..leaf
         retrieve[row, : len(path)] = path
-    for arr in (mask, depth, parents, retrieve):
-        arr.setflags(write=False)
-    return TreeBuffers(ancestor_mask=mask, depth=depth, parents=parents, retrieve=retrieve)
+    return TreeBuffers(ancestor_mask=readonly(mask), depth=readonly(depth), parents=readonly(parents),
+                       retrieve=readonly(retrieve))
 
 
 def causal_buffers(length: int) -> TreeBuffers:
@@ -104,9 +110,7 @@ class Tree:
             ranks.append(path[-1])
         object.__setattr__(self, "paths", paths)
         object.__setattr__(self, "buffers", buffers_from_parents(parents))
-        node_rank = np.asarray(ranks, dtype=np.int64)
-        node_rank.setflags(write=False)
-        object.__setattr__(self, "node_rank", node_rank)
+        object.__setattr__(self, "node_rank", readonly(np.asarray(ranks, dtype=np.int64)))
 
     @property
     def size(self) -> int:
@@ -122,18 +126,9 @@ class Tree:
 
     @classmethod
     def from_json(cls, data: dict) -> "Tree":
-        try:
+        with fields_of(TreeError, "tree JSON needs 'paths' (list of rank lists) and 'topk' (int)"):
             return cls(paths=tuple(tuple(p) for p in data["paths"]), topk=int(data["topk"]))
-        except (KeyError, TypeError) as exc:
-            raise TreeError(f"tree JSON needs 'paths' (list of rank lists) and 'topk' (int): {exc}") from exc
 
 
 def load_tree(path: str | Path) -> Tree:
-    path = Path(path)
-    if not path.is_file():
-        raise TreeError(f"tree file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TreeError(f"tree file {path} is not valid JSON: {exc}") from exc
-    return Tree.from_json(data)
+    return Tree.from_json(read_json_file(path, TreeError, "tree file"))

@@ -1,16 +1,16 @@
-"""Backends run the step function. `torch` is the reference; others follow the same contract.
-
-`make_backend` turns (backend name, checkpoint dir, built method) into a ready backend and its
-tokenizer; for `onnxruntime` that means an exported engine dir under
-artifacts/engines/<model>/<cpu|cuda>/<vanilla|ppd|ht>/, (re-)exported when missing or stale.
+"""The backend registry: name -> loader that turns (checkpoint dir, built method) into a ready
+backend and its tokenizer. `torch` is the reference; `onnxruntime` runs the exported engine dir
+that export/ prepares (artifacts/engines/<model>/<cpu|cuda>/<graph>/, re-exported when stale).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.backends.base import Backend, ModelInfo, StepOutput
+from runtime.backends.base import Backend, DeviceLayout, ModelInfo, StepOutput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -18,64 +18,94 @@ if TYPE_CHECKING:
     from export.manifest import Manifest
     from runtime.methods import Method
 
-BACKENDS = ("torch", "onnxruntime")
+Loaded = tuple[Backend, "PreTrainedTokenizerBase"]
+DEFAULT_BACKEND = "torch"   # the reference; `onnxruntime` is the faster CPU engine
 
-__all__ = ["BACKENDS", "Backend", "ModelInfo", "StepOutput", "engine_method", "make_backend"]
+
+def load_torch(model_dir: Path, method: "Method", device: str, max_context: int) -> Loaded:
+    from export.checkpoint import load_checkpoint
+    from export.step_model import StepModel
+    from runtime.backends.torch_backend import TorchBackend
+
+    hf_model, tokenizer = load_checkpoint(model_dir)
+    step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
+    del hf_model
+    return TorchBackend(step_model, max_context=max_context, device=device), tokenizer
+
+
+def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int) -> Loaded:
+    import torch
+    from transformers import AutoTokenizer
+
+    from export.engine import prepare_engine
+    from runtime.backends.ort_backend import OrtBackend
+
+    manifest = prepare_engine(model_dir, method.spec.graph, method.extras, torch.device(device).type, max_context,
+                              method.proposer.max_draft_tokens)
+    manifest.check_tree_size(method.proposer.max_draft_tokens)
+    return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    load: Callable[[Path, "Method", str, int], Loaded]
+    exported: bool          # runs an exported engine dir (Generator.from_engine)
+
+
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("torch", load_torch, exported=False),
+    BackendSpec("onnxruntime", load_onnxruntime, exported=True),
+)}
+
+
+def backend_spec(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
 
 
 def make_backend(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
-                 max_context: int | None = None) -> tuple[Backend, "PreTrainedTokenizerBase"]:
-    """The backend `name` for `model_dir` running `method` (its extra rows included), and the tokenizer."""
+                 max_context: int | None = None) -> Loaded:
+    """The backend `name` for `model_dir` running `method` (its trained tensors included), and the tokenizer."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
-    max_context = DEFAULT_MAX_CONTEXT if max_context is None else max_context
-    if name == "torch":
-        from export.checkpoint import load_checkpoint
-        from export.step_model import StepModel
-        from runtime.backends.torch_backend import TorchBackend
-
-        hf_model, tokenizer = load_checkpoint(model_dir)
-        step_model = StepModel(hf_model, method.extra_embeddings, method.transfer_maps)
-        del hf_model
-        return TorchBackend(step_model, max_context=max_context, device=device), tokenizer
-    if name == "onnxruntime":
-        from transformers import AutoTokenizer
-
-        from runtime.backends.ort_backend import OrtBackend, ensure_engine
-
-        manifest = ensure_engine(model_dir, method, device, max_context)
-        manifest.check_tree_size(method.proposer.max_draft_tokens)
-        return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    spec = backend_spec(name)
+    return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context)
 
 
 def engine_method(manifest: "Manifest", name: str | None = None, device: str = "cpu", **options) -> "Method":
     """Build the method an engine dir runs: by default the one it was exported for, with its options
-    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick another method that needs no
-    trained tensors (vanilla or ngram on any engine). The method's tensors must be the ones in the graph."""
-    from export.engine import TREE_METHODS, engine_tree_path
-    from export.onnx_export import TRAINED_METHODS, MethodExtras
+    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick a method served by the engine's
+    graph (vanilla or ngram on any engine). The method's tensors must be the ones in the graph."""
+    from export.engine import engine_tree_path
+    from export.methods import method_spec
     from runtime.methods import build_method
 
     record = manifest.method
     name = record.name if name is None else name
-    if name != record.name and name in TRAINED_METHODS:
+    spec = method_spec(name)
+    if name != record.name and spec.trained:
         raise ValueError(f"method {name!r} needs its trained tensors in the graph, but {manifest.dir} is an "
                          f"{record.name!r} engine: export one with `python -m export onnx --method {name} ...`, "
                          f"or pick vanilla or ngram, which run on any engine")
     if name == record.name:
         options = {**record.options, **({"checkpoint": record.checkpoint.file} if record.checkpoint else {}), **options}
     engine_tree = engine_tree_path(manifest)
-    if name == record.name and name in TREE_METHODS and "tree" not in options and engine_tree.is_file():
+    if name == record.name and spec.tree_set and "tree" not in options and engine_tree.is_file():
         options["tree"] = str(engine_tree)   # the tree `make engine` installed for this device
     model = manifest.model
     # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd, ht).
     method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,
                           backend="onnxruntime", **options)
-    weights = MethodExtras(method.extra_embeddings, transfer_maps=method.transfer_maps).weights_sha256
+    weights = method.extras.weights_sha256
     if weights is not None and (name != record.name or weights != record.weights_sha256):
         raise ValueError(f"method {name!r} brings trained tensors that are not the ones exported into "
                          f"{manifest.dir} (a {record.name!r} engine); export an engine with this checkpoint "
                          f"(`python -m export onnx --method {name} --checkpoint FILE ...`)")
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     return method
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BackendSpec", "DeviceLayout", "ModelInfo", "StepOutput", "backend_spec",
+           "engine_method", "make_backend"]

@@ -1,20 +1,20 @@
-"""The proposer interface: how a method lays out each step's tree and learns from its output."""
+"""The proposer interface: how a method lays out each step's tree and learns from its output.
+
+The loop calls prefill_draft(prompt) -> step -> observe, then per step propose(history) -> step ->
+verify -> commit -> observe. What a proposer learns arrives explicitly: the draft it made (its
+layout says which prediction rows each candidate carried, its `sources` who made each node), the
+step's readout (the verifier's choices and the prediction rows' top-K ids) and the accepted path.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from runtime.backends.base import StepOutput
 from runtime.draft import Draft
+from runtime.readout import StepReadout
 
 
 class Proposer(Protocol):
-    """A decoding method. The loop calls, in order:
-
-    prefill_draft(prompt) -> step -> observe(...) -> then per step: propose(history) -> step ->
-    verify -> commit -> observe(...). `history` is prompt + generated tokens, ending with the root.
-    """
-
     @property
     def max_draft_tokens(self) -> int:
         """Largest T of any decode-step draft (the cache must hold this many entries beyond the text)."""
@@ -25,8 +25,10 @@ class Proposer(Protocol):
         ...
 
     def propose(self, history: list[int]) -> Draft:
+        """This step's draft; `history` is prompt + generated tokens, ending with the root."""
         ...
 
-    def observe(self, draft: Draft, output: StepOutput, last_accepted: int) -> None:
-        """Called after each step with the node the accepted path ended at (for self-drafting methods)."""
+    def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
+        """After each step: `path` = the accepted candidate nodes, root first (for a prefill, the
+        whole prompt)."""
         ...

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from runtime.backends.base import StepOutput
-from runtime.draft import Draft
+from export.methods import NgramOptions
+from runtime.draft import Draft, Layout
+from runtime.proposers.trie import CandidateTrie
+from runtime.readout import StepReadout
 
-
-@dataclass(frozen=True)
-class NgramConfig:
-    max_ngram: int = 3      # longest suffix n-gram to look up; shorter ones fill the rest of the budget
-    min_ngram: int = 1
-    max_depth: int = 7      # tokens per continuation
-    max_nodes: int = 10     # tree budget, root included (T of the step)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError(f"ngram sizes need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
-        if self.max_depth < 1 or self.max_nodes < 2:
-            raise ValueError("ngram needs max_depth >= 1 and max_nodes >= 2")
+MAX_CACHED_LAYOUTS = 256   # n-gram tree shapes repeat (chains, small fans): reuse their layouts
 
 
 def find_continuations(history: np.ndarray, n: int, depth: int) -> list[np.ndarray]:
@@ -34,38 +22,38 @@ def find_continuations(history: np.ndarray, n: int, depth: int) -> list[np.ndarr
     return [history[s + n: s + n + depth] for s in starts if s + n < len(history)]
 
 
+def add_ngram_candidates(trie: CandidateTrie, history: np.ndarray, options: NgramOptions) -> None:
+    """Merge the continuations of the longest matching suffix n-grams first, then shorter ones,
+    until the trie's budget is spent."""
+    for n in range(min(options.max_ngram, len(history) - 1), options.min_ngram - 1, -1):
+        for continuation in find_continuations(history, n, options.max_depth):
+            trie.add(continuation, "ngram")
+            if trie.full:
+                return
+
+
 class NgramProposer:
-    def __init__(self, config: NgramConfig = NgramConfig()) -> None:
-        self.config = config
+    def __init__(self, options: NgramOptions = NgramOptions()) -> None:
+        self.options = options
+        self._layouts: dict[tuple[int, ...], Layout] = {}
 
     @property
     def max_draft_tokens(self) -> int:
-        return self.config.max_nodes
+        return self.options.max_nodes
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
-        return Draft.chain(prompt_ids)
+        return Draft.prefill(prompt_ids)
 
     def propose(self, history: list[int]) -> Draft:
-        cfg = self.config
-        hist = np.asarray(history, dtype=np.int64)
-        tokens, parents = [int(hist[-1])], [-1]
-        trie: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        for n in range(min(cfg.max_ngram, len(hist) - 1), cfg.min_ngram - 1, -1):
-            for continuation in find_continuations(hist, n, cfg.max_depth):
-                node = 0
-                for token in continuation.tolist():
-                    child = trie.get((node, token))
-                    if child is None:
-                        if len(tokens) == cfg.max_nodes:
-                            break
-                        child = len(tokens)
-                        trie[(node, token)] = child
-                        tokens.append(token)
-                        parents.append(node)
-                    node = child
-                if len(tokens) == cfg.max_nodes:
-                    return Draft.from_parents(tokens, parents)
-        return Draft.from_parents(tokens, parents)
+        trie = CandidateTrie(history[-1], self.options.max_nodes)
+        add_ngram_candidates(trie, np.asarray(history, dtype=np.int64), self.options)
+        shape = tuple(trie.parents)
+        layout = self._layouts.get(shape)
+        if layout is None:
+            if len(self._layouts) >= MAX_CACHED_LAYOUTS:
+                self._layouts.clear()
+            layout = self._layouts[shape] = trie.layout()
+        return trie.draft(layout)
 
-    def observe(self, draft: Draft, output: StepOutput, last_accepted: int) -> None:
+    def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         pass

@@ -1,47 +1,60 @@
 """PPD inference: the dynamic sparse tree. One forward pass verifies this step's candidates and,
-through the prompt tokens each candidate carries, predicts the next step's candidates."""
+through the prompt tokens each candidate carries, predicts the next step's candidates.
+
+Each per-m tree of the tree set becomes one static Layout (built once): candidates first, then the
+prompt-token nodes of every candidate that carries some, with the prediction rows of each
+candidate recorded in the layout. After a step, the accepted node's rows of the readout ([m, K]
+top-K ids, row i guessing the token i + 1 places after the next root) are the next step's guesses,
+and m picks the next tree.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from export.ppd import PPDConfig, attach_prompt_tokens, average_ensemble_logits
-from runtime.backends.base import StepOutput
-from runtime.draft import Draft
+from export.ppd import PPDConfig, attach_prompt_tokens
+from runtime.draft import NO_GROUP, Draft, Layout
+from runtime.readout import StepReadout
 from trees import PPDStepTree, PPDTreeSet, buffers_from_parents
 
 
 @dataclass(frozen=True)
-class StepLayout:
-    """The static layout of one PPD step tree (built once per m): candidates first, then the
-    prompt-token nodes of every candidate that carries some.
+class StepTemplate:
+    """One per-m step: its layout, the prompt-id template (candidates zero) and, per candidate node
+    1..C-1, which prediction row (depth - 1) and rank its token is read from."""
 
-    template:      [T] token ids with prompt ids filled in and candidates zero
-    cand_depth:    [C-1] depth (1..m) of candidate nodes 1..C-1 -> which prediction row
-    cand_rank:     [C-1] top-k rank of candidate nodes 1..C-1
-    prompt_nodes:  per candidate node, the indices of its prompt nodes (attach order) or empty
-    """
-
-    draft_template: Draft
-    cand_depth: np.ndarray
-    cand_rank: np.ndarray
-    prompt_nodes: tuple[np.ndarray, ...]
+    layout: Layout
+    tokens: np.ndarray      # [T]
+    cand_depth: np.ndarray  # [C-1]
+    cand_rank: np.ndarray   # [C-1]
 
 
-def build_layout(step: PPDStepTree, config: PPDConfig, vocab_size: int) -> StepLayout:
-    tree = step.tree
-    parents, tokens = tree.buffers.parents.tolist(), [0] * tree.size
-    prompt_nodes = []
-    for node, count in enumerate(step.prompt_counts):
+def attach_layout(parents: list[int], tokens: list[int], counts: list[int], num_candidates: int,
+                  config: PPDConfig, vocab_size: int, topk: int, first_verified: int = 0) -> tuple[Layout, np.ndarray]:
+    """Attach counts[c] prompt tokens (x k ensemble nodes) after each candidate c; the layout records
+    each candidate's prediction rows ([count, k] node indices, i-major as attach_prompt_tokens lays them)."""
+    groups, rows = [], []
+    for node, count in enumerate(counts):
+        if not count:
+            groups.append(NO_GROUP)
+            continue
         start = len(parents)
-        if count:
-            parents, tokens = attach_prompt_tokens(parents, tokens, node, PPDConfig(count, config.ensemble), vocab_size)
-        prompt_nodes.append(np.arange(start, len(parents)))
-    template = Draft(np.asarray(tokens, dtype=np.int64), buffers_from_parents(parents), tree.size)
-    return StepLayout(template, tree.buffers.depth[1:].copy(), tree.node_rank[1:].copy(), tuple(prompt_nodes))
+        parents, tokens = attach_prompt_tokens(parents, tokens, node, PPDConfig(count, config.ensemble), vocab_size)
+        groups.append((len(rows), len(rows) + count))
+        rows.extend(np.arange(start, len(parents)).reshape(count, config.ensemble))
+    predict_rows = np.asarray(rows, dtype=np.int64).reshape(-1, config.ensemble)
+    layout = Layout(buffers_from_parents(parents), num_candidates, predict_rows, tuple(groups),
+                    predict_topk=topk if rows else 0, first_verified=first_verified)
+    return layout, np.asarray(tokens, dtype=np.int64)
+
+
+def step_template(step: PPDStepTree, config: PPDConfig, vocab_size: int, topk: int) -> StepTemplate:
+    tree = step.tree
+    layout, tokens = attach_layout(tree.buffers.parents.tolist(), [0] * tree.size, list(step.prompt_counts),
+                                   tree.size, config, vocab_size, topk)
+    return StepTemplate(layout, tokens, tree.buffers.depth[1:].copy(), tree.node_rank[1:].copy())
 
 
 class PPDProposer:
@@ -52,48 +65,28 @@ class PPDProposer:
         self.config = config
         self.trees = trees
         self.vocab_size = vocab_size
-        self.layouts = [build_layout(step, config, vocab_size) for step in trees.trees]
-        self._top_ids = np.zeros((0, trees.topk), dtype=np.int64)  # [m, topk] predictions for the next step
-        self._last_layout: StepLayout | None = None
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """[m, topk] read-only: the top-k token ids the last step's accepted node predicted for the
-        next step; row i guesses the token i + 1 places after the next root (m = the prompt tokens
-        that node carried). Read by acceptance statistics (runtime/acceptance.py)."""
-        view = self._top_ids.view()
-        view.setflags(write=False)
-        return view
+        self.templates = [step_template(step, config, vocab_size, trees.topk) for step in trees.trees]
+        # [m, topk] the guesses for the next step: what the last accepted node's prompt tokens predicted.
+        self.guesses = np.zeros((0, trees.topk), dtype=np.int64)
 
     @property
     def max_draft_tokens(self) -> int:
-        return max(layout.draft_template.size for layout in self.layouts)
+        return max(template.layout.size for template in self.templates)
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
+        """The prompt as a chain, with all N prompt tokens attached after its last node."""
         n = len(prompt_ids)
-        parents, tokens = attach_prompt_tokens(list(range(-1, n - 1)), list(prompt_ids), n - 1, self.config,
-                                               self.vocab_size)
-        self._last_layout = None
-        return Draft(np.asarray(tokens, dtype=np.int64), buffers_from_parents(parents), n)
+        counts = [0] * (n - 1) + [self.config.num_prompt_tokens]
+        layout, tokens = attach_layout(list(range(-1, n - 1)), list(prompt_ids), counts, n, self.config,
+                                       self.vocab_size, self.trees.topk, first_verified=n - 1)
+        return Draft(tokens, layout)
 
     def propose(self, history: list[int]) -> Draft:
-        layout = self.layouts[len(self._top_ids)]
-        tokens = layout.draft_template.tokens.copy()
+        template = self.templates[len(self.guesses)]
+        tokens = template.tokens.copy()
         tokens[0] = history[-1]
-        tokens[1: layout.draft_template.num_candidates] = self._top_ids[layout.cand_depth - 1, layout.cand_rank]
-        self._last_layout = layout
-        return Draft(tokens, layout.draft_template.buffers, layout.draft_template.num_candidates)
+        tokens[1: template.layout.num_candidates] = self.guesses[template.cand_depth - 1, template.cand_rank]
+        return Draft(tokens, template.layout)
 
-    def observe(self, draft: Draft, output: StepOutput, last_accepted: int) -> None:
-        if self._last_layout is None:  # prefill: the prompt tokens follow the prompt
-            nodes = np.arange(draft.num_candidates, draft.size)
-        else:
-            nodes = self._last_layout.prompt_nodes[last_accepted]
-        count = len(nodes) // self.config.ensemble
-        if count == 0:
-            self._top_ids = np.zeros((0, self.trees.topk), dtype=np.int64)
-            return
-        index = torch.as_tensor(nodes, device=output.logits.device)
-        logits = average_ensemble_logits(output.logits.index_select(0, index),
-                                         PPDConfig(count, self.config.ensemble))   # [count, V]
-        self._top_ids = torch.topk(logits, self.trees.topk, dim=-1).indices.cpu().numpy()
+    def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
+        self.guesses = readout.predictions_of(draft, path[-1])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from runtime.backends.base import StepOutput
-from runtime.draft import Draft
+import numpy as np
+
+from runtime.draft import Draft, Layout
+from runtime.readout import StepReadout
+
+ROOT_ONLY = Layout.chain(1)
 
 
 class VanillaProposer:
@@ -12,10 +16,10 @@ class VanillaProposer:
         return 1
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
-        return Draft.chain(prompt_ids)
+        return Draft.prefill(prompt_ids)
 
     def propose(self, history: list[int]) -> Draft:
-        return Draft.chain(history[-1:])
+        return Draft(np.array(history[-1:], dtype=np.int64), ROOT_ONLY)
 
-    def observe(self, draft: Draft, output: StepOutput, last_accepted: int) -> None:
+    def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         pass

@@ -11,7 +11,8 @@ import torch
 from export.__main__ import main as export_main
 from export.engine import TargetError, check_target, ensure_export, stale_reason
 from export.manifest import MANIFEST_NAME, Manifest, ManifestError, ShapeError
-from export.onnx_export import ExportConfig, MethodExtras, export_onnx
+from export.methods import MethodExtras
+from export.onnx_export import ExportConfig, export_onnx
 from tests.export.tiny_llama import make_tiny_llama
 
 MAX_CONTEXT, MAX_TREE = 256, 16

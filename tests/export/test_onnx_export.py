@@ -10,7 +10,8 @@ import torch
 from export.__main__ import main as export_main
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.manifest import Manifest, ManifestError, sha256_file
-from export.onnx_export import IR_VERSION, OPSET, ExportConfig, MethodExtras, export_onnx
+from export.methods import MethodExtras
+from export.onnx_export import IR_VERSION, OPSET, ExportConfig, export_onnx
 from export.ppd import PPDConfig, save_prompt_tokens
 from export.step_model import StepModel
 from export.validate import ValidationError, case_inputs, default_cases, text_ids, validate_step_graph

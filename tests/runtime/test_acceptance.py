@@ -51,8 +51,8 @@ def test_records_agree_with_what_the_decode_accepts(real_model_dir, tmp_path):
     prompt = gen.encode("Count from 1 to 20, separated by commas.")
     records = decode_records(gen, prompt, max_new_tokens=24)
     lengths = []
-    for tokens in gen.decode_steps(prompt, GenerationStats()):
-        lengths.append(len(tokens))
+    for step in gen.decode_steps(prompt, GenerationStats()):
+        lengths.append(len(step.tokens))
         if len(lengths) == len(records):
             break
     assert any(n > 1 for n in lengths), "no candidate was ever accepted: the test would prove nothing"
@@ -111,3 +111,9 @@ def test_collect_acceptance_for_ht(tiny_model_dir, tmp_path):
     assert all(step[0] == 2 for step in stats.steps) and len(stats.steps) >= 12 / 3
     with pytest.raises(ValueError, match="ppd or ht, not 'ngram'"):
         StatsConfig(method="ngram")
+
+
+def test_decode_records_need_prediction_rows(tiny_model_dir):
+    gen = Generator.from_pretrained(tiny_model_dir, method="ngram", max_context=256)
+    with pytest.raises(ValueError, match="carry no prediction rows"):
+        decode_records(gen, gen.encode("Hello there"), max_new_tokens=6)

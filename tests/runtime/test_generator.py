@@ -70,10 +70,10 @@ def test_bad_prompts_are_clear_errors(gen, prompt, message):
 
 
 def test_over_long_prompt_fails_before_any_work(gen):
-    steps_before = gen.backend.cache.length
+    steps_before = gen.backend.length
     with pytest.raises(ValueError, match="exceeds max_context 256"):
         gen.generate([5] * 250, max_new_tokens=10)
-    assert gen.backend.cache.length == steps_before
+    assert gen.backend.length == steps_before
 
 
 def test_unknown_method_backend_and_model(tiny_model_dir, tmp_path):
@@ -85,3 +85,47 @@ def test_unknown_method_backend_and_model(tiny_model_dir, tmp_path):
         Generator.from_pretrained(tiny_model_dir, method="ngram", max_nodez=4)
     with pytest.raises(CheckpointError, match="does not exist"):
         Generator.from_pretrained(tmp_path / "missing")
+
+
+def test_decoding_options_are_checked_before_any_work(gen):
+    with pytest.raises(ValueError, match="sampling .* not available yet"):
+        gen.generate("Hi", max_new_tokens=4, temperature=0.7, top_p=0.9, seed=3)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate("Hi", max_new_tokens=4, top_p=0)
+    assert gen.generate("Hi", max_new_tokens=4, temperature=0.0).token_ids == gen.generate("Hi", max_new_tokens=4).token_ids
+
+
+def test_a_second_thread_is_refused_not_mixed_in(gen):
+    stream = gen.stream("Tell me a story", max_new_tokens=8)
+    next(stream)                                     # a generation is under way
+    import threading
+
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, gen.generate, "Hi", 4)))
+    thread.start()
+    thread.join()
+    assert "already generating" in str(errors[0].value)
+    stream.close()                                   # ends the first generation and frees the Generator
+    assert gen.generate("Hi", max_new_tokens=3).token_ids
+
+
+def test_layouts_become_device_tensors_once(gen):
+    """Vanilla's decode steps share one layout: the backend builds its tensors once, not per step."""
+    gen.generate("Tell me a story", max_new_tokens=12)
+    built = len(gen.backend._layouts)
+    gen.generate("Tell me a story", max_new_tokens=12)
+    assert len(gen.backend._layouts) == built        # same prompt length, same step shape: nothing new
+
+
+def test_incremental_detokenizer_matches_a_full_decode_on_multibyte_text(gen):
+    from runtime.detokenize import IncrementalDetokenizer
+
+    for text in ["naïve café — 東京 🚀 ok", "a\n\n  b\tc", "ÿ😀😀x"]:
+        ids = gen.tokenizer(text, add_special_tokens=False).input_ids
+        detok = IncrementalDetokenizer(gen.tokenizer)
+        pieces = [detok.add(t) for t in ids] + [detok.flush()]
+        assert all("\ufffd" not in p for p in pieces[:-1])   # partial characters are held back
+        assert "".join(pieces) == gen.tokenizer.decode(ids, skip_special_tokens=True)
+    truncated = gen.tokenizer("🚀", add_special_tokens=False).input_ids[:-1]  # ends inside a character
+    detok = IncrementalDetokenizer(gen.tokenizer)
+    assert "".join(detok.add(t) for t in truncated) + detok.flush() == gen.tokenizer.decode(truncated)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime import Generator
-from runtime.methods import HAND_PICKED_TREES
+from export.methods import METHODS
 from tests.conftest import LOSSLESS_NEW_TOKENS, TRAINED_FIXTURES, first_difference
 
 
@@ -16,7 +16,7 @@ from tests.conftest import LOSSLESS_NEW_TOKENS, TRAINED_FIXTURES, first_differen
 def test_method_matches_transformers_generate(method, real_model_dir, lossless_prompts, hf_reference, request):
     if method in TRAINED_FIXTURES:
         request.getfixturevalue(TRAINED_FIXTURES[method])
-    options = {"tree": str(HAND_PICKED_TREES[method])} if method in HAND_PICKED_TREES else {}
+    options = {"tree": str(METHODS[method].hand_picked_tree)} if METHODS[method].tree_set else {}
     gen = Generator.from_pretrained(real_model_dir, method=method, **options)
     mismatches, accepted = [], []
     for item in lossless_prompts:

@@ -7,7 +7,7 @@ the fast tier checks torch against transformers and onnxruntime against torch)."
 import pytest
 
 from runtime import Generator
-from runtime.methods import HAND_PICKED_TREES
+from export.methods import METHODS
 from runtime.prompts import load_prompts
 from tests.conftest import TRAINED_FIXTURES
 
@@ -40,7 +40,7 @@ def test_full_sweep_matches_vanilla(backend, method, real_model_dir, sweep_promp
     if method in TRAINED_FIXTURES:
         request.getfixturevalue(TRAINED_FIXTURES[method])
     # the hand-picked trees: deep and branching, the hardest to keep lossless (searched CPU trees are small)
-    options = {"tree": str(HAND_PICKED_TREES[method])} if method in HAND_PICKED_TREES else {}
+    options = {"tree": str(METHODS[method].hand_picked_tree)} if METHODS[method].tree_set else {}
     gen = Generator.from_pretrained(real_model_dir, method=method, backend=backend, **options)
     reference = vanilla_outputs(backend)
     bad = [item.id for item in sweep_prompts

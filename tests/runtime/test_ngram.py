@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from runtime.proposers.ngram import NgramConfig, NgramProposer, find_continuations
+from export.methods import NgramOptions
+from runtime.proposers import CandidateTrie
+from runtime.proposers.ngram import NgramProposer, find_continuations
 
 
 def test_find_continuations_most_recent_first():
@@ -11,7 +13,7 @@ def test_find_continuations_most_recent_first():
 
 
 def test_proposal_is_a_trie_within_budget():
-    proposer = NgramProposer(NgramConfig(max_ngram=2, max_depth=3, max_nodes=5))
+    proposer = NgramProposer(NgramOptions(max_ngram=2, max_depth=3, max_nodes=5))
     draft = proposer.propose([1, 2, 3, 9, 1, 2, 4, 5, 1, 2])
     assert draft.tokens[0] == 2                         # root = last token
     assert draft.size <= 5
@@ -28,4 +30,23 @@ def test_no_match_gives_root_only():
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="min_ngram"):
-        NgramConfig(max_ngram=1, min_ngram=2)
+        NgramOptions(max_ngram=1, min_ngram=2)
+
+
+def test_trie_merges_sources_and_shares_prefixes_within_budget():
+    trie = CandidateTrie(root=7, max_nodes=6)
+    assert trie.add([1, 2, 3], "ppd") == 3
+    assert trie.add([1, 2, 4], "ngram") == 1          # [1, 2] shared: one new node
+    assert trie.add([5, 6, 8], "ngram") == 1          # budget: only 5 fits
+    assert trie.full and trie.add([9], "ngram") == 0
+    draft = trie.draft()
+    assert draft.tokens.tolist() == [7, 1, 2, 3, 4, 5]
+    assert draft.buffers.parents.tolist() == [-1, 0, 1, 2, 2, 0]
+    assert draft.sources == ("root", "ppd", "ppd", "ppd", "ngram", "ngram")
+    assert draft.children[2] == {3: 3, 4: 4}
+
+
+def test_repeated_tree_shapes_reuse_one_layout():
+    proposer = NgramProposer(NgramOptions(max_ngram=2, max_depth=3, max_nodes=5))
+    history = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    assert proposer.propose(history).layout is proposer.propose(history).layout

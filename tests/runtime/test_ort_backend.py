@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import export.engine
+from export.engine import build_ort_engine
+from export.methods import MethodExtras
+from export.ort_optimize import optimize_for_ort
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.manifest import Manifest, ManifestError, ShapeError
 from export.onnx_export import ExportConfig, export_onnx
@@ -20,7 +23,7 @@ from runtime.backends.ort_backend import OrtBackend
 from runtime.backends.torch_backend import TorchBackend
 from tests.export.tiny_llama import make_tiny_llama
 from tests.runtime.test_ppd import TREES
-from trees import buffers_from_parents, causal_buffers
+from runtime.draft import Draft, Layout
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
@@ -44,46 +47,55 @@ def artifacts(tmp_path, monkeypatch):
     return tmp_path / "artifacts"
 
 
-def binary_tree(size: int):
-    return buffers_from_parents([-1] + [(i - 1) // 2 for i in range(1, size)])
+def binary_tree(size: int) -> Layout:
+    return Layout.from_parents([-1] + [(i - 1) // 2 for i in range(1, size)])
 
 
 def test_ort_step_matches_torch_step(engine, tiny_dir):
     hf, _ = load_checkpoint(tiny_dir)
     backends = [TorchBackend(StepModel(hf), MAX_CONTEXT), OrtBackend(engine.dir, max_context=MAX_CONTEXT)]
     rng = np.random.default_rng(0)
-    # A prefill longer than the decode buffers, then trees of several sizes with 1-2 nodes committed.
-    steps = [(causal_buffers(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3, 9)]
-    for buffers, commit in steps:
-        ids = rng.integers(0, engine.model.vocab_size, buffers.size)
-        outs = [b.step(ids, b.cache.length + buffers.depth, buffers.ancestor_mask) for b in backends]
-        for name in ("logits", "new_keys", "new_values"):
-            ref, got = getattr(outs[0], name), getattr(outs[1], name)
-            assert got.shape == ref.shape and got.dtype == ref.dtype
-            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"{name} at T={buffers.size}")
-        for b, out in zip(backends, outs):
-            b.cache.commit(out.new_keys, out.new_values, commit or list(range(buffers.size)))
-    torch.testing.assert_close(backends[1].cache.keys, backends[0].cache.keys, atol=1e-4, rtol=1e-4)
+    # A prefill longer than the decode buffers, then trees of several sizes with 1-2 nodes committed:
+    # every step's logits depend on all that was committed before, so they check the commits too.
+    steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3, 9, 2)]
+    for layout, commit in steps:
+        draft = Draft(rng.integers(0, engine.model.vocab_size, layout.size), layout)
+        outs = [b.step(draft) for b in backends]
+        assert outs[1].logits.shape == outs[0].logits.shape and outs[1].logits.dtype == outs[0].logits.dtype
+        torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-4, rtol=1e-4, msg=f"T={layout.size}")
+        torch.testing.assert_close(outs[1].positions, outs[0].positions)
+        for b in backends:
+            b.commit(commit or list(range(layout.size)))
+    assert backends[0].length == backends[1].length == 30 + 1 + 2 * 5
 
 
 def test_decode_outputs_live_in_preallocated_buffers(engine):
     backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
-    tree = binary_tree(5)
-    first = backend.step(np.arange(5), tree.depth, tree.ancestor_mask)
-    pointers = [t.data_ptr() for t in (first.logits, first.new_keys, first.new_values)]
-    backend.cache.commit(first.new_keys, first.new_values, [0])
-    second = backend.step(np.arange(3), 1 + binary_tree(3).depth, binary_tree(3).ancestor_mask)
-    assert [t.data_ptr() for t in (second.logits, second.new_keys, second.new_values)] == pointers
-    assert second.logits.shape == (3, engine.model.vocab_size) and second.new_keys.shape == (2, 3, 2, 16)
+    first = backend.step(Draft(np.arange(5), binary_tree(5)))
+    pointer = first.logits.data_ptr()
+    backend.commit([0])
+    second = backend.step(Draft(np.arange(3), binary_tree(3)))
+    assert second.logits.data_ptr() == pointer and second.logits.shape == (3, engine.model.vocab_size)
+    assert second.positions.tolist() == [1, 2, 2]
+    assert second.layout is backend.step(Draft(np.arange(3) + 1, binary_tree(3))).layout   # built once, reused
 
 
-def test_optimized_graph_is_saved_once_then_loaded(engine):
-    OrtBackend(engine.dir)
-    manifest = Manifest.load(engine.dir)
+def test_backend_never_writes_the_engine_dir(engine, tmp_path):
+    """Loading a dir without its optimised graph optimises in memory: the files stay as they are."""
+    copy = shutil.copytree(engine.dir, tmp_path / "copy")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in copy.iterdir())
+    OrtBackend(copy).step(Draft.chain([1, 2, 3]))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in copy.iterdir()) == before
+
+
+def test_optimized_graph_is_saved_once_by_export_then_loaded(engine, tiny_dir):
+    config = ExportConfig(tiny_dir, engine.dir, max_context=MAX_CONTEXT, max_tree=MAX_TREE)
+    manifest = build_ort_engine(config, MethodExtras(), log=lambda _: None)
     record = manifest.ort_optimized
     assert record["provider"] == "CPUExecutionProvider" and record["source_sha256"] == manifest.onnx.sha256
     optimized = engine.dir / record["files"][0]["file"]
     mtime = optimized.stat().st_mtime_ns
+    assert build_ort_engine(config, MethodExtras(), log=lambda _: None).ort_optimized == record
     backend = OrtBackend(engine.dir)
     assert backend.session._model_path == str(optimized)
     assert optimized.stat().st_mtime_ns == mtime  # reused, not rewritten
@@ -91,7 +103,7 @@ def test_optimized_graph_is_saved_once_then_loaded(engine):
 
 def test_corrupt_optimized_graph_is_refused(engine, tmp_path):
     copy = shutil.copytree(engine.dir, tmp_path / "copy")
-    OrtBackend(copy)
+    optimize_for_ort(Manifest.load(copy))
     data = copy / Manifest.load(copy).ort_optimized["files"][1]["file"]
     raw = bytearray(data.read_bytes())
     raw[-10] ^= 0xFF
@@ -102,10 +114,13 @@ def test_corrupt_optimized_graph_is_refused(engine, tmp_path):
 
 def test_steps_outside_the_profiles_are_refused(engine):
     backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
-    backend.cache.length = 250
-    tree = binary_tree(8)
+    backend.step(Draft.chain(np.arange(240)))                      # the longest prefill
+    backend.commit(range(240))
     with pytest.raises(ShapeError, match="max_context 256"):
-        backend.step(np.arange(8), 250 + tree.depth, tree.ancestor_mask)
+        backend.step(Draft(np.arange(17), binary_tree(17)))
+    backend.step(Draft(np.arange(16), binary_tree(16)))            # exactly fills the context
+    with pytest.raises(RuntimeError, match="needs a step"):
+        OrtBackend(engine.dir, max_context=MAX_CONTEXT).commit([0])
     with pytest.raises(ManifestError, match="re-export with --max-context 512"):
         OrtBackend(engine.dir, max_context=512)
 

@@ -8,7 +8,7 @@ import torch
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ppd import PPDConfig, PromptTokenError, save_prompt_tokens
 from runtime import Generator
-from runtime.proposers.ppd import build_layout
+from runtime.proposers.ppd import step_template
 from trees import PPDTreeSet
 
 TREES = {
@@ -24,19 +24,27 @@ TREES = {
 
 def test_layout_puts_prompt_chains_after_candidates():
     config = PPDConfig(num_prompt_tokens=2, ensemble=2)
-    layout = build_layout(PPDTreeSet.from_json(TREES).trees[2], config, vocab_size=100)
-    d = layout.draft_template
-    assert d.num_candidates == 4                       # root, [0], [1], [0,0]
+    template = step_template(PPDTreeSet.from_json(TREES).trees[2], config, vocab_size=100, topk=2)
+    layout, tokens = template.layout, template.tokens
+    assert layout.num_candidates == 4                  # root, [0], [1], [0,0]
     # root carries 2 prompt tokens x 2 virtual tokens: nodes 4..7 = ids (0,0) (0,1) (1,0) (1,1)
-    assert layout.prompt_nodes[0].tolist() == [4, 5, 6, 7]
-    assert d.tokens[4:8].tolist() == [100, 101, 102, 103]
-    assert d.buffers.parents[4:8].tolist() == [0, 0, 4, 5]
-    assert layout.prompt_nodes[2].tolist() == [12, 13]  # [1] carries 1 prompt token (2 virtual)
-    assert layout.prompt_nodes[3].size == 0
+    assert layout.groups[0] == (0, 2) and layout.predict_rows[0:2].tolist() == [[4, 5], [6, 7]]
+    assert tokens[4:8].tolist() == [100, 101, 102, 103]
+    assert layout.buffers.parents[4:8].tolist() == [0, 0, 4, 5]
+    start, stop = layout.groups[2]                     # [1] carries 1 prompt token (2 virtual)
+    assert layout.predict_rows[start:stop].tolist() == [[12, 13]]
+    assert layout.groups[3] == (0, 0) and layout.predict_topk == 2
     # a candidate never sees a prompt node; prompt nodes see their own stream only
-    assert not d.buffers.ancestor_mask[:4, 4:].any()
-    assert d.buffers.ancestor_mask[6].tolist()[:8] == [True, False, False, False, True, False, True, False]
-    assert layout.cand_depth.tolist() == [1, 1, 2] and layout.cand_rank.tolist() == [0, 1, 0]
+    assert not layout.buffers.ancestor_mask[:4, 4:].any()
+    assert layout.buffers.ancestor_mask[6].tolist()[:8] == [True, False, False, False, True, False, True, False]
+    assert template.cand_depth.tolist() == [1, 1, 2] and template.cand_rank.tolist() == [0, 1, 0]
+
+
+def test_the_same_tree_shape_is_one_layout_key():
+    config = PPDConfig(num_prompt_tokens=2, ensemble=2)
+    trees = PPDTreeSet.from_json(TREES)
+    a, b = (step_template(trees.trees[2], config, 100, 2).layout for _ in range(2))
+    assert a.key == b.key and a.key != step_template(trees.trees[1], config, 100, 2).layout.key
 
 
 @pytest.fixture(scope="module")

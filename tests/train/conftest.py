@@ -60,3 +60,51 @@ def interrupt_and_resume(module, train, config, crash_at_call: int, monkeypatch)
     assert config.resume_path.is_file(), "the interrupted run left no resume file"
     monkeypatch.setattr(module, "sample_forward", real_forward)
     return train(config)
+
+
+def tiny_train_fields(model_dir, root, **method_fields) -> dict:
+    """The settings both tiny training runs share (8 samples, 5 epochs, a resume point every step) plus
+    the method's own (`lr` and the method's shape)."""
+    return dict(model_dir=model_dir, sharegpt=write_sharegpt(root / "sharegpt.json"), data_dir=root / "data",
+                train_samples=8, val_samples=4, epochs=5, batch_samples=2, max_context_tokens=40,
+                continuation_tokens=10, generation_batch=4, checkpoint_every=1, device="cpu", eval_initial=True,
+                save_dtype="float32", **method_fields)
+
+
+def tiny_run_fixtures(name: str, config_cls, train, **method_fields):
+    """The module fixtures of a trainer's tests, to assign to `tiny_setup, tiny_run`: `tiny_setup` is
+    (root dir, the settings of every run: tiny_train_fields + `method_fields`), `tiny_run` is (config,
+    result) of the full run, made once and read by several tests."""
+
+    @pytest.fixture(scope="module")
+    def tiny_setup(sharp_tiny_model_dir, tmp_path_factory):
+        root = tmp_path_factory.mktemp(f"train-{name}")
+        return root, tiny_train_fields(sharp_tiny_model_dir, root, **method_fields)
+
+    @pytest.fixture(scope="module")
+    def tiny_run(tiny_setup):
+        root, base = tiny_setup
+        config = config_cls(output=root / "full" / f"{name}.safetensors", **base)
+        return config, train(config, command=f"python -m train {name} (test)")
+
+    return tiny_setup, tiny_run
+
+
+def assert_loss_lowered(config, result) -> None:
+    """A tiny run learned: the last epoch's mean loss is below 90% of the first's (every epoch visits the
+    same samples, so epoch means compare like with like), validation loss fell too, and the top-1/top-10
+    accuracies of the 3 predicted positions are sane."""
+    steps_per_epoch = len(result.losses) // config.epochs
+    first, last = np.mean(result.losses[:steps_per_epoch]), np.mean(result.losses[-steps_per_epoch:])
+    assert last < 0.9 * first, (first, last)
+    assert result.val_loss < result.val_loss_initial  # and it carries over to held-out samples
+    assert len(result.top1) == len(result.top10) == 3
+    assert all(0 <= a <= b <= 1 for a, b in zip(result.top1, result.top10))
+
+
+def assert_cli_reports_a_missing_dataset(main, command: str, model_dir, tmp_path, capsys) -> None:
+    """`python -m train <command>` with a ShareGPT file that is not there: exit 2, saying so."""
+    code = main([command, "--model-dir", str(model_dir), "--sharegpt", str(tmp_path / "missing.json"),
+                 "--output", str(tmp_path / "x.safetensors"), "--device", "cpu"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -15,11 +15,13 @@ from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ht import TransferMaps, layout_config, load_transfer_maps, transfer_map_metadata
 from export.ppd import attach_prompt_tokens
 from export.step_model import StepModel, lowest_mask_value
-from tests.train.conftest import interrupt_and_resume, write_sharegpt
-from train.__main__ import build_parser, config_from_args, main
+from tests.train.conftest import (assert_cli_reports_a_missing_dataset, assert_loss_lowered, interrupt_and_resume,
+                                  tiny_run_fixtures)
+from train.__main__ import build_parser, main
 from train.common import usable_positions
 from train.ht import HTTrainConfig, sample_forward, train_ht
 from trees import buffers_from_parents
+from trees.config_args import config_from_args
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +78,11 @@ def test_loss_reaches_only_the_maps(tiny_ht_step):
     assert (out.top10 >= out.top1).all() and out.kl.shape == (3,)
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(sharp_tiny_model_dir, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("train-ht")
-    base = dict(model_dir=sharp_tiny_model_dir, sharegpt=write_sharegpt(root / "sharegpt.json"),
-                data_dir=root / "data", num_maps=3, layer=0, train_samples=8, val_samples=4, epochs=5,
-                batch_samples=2, max_context_tokens=40, continuation_tokens=10, generation_batch=4, lr=0.02,
-                checkpoint_every=1, device="cpu", eval_initial=True, save_dtype="float32")
-    return root, base
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_setup):
-    root, base = tiny_setup
-    config = HTTrainConfig(output=root / "full" / "ht.safetensors", **base)
-    return config, train_ht(config, command="python -m train ht (test)")
+tiny_setup, tiny_run = tiny_run_fixtures("ht", HTTrainConfig, train_ht, num_maps=3, layer=0, lr=0.02)
 
 
 def test_tiny_training_run_lowers_the_loss(tiny_run):
-    config, result = tiny_run
-    steps_per_epoch = len(result.losses) // config.epochs
-    first, last = np.mean(result.losses[:steps_per_epoch]), np.mean(result.losses[-steps_per_epoch:])
-    assert last < 0.9 * first, (first, last)
-    assert result.val_loss < result.val_loss_initial
-    assert len(result.top1) == len(result.top10) == 3
-    assert all(0 <= a <= b <= 1 for a, b in zip(result.top1, result.top10))
+    assert_loss_lowered(*tiny_run)
 
 
 def test_tiny_run_writes_a_loadable_checkpoint_and_report(tiny_run, sharp_tiny_model_dir):  # noqa: F811
@@ -137,16 +119,11 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_cli_reports_a_missing_dataset(tiny_model_dir, tmp_path, capsys):
-    code = main(["ht", "--model-dir", str(tiny_model_dir), "--sharegpt", str(tmp_path / "missing.json"),
-                 "--output", str(tmp_path / "x.safetensors"), "--device", "cpu"])
-    assert code == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert_cli_reports_a_missing_dataset(main, "ht", tiny_model_dir, tmp_path, capsys)
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="continuation_tokens"):
-        HTTrainConfig(continuation_tokens=3, num_maps=3)
-    with pytest.raises(ValueError, match="num_maps"):
-        HTTrainConfig(num_maps=0)
-    with pytest.raises(ValueError, match="layer"):
-        HTTrainConfig(layer=-1)
+@pytest.mark.parametrize("fields, match", [(dict(continuation_tokens=3, num_maps=3), "continuation_tokens"),
+                                           (dict(num_maps=0), "num_maps"), (dict(layer=-1), "layer")])
+def test_config_validation(fields, match):
+    with pytest.raises(ValueError, match=match):
+        HTTrainConfig(**fields)

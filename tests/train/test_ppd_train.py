@@ -13,11 +13,13 @@ import train.ppd as train_ppd_module
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ppd import PPDConfig, attach_prompt_tokens, load_prompt_tokens, prompt_token_metadata
 from export.step_model import StepModel, lowest_mask_value
-from tests.train.conftest import interrupt_and_resume, write_sharegpt
-from train.__main__ import build_parser, config_from_args, main
+from tests.train.conftest import (assert_cli_reports_a_missing_dataset, assert_loss_lowered, interrupt_and_resume,
+                                  tiny_run_fixtures)
+from train.__main__ import build_parser, main
 from train.ppd import (PPDTrainConfig, build_prompt_groups, causal_mask, initial_embeddings, sample_forward,
                        train_ppd, usable_positions)
 from trees import buffers_from_parents
+from trees.config_args import config_from_args
 
 
 def test_usable_positions_keep_every_target_on_the_continuation():
@@ -91,33 +93,11 @@ def test_loss_reaches_only_the_prompt_embeddings(tiny_step):
     assert (out.top10 >= out.top1).all()
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(sharp_tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-ppd")
-    base = dict(model_dir=sharp_tiny_model_dir, sharegpt=write_sharegpt(root / "sharegpt.json"),
-                data_dir=root / "data",
-                num_prompt_tokens=3, ensemble=2, train_samples=8, val_samples=4, epochs=5, batch_samples=2,
-                max_context_tokens=40, continuation_tokens=10, generation_batch=4, lr=0.05, checkpoint_every=1,
-                device="cpu", eval_initial=True, save_dtype="float32")
-    return root, base
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_setup):
-    root, base = tiny_setup
-    config = PPDTrainConfig(output=root / "full" / "ppd.safetensors", **base)
-    return config, train_ppd(config, command="python -m train ppd (test)")
+tiny_setup, tiny_run = tiny_run_fixtures("ppd", PPDTrainConfig, train_ppd, num_prompt_tokens=3, ensemble=2, lr=0.05)
 
 
 def test_tiny_training_run_lowers_the_loss(tiny_run):
-    config, result = tiny_run
-    # Every epoch visits the same 8 samples, so epoch means compare like with like.
-    steps_per_epoch = len(result.losses) // config.epochs
-    first, last = np.mean(result.losses[:steps_per_epoch]), np.mean(result.losses[-steps_per_epoch:])
-    assert last < 0.9 * first, (first, last)
-    assert result.val_loss < result.val_loss_initial  # and it carries over to held-out samples
-    assert len(result.top1) == len(result.top10) == 3
-    assert all(0 <= a <= b <= 1 for a, b in zip(result.top1, result.top10))
+    assert_loss_lowered(*tiny_run)
 
 
 def test_tiny_run_writes_a_loadable_checkpoint_and_report(tiny_run, sharp_tiny_model_dir):
@@ -162,16 +142,12 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_cli_reports_a_missing_dataset(tiny_model_dir, tmp_path, capsys):
-    code = main(["ppd", "--model-dir", str(tiny_model_dir), "--sharegpt", str(tmp_path / "missing.json"),
-                 "--output", str(tmp_path / "x.safetensors"), "--device", "cpu"])
-    assert code == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert_cli_reports_a_missing_dataset(main, "ppd", tiny_model_dir, tmp_path, capsys)
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="continuation_tokens"):
-        PPDTrainConfig(continuation_tokens=3, num_prompt_tokens=3)
-    with pytest.raises(ValueError, match="train_samples"):
-        PPDTrainConfig(train_samples=0)
-    with pytest.raises(ValueError, match="PPDConfig.ensemble"):
-        PPDTrainConfig(ensemble=0)
+@pytest.mark.parametrize("fields, match", [(dict(continuation_tokens=3, num_prompt_tokens=3), "continuation_tokens"),
+                                           (dict(train_samples=0), "train_samples"),
+                                           (dict(ensemble=0), "PPDConfig.ensemble")])
+def test_config_validation(fields, match):
+    with pytest.raises(ValueError, match=match):
+        PPDTrainConfig(**fields)

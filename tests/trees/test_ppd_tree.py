@@ -41,7 +41,7 @@ def test_invalid_tree_sets_are_refused(mutate, message):
 
 
 def test_committed_cpu_tree_is_valid():
-    from runtime.methods import DEFAULT_PPD_TREE
+    from export.methods import METHODS
 
-    trees = load_ppd_trees(DEFAULT_PPD_TREE)
+    trees = load_ppd_trees(METHODS["ppd"].hand_picked_tree)
     assert trees.num_prompt_tokens == 3

@@ -108,7 +108,7 @@ def test_tree_for_another_model_or_checkpoint_is_refused():
 def test_prompt_tokens_hash_matches_the_onnx_manifest_hash():
     import torch
 
-    from export.onnx_export import tensor_sha256
+    from export.methods import tensor_sha256
 
     rows = torch.randn(3, 8)
     assert prompt_tokens_sha256(rows.numpy()) == tensor_sha256(rows)

@@ -1,4 +1,4 @@
-"""python -m trees: device checks, and build from statistics + profile to a tree the runtime accepts."""
+"""python -m runtime trees: device checks, and build from statistics + profile to a tree the runtime accepts."""
 
 import json
 
@@ -8,14 +8,15 @@ import torch
 
 from export.checkpoint import model_fingerprint
 from export.ppd import PPDConfig, save_prompt_tokens
+from runtime.__main__ import main as runtime_main
+from runtime.trees_cli import main
 from trees import TreeError, check_tree_identity, load_ppd_trees, prompt_tokens_sha256
-from trees.__main__ import main
 from trees.latency import LatencyProfile
 from trees.stats import AcceptanceStats
 
 
 def test_gpu_that_is_not_present_is_an_error(capsys):
-    assert main(["profile", "--gpu", "h100", "--device", "cpu"]) == 2
+    assert runtime_main(["trees", "profile", "--gpu", "h100", "--device", "cpu"]) == 2  # python -m runtime trees
     assert "uses the CPU" in capsys.readouterr().err
     assert main(["profile", "--gpu", "no such gpu"]) == 2  # no CUDA here, or a GPU of another name
     assert "--gpu no such gpu" in capsys.readouterr().err
@@ -46,6 +47,7 @@ def test_build_writes_a_tree_for_this_model_and_checkpoint(ppd_dir, tmp_path, ca
     trees = load_ppd_trees(tree_path)
     meta = trees.metadata
     assert meta["device"] == "cpu: test" and meta["backend"] == "torch" and meta["budget"] <= 16
+    assert meta["command"].startswith("python -m runtime trees build --gpu cpu ")
     assert meta["expected_speedup"] > 1 and meta["expected_mean_accepted"] > 1
     assert [f["budget"] for f in meta["fixed_budgets"]] == [4, 8, 16]
     for suffix in ("latency", "search", "trees"):

@@ -1,0 +1,93 @@
+"""The inputs of the tree search for `python -m runtime trees` (runtime/trees_cli.py): the device
+present checked against --gpu, the statistics and latency profile next to the method's checkpoint,
+and the check that both were made for the model and checkpoint loaded now."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from pathlib import Path
+
+from runtime.acceptance import CheckpointIdentity, checkpoint_identity
+from trees.devices import DeviceMismatchError, check_device, profile_filename
+from trees.latency import LatencyProfile, ProfileError, load_profile
+from trees.stats import AcceptanceStats, load_stats
+
+
+def run_device(gpu: str, device: str | None) -> str:
+    """--device, or the one --gpu implies (cpu for 'cpu', else cuda)."""
+    return device or ("cpu" if gpu.strip().lower() == "cpu" else "cuda")
+
+
+def present(gpu: str, device: str | None) -> tuple[str, str, str]:
+    """(device, type, real name) of the device this run uses, checked against --gpu."""
+    from runtime.devices import present_device
+
+    device = run_device(gpu, device)
+    try:
+        kind, name = present_device(device)
+    except DeviceMismatchError as exc:
+        raise DeviceMismatchError(f"--gpu {gpu}: {exc}") from exc
+    check_device(gpu, kind, name)
+    return device, kind, name
+
+
+def stats_filename(method: str) -> str:
+    return f"{method}-acceptance.json"
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """A comma list of token counts ("4,8,16"), sorted and deduplicated."""
+    try:
+        budgets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError as exc:
+        raise ValueError(f"budgets must be a comma list of token counts, got {text!r}") from exc
+    if not budgets:
+        raise ValueError("give at least one budget")
+    return budgets
+
+
+def package_versions(backend: str, device_type: str) -> dict[str, str]:
+    """Versions a latency profile records: python, torch, numpy, transformers (+ onnxruntime, cuda)."""
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "transformers", *(("onnxruntime",) if backend == "onnxruntime" else ())):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if device_type == "cuda":
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def find_profile(directory: Path, gpu: str, backend: str) -> Path | None:
+    """The profile in `directory` for `backend` whose recorded device matches --gpu."""
+    matches = []
+    for path in sorted(directory.glob(profile_filename("*", backend))):
+        profile = load_profile(path)
+        kind = "cpu" if profile.device_key == "cpu" else "cuda"
+        try:
+            check_device(gpu, kind, profile.device_name)
+        except DeviceMismatchError:
+            continue
+        matches.append(path)
+    if len(matches) > 1:
+        raise ProfileError(f"--gpu {gpu} matches several profiles ({', '.join(p.name for p in matches)}): "
+                           f"name the GPU more precisely or pass --profile")
+    return matches[0] if matches else None
+
+
+def search_inputs(model_dir: str, checkpoint: Path, method: str, stats_path: Path,
+                  profile_path: Path) -> tuple[CheckpointIdentity, AcceptanceStats, LatencyProfile]:
+    """Identity of the model and checkpoint loaded now, and the statistics and profile, both checked
+    against it."""
+    identity = checkpoint_identity(model_dir, checkpoint, method)
+    stats = load_stats(stats_path)
+    stats.check_identity(identity.model_fingerprint, identity.checkpoint_sha256)
+    profile = load_profile(profile_path)
+    if profile.model_fingerprint != identity.model_fingerprint:
+        raise ProfileError(f"{profile_path} was measured for model {profile.model_fingerprint}, not "
+                           f"{identity.model_fingerprint}: re-measure it with `python -m runtime trees profile`")
+    return identity, stats, profile

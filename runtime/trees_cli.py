@@ -1,0 +1,338 @@
+"""python -m runtime trees: hardware-aware trees for PPD and HT (--method ppd|ht; same tree format,
+N = k for HT). The top floor's CLI over the search in trees/: it runs the backends to measure, then
+hands plain JSON to trees/.
+
+    python -m runtime trees stats                  acceptance statistics on held-out ShareGPT prompts
+    python -m runtime trees profile --gpu cpu --backend onnxruntime
+                                                   step latency against tree size on the present device
+    python -m runtime trees build --gpu cpu --backend onnxruntime [--profile-if-missing]
+                                                   search the tree set, write it with its pictures
+    python -m runtime trees sweep --gpu cpu --backend onnxruntime --prompts mtbench
+                                                   benchmark the chosen tree against fixed budgets,
+                                                   the hand-picked tree and vanilla, in one run
+
+Files live next to the method's checkpoint (checkpoints/<model>/): <method>-acceptance.json,
+latency-<device key>-<backend>.json (one per device, shared by both methods: see trees/devices.py),
+<method>-tree-<device key>-<backend>.json and its PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.checkpoint import CheckpointError, model_fingerprint
+from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE
+from export.methods import METHODS, TREE_METHODS
+from export.paths import DEFAULT_MODEL_DIR
+from export.ppd import PromptTokenError
+from runtime.acceptance import StatsConfig, method_checkpoint
+from runtime.backends import BACKENDS
+from runtime.bench import BenchConfig
+from runtime.generator import DEFAULT_MAX_NEW_TOKENS
+from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
+from runtime.tree_files import (find_profile, package_versions, parse_budgets, present, search_inputs,
+                                stats_filename)
+from runtime.tree_sweep import reference_evaluations
+from trees import PPDTreeSet, TreeError
+from trees._json import write_json
+from trees.config_args import add_config_command, config_from_args, exit_code_of, option
+from trees.devices import DeviceMismatchError, device_key, profile_filename, tree_filename
+from trees.latency import LatencyProfile, ProfileError
+from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
+from trees.stats import DEFAULT_SHRINKAGE, StatsError
+
+PROG = "python -m runtime trees"
+CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
+TREE_FORMAT = "ppdeploy-ppd-tree"
+CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
+               "trained on), first user turn, in file order")
+BACKEND_CHOICES = tuple(BACKENDS)
+DEFAULT_BACKEND = StatsConfig.backend  # the reference backend
+DEFAULT_METHOD = StatsConfig.method
+
+
+# --- configs: one per command, mapped to argparse (defaults live here only) ------------------------
+
+@dataclass(frozen=True)
+class StatsCommand:
+    model_dir: str = option(StatsConfig.model_dir, "model checkpoint dir")
+    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_METHODS)
+    checkpoint: str | None = option(StatsConfig.checkpoint, CHECKPOINT_HELP)
+    backend: str = option(StatsConfig.backend, "backend that decodes", choices=BACKEND_CHOICES)
+    device: str = option(StatsConfig.device, "cpu or cuda")
+    num_prompts: int = option(StatsConfig.num_prompts, "calibration prompts to decode")
+    max_new_tokens: int = option(StatsConfig.max_new_tokens, "tokens generated per prompt")
+    topk: int = option(StatsConfig.topk, "ranks recorded per prediction row")
+    max_prompt_tokens: int = option(StatsConfig.max_prompt_tokens, "skip longer calibration prompts")
+    out: str | None = option(None, "output JSON (default: <method>-acceptance.json next to the checkpoint)")
+
+
+@dataclass(frozen=True)
+class ProfileCommand:
+    gpu: str = option(help="the device present: 'cpu', or part of the GPU's name (e.g. h100)")
+    backend: str = option(DEFAULT_BACKEND, "backend to time", choices=BACKEND_CHOICES)
+    device: str | None = option(None, "cpu or cuda (default: cpu for --gpu cpu, else cuda)")
+    model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir")
+    checkpoint: str = option(str(METHODS["ppd"].default_checkpoint), "PPD prompt-token checkpoint")
+    method: str = option("ppd", "graph timed: ppd (with its prompt-token rows) or vanilla (before prompt tokens "
+                                "exist; same cost)", choices=("ppd", "vanilla"))
+    max_tokens: int = option(DEFAULT_MAX_TREE, "largest tree timed (the engines' default max tree); every size "
+                                               "1..max is timed")
+    context: int = option(DEFAULT_CONTEXT, "committed cache entries while timing")
+    repeats: int = option(DEFAULT_REPEATS, "timed steps per size (median), spread over rounds")
+    rounds: int = option(5, "sweeps over all sizes, so that load changes on a shared machine hit every size alike")
+    out: str | None = option(None, "output JSON (default: latency-<device>-<backend>.json next to the checkpoint)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRun:
+    """What build and sweep share: the device, the method's checkpoint and the search inputs beside it."""
+    gpu: str = option(help="device the tree is for: 'cpu' or part of the GPU's name; matched against the "
+                           "device present and the profile's recorded one")
+    backend: str = option(DEFAULT_BACKEND, "backend", choices=BACKEND_CHOICES)
+    device: str | None = option(None, "cpu or cuda (default: from --gpu)")
+    model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir")
+    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_METHODS)
+    checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    stats: str | None = option(None, "acceptance statistics (default: next to the checkpoint)")
+    profile: str | None = option(None, "latency profile (default: the one next to the checkpoint whose device "
+                                       "matches --gpu)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildCommand(SearchRun):
+    profile_if_missing: bool = option(False, "measure the profile first when there is none")
+    out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>.json next to the "
+                                   "checkpoint)")
+    budgets: str = option(",".join(map(str, DEFAULT_BUDGETS)),
+                          "fixed budgets of the curve; the largest caps the chosen tree")
+    topk: int = option(SearchConfig.topk, "ranks considered per depth")
+    shrinkage: float = option(DEFAULT_SHRINKAGE, "pseudo-counts pulling per-m statistics towards the pooled ones")
+    candidates_per_token: int = option(SearchConfig.candidates_per_token, "candidate paths per token of budget")
+    plots: bool = option(True, "write the PNGs next to the tree")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepCommand(SearchRun):
+    tree: str | None = option(None, "the chosen tree (default: this device's searched tree)")
+    budgets: str = option("4,8,16,32,64", "fixed budgets compared with the chosen tree")
+    prompts: str = option(BenchConfig.prompts, "mtbench, humaneval, or a JSONL of {id, prompt}")
+    limit: int | None = option(None, "first N prompts only")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "new tokens per prompt")
+    repeats: int = option(1, "timed repeats (interleaved; medians reported)")
+    out: str | None = option(None, "write the report JSON here")
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+def _checkpoint(cfg) -> Path:
+    return method_checkpoint(cfg.method, cfg.checkpoint)
+
+
+def _stats_path(cfg) -> Path:
+    return Path(cfg.stats) if cfg.stats else _checkpoint(cfg).parent / stats_filename(cfg.method)
+
+
+def _search_inputs(cfg, profile_path: Path):
+    """Statistics and profile, both checked against the model and checkpoint loaded now."""
+    return search_inputs(cfg.model_dir, _checkpoint(cfg), cfg.method, _stats_path(cfg), profile_path)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:
+    """Acceptance statistics of PPD or HT on held-out ShareGPT prompts (never an evaluation set)."""
+    from runtime.acceptance import collect_acceptance
+    from train.sharegpt import chat_messages, load_sharegpt, sharegpt_split
+
+    conversations = load_sharegpt()
+    prompts = []
+    for index in sharegpt_split(conversations)["calibration"]:
+        first_user = next((m for m in chat_messages(conversations[index]) if m["role"] == "user"), None)
+        if first_user is not None:
+            prompts.append([first_user])
+    config = StatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StatsConfig)})
+    stats = collect_acceptance(config, prompts, CALIBRATION)
+    out = Path(cfg.out) if cfg.out else _checkpoint(cfg).parent / stats_filename(cfg.method)
+    stats.save(out)
+    top1, topk = stats.accuracy()
+    print(f"wrote {out}: {len(stats.steps)} steps over {stats.num_prompts} prompts")
+    for d, (a, b) in enumerate(zip(top1, topk), 1):
+        print(f"  depth {d}: top-1 {a:.3f}  top-{stats.topk} {b:.3f}")
+    return 0
+
+
+def measure_profile(cfg: ProfileCommand) -> Path:
+    from transformers import AutoConfig
+
+    from runtime.backends import make_backend
+    from runtime.latency import profile_step_latency
+    from runtime.methods import build_method
+
+    device, kind, name = present(cfg.gpu, cfg.device)
+    if cfg.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
+    model_config = AutoConfig.from_pretrained(cfg.model_dir)
+    ppd = METHODS["ppd"]
+    options = {"checkpoint": cfg.checkpoint, "tree": str(ppd.hand_picked_tree)} if cfg.method == ppd.name else {}
+    method = build_method(cfg.method, cfg.model_dir, model_config.vocab_size, model_config.hidden_size, **options)
+    backend, _ = make_backend(cfg.backend, cfg.model_dir, method, device=device,
+                              max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens))
+    if cfg.rounds < 1 or cfg.repeats < 1:
+        raise ValueError("--repeats and --rounds must be >= 1")
+    sizes = tuple(range(1, cfg.max_tokens + 1))
+    per_round = -(-cfg.repeats // cfg.rounds)
+    rounds = [profile_step_latency(backend, sizes=sizes, context=cfg.context, repeats=per_round,
+                                   warmup=3 if r == 0 else 1, show_progress=r == 0) for r in range(cfg.rounds)]
+    seconds = tuple(statistics.median(medians[s] for medians in rounds) for s in sizes)
+    key = device_key(kind, name)
+    profile = LatencyProfile(device_key=key, device_name=name, backend=cfg.backend, sizes=sizes,
+                             seconds=seconds, repeats=per_round * cfg.rounds, context=cfg.context,
+                             model_fingerprint=model_fingerprint(cfg.model_dir),
+                             versions=tuple(package_versions(cfg.backend, kind).items()))
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend)
+    profile.save(out)
+    print(f"wrote {out}: {name}, {cfg.backend}: T=1 {1e3 * profile.latency(1):.1f} ms, "
+          + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (8, 16, 32, 64) if t <= cfg.max_tokens))
+    return out
+
+
+def cmd_profile(cfg: ProfileCommand, argv: list[str]) -> int:
+    """Step latency against tree size on the device present: every size 1..max, in several rounds
+    over all sizes; per size the median over rounds of each round's median."""
+    measure_profile(cfg)
+    return 0
+
+
+def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
+    """Search the PPD or HT tree set with the most expected tokens per second on a profiled device."""
+    directory = _checkpoint(cfg).parent
+    profile_path = Path(cfg.profile) if cfg.profile else find_profile(directory, cfg.gpu, cfg.backend)
+    if profile_path is None:
+        if not cfg.profile_if_missing:
+            raise ProfileError(f"no {cfg.backend} latency profile for --gpu {cfg.gpu} in {directory}: measure one "
+                               f"with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}` on that "
+                               f"device, or pass --profile-if-missing")
+        profile_path = measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, device=cfg.device,
+                                                      model_dir=cfg.model_dir))
+    identity, stats, profile = _search_inputs(cfg, profile_path)
+    config = SearchConfig(budgets=parse_budgets(cfg.budgets), topk=min(cfg.topk, stats.topk),
+                          candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage)
+    model = AcceptanceModel.from_stats(stats, config.topk, config.shrinkage)
+    start = time.perf_counter()
+    result = search_curve(model, profile.latency, config, max_tokens=profile.max_tokens)
+    print(f"searched in {time.perf_counter() - start:.1f} s")
+    chosen = result.evaluation
+    replayed = replay(result.trees, stats.steps)
+    metadata = {
+        "format": TREE_FORMAT,
+        "method": cfg.method,
+        "command": f"{PROG} {shlex.join(argv)}",
+        "model_fingerprint": identity.model_fingerprint,
+        "checkpoint_sha256": identity.checkpoint_sha256,
+        "ensemble": stats.ensemble,
+        "device": profile.device_name,
+        "device_key": profile.device_key,
+        "backend": profile.backend,
+        "budget": chosen.budget,
+        "expected_mean_accepted": round(chosen.mean_accepted, 4),
+        "expected_speedup": round(chosen.speedup, 4),
+        "expected_tokens_per_s": round(chosen.tokens_per_second, 2),
+        "per_m": {str(m): {"tokens": t, "expected_tokens_per_step": round(r, 4), "share_of_steps": round(o, 4),
+                           "replayed_tokens_per_step": None if x is None else round(x, 4)}
+                  for m, (t, r, o, x) in enumerate(zip(chosen.num_tokens, chosen.tokens_per_step, chosen.occupancy,
+                                                       replayed))},
+        "fixed_budgets": [{"budget": b, "expected_mean_accepted": round(e.mean_accepted, 4),
+                           "expected_speedup": round(e.speedup, 4)} for b, _, e in result.curve],
+        "search": {"statistics": _stats_path(cfg).name, "statistics_steps": len(stats.steps),
+                   "calibration": stats.calibration, "profile": profile_path.name, **dataclasses.asdict(config)},
+    }
+    trees = dataclasses.replace(result.trees, metadata=metadata)
+    out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend, cfg.method)
+    write_json(out, trees.to_json())
+    print(f"wrote {out}")
+    references = reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
+    title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
+    print(f"  {title}")
+    print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
+          f"{chosen.mean_accepted:.3f} tokens/step, {chosen.speedup:.3f}x over vanilla")
+    print("  per m: expected / replayed on the calibration records tokens per step: " + ", ".join(
+        f"m={m} {r:.3f} / {'-' if x is None else f'{x:.3f}'}" for m, (r, x) in enumerate(zip(chosen.tokens_per_step,
+                                                                                          replayed))))
+    for label, e in [(f"fixed budget {b:>3}", e) for b, _, e in result.curve] + references:
+        print(f"  {label}: {e.mean_accepted:.3f} tokens/step, {e.speedup:.3f}x")
+    if chosen.speedup < 1.0:
+        print(f"  warning: {cfg.method} is predicted to be slower than vanilla on {profile.device_name} with "
+              f"{profile.backend}",
+              file=sys.stderr)
+    if cfg.plots:
+        pictures = write_pictures(out, result, trees, model, profile, title, references)
+        print("  pictures: " + ", ".join(str(p) for p in pictures))
+    return 0
+
+
+def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel, profile: LatencyProfile,
+                   title: str, references: list[tuple[str, Evaluation]]) -> list[Path]:
+    from trees.plots import plot_latency, plot_search, plot_trees
+
+    stem, chosen = out.with_suffix(""), result.evaluation
+    return [plot_latency(profile, chosen, f"{stem}-latency.png"),
+            plot_search(result, f"{stem}-search.png", title, references),
+            plot_trees(trees, model, chosen, f"{stem}-trees.png",
+                       f"chosen trees: {chosen.mean_accepted:.2f} tokens/step, {chosen.speedup:.2f}x expected "
+                       f"(budget {chosen.budget})\n{title}")]
+
+
+def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
+    """Measured tokens/s and accepted tokens of the chosen tree, the best tree of each fixed budget,
+    the hand-picked tree and vanilla, on one backend in one run (repeats interleaved)."""
+    from runtime.bench import write_report
+    from runtime.generator import Generator
+    from runtime.prompts import load_prompts
+    from runtime.tree_sweep import format_sweep, run_sweep, sweep_generators, sweep_rows, sweep_variants
+
+    device, kind, name = present(cfg.gpu, cfg.device)
+    directory, key = _checkpoint(cfg).parent, device_key(kind, name)
+    tree_path = Path(cfg.tree) if cfg.tree else directory / tree_filename(key, cfg.backend, cfg.method)
+    profile_path = Path(cfg.profile) if cfg.profile else directory / profile_filename(key, cfg.backend)
+    identity, stats, profile = _search_inputs(cfg, profile_path)
+    model = AcceptanceModel.from_stats(stats, min(SearchConfig.topk, stats.topk))
+    variants = sweep_variants(cfg.method, tree_path, identity, model, profile, parse_budgets(cfg.budgets))
+    base = Generator.from_pretrained(cfg.model_dir, method=cfg.method, backend=cfg.backend, device=device,
+                                     checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
+    generators = sweep_generators(base, identity.config, variants)
+    items = load_prompts(cfg.prompts, cfg.limit)
+    encoded = [base.encode(item.prompt) for item in items]
+    runs = run_sweep(generators, encoded, cfg.max_new_tokens, cfg.repeats)
+    rows = sweep_rows(runs, variants, model, profile, identity.config.ensemble)
+    print(f"{cfg.prompts} x {len(items)} prompts, {cfg.max_new_tokens} new tokens, {cfg.backend} on {name}, "
+          f"median of {cfg.repeats} repeat(s); accepted = tokens per decode step (prefill left out)")
+    print(format_sweep(rows, len(items)))
+    if cfg.out:
+        write_report({"prompts": cfg.prompts, "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens,
+                      "backend": cfg.backend, "device": name, "repeats": cfg.repeats, "rows": rows}, cfg.out)
+        print(f"wrote {cfg.out}")
+    return 0 if all(r["matches_vanilla"] == len(items) for r in rows) else 1
+
+
+# --- argparse -------------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    """`python -m runtime trees ARGV` (runtime/__main__.py hands over everything after "trees")."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("profile", ProfileCommand, cmd_profile),
+                               ("build", BuildCommand, cmd_build), ("sweep", SweepCommand, cmd_sweep)):
+        add_config_command(sub, name, cls, handler)
+    args = parser.parse_args(argv)
+    errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, TreeError,
+              FileNotFoundError, ValueError)
+    return exit_code_of(lambda: args.func(config_from_args(args), argv), errors)
