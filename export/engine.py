@@ -16,7 +16,7 @@ from pathlib import Path
 
 from export.checkpoint import model_fingerprint
 from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError
-from export.methods import TREE_METHODS, MethodExtras
+from export.methods import METHODS, MethodExtras
 from export.onnx_export import DTYPES, ExportConfig, export_onnx, load_method_extras
 from export.paths import ARTIFACTS_DIR
 from trees.atomic import write_atomic
@@ -119,8 +119,9 @@ def engine_tree_path(manifest: Manifest) -> Path:
 
 def install_tree(manifest: Manifest, tree_file: str | Path) -> Path:
     """Copy the tree file into the engine dir (atomically), so the dir is all a deployment needs."""
-    if manifest.method.name not in TREE_METHODS:
-        raise ValueError(f"a {manifest.method.name!r} engine decodes without a tree; only {TREE_METHODS} take one")
+    if not METHODS[manifest.method.name].tree_set:
+        raise ValueError(f"a {manifest.method.name!r} engine decodes without a tree; only the graphs of tree methods "
+                         f"({', '.join(n for n, s in METHODS.items() if s.tree_set and s.graph == n)}) take one")
     target = engine_tree_path(manifest)
     write_atomic(target, Path(tree_file).read_text())
     return target

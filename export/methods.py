@@ -54,6 +54,23 @@ class PPDOptions:
 
 
 @dataclass(frozen=True)
+class HybridOptions(PPDOptions):
+    """PPD's options (its checkpoint, tree and N/k checks) plus the n-gram source merged into each step."""
+
+    ngram_depth: int = 4            # n-gram continuation tokens merged into the PPD tree per step
+    ngram_prompt_tokens: int = 1    # prompt tokens carried by each node only the n-gram proposed
+    max_ngram: int = 3              # longest suffix n-gram looked up (then shorter ones) ...
+    min_ngram: int = 1              # ... down to this length
+
+    def __post_init__(self) -> None:
+        if self.ngram_depth < 1 or self.ngram_prompt_tokens < 0:
+            raise ValueError(f"hybrid needs ngram_depth >= 1 and ngram_prompt_tokens >= 0, got {self.ngram_depth}, "
+                             f"{self.ngram_prompt_tokens}")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"ngram sizes need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+
+
+@dataclass(frozen=True)
 class HTOptions:
     checkpoint: str = str(DEFAULT_HT_CHECKPOINT)
     tree: str | None = None      # None: the tree searched for this device and backend, else the hand-picked one
@@ -123,6 +140,7 @@ class MethodSpec:
     default_checkpoint: Path | None = None   # trained methods: the committed checkpoint
     hand_picked_tree: Path | None = None     # tree methods: the fallback when no tree was searched for the device
     train_command: str | None = None    # how the checkpoint is made
+    tree_search: bool = True            # tree methods: `python -m runtime trees` searches its trees
 
     @property
     def trained(self) -> bool:
@@ -143,10 +161,10 @@ class MethodSpec:
         return self.options(**options)
 
     def load_extras(self, checkpoint: str | Path, fingerprint: str, hidden_size: int) -> MethodExtras:
-        """The trained tensors of `checkpoint` (refused when trained for another model)."""
-        if self.name == "ppd":
+        """The trained tensors of `checkpoint` for this method's graph (refused when trained for another model)."""
+        if self.graph == "ppd":
             return load_ppd_extras(checkpoint, fingerprint, hidden_size)
-        if self.name == "ht":
+        if self.graph == "ht":
             return load_ht_extras(checkpoint, fingerprint, hidden_size)
         raise ValueError(f"method {self.name!r} has no trained tensors")
 
@@ -157,12 +175,19 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("ppd", PPDOptions, "runtime.methods:build_ppd", graph="ppd",
                default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
                train_command="python -m train ppd"),
+    # PPD's tree and the n-gram continuation in one step, on the ppd graph (runtime/proposers/hybrid.py).
+    MethodSpec("hybrid", HybridOptions, "runtime.methods:build_hybrid", graph="ppd",
+               default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
+               train_command="python -m train ppd", tree_search=False),
     # HT at inference is PPD's dynamic sparse tree with ensemble 1 over pseudo slots (export/ht.py).
     MethodSpec("ht", HTOptions, "runtime.methods:build_ht", graph="ht",
                default_checkpoint=DEFAULT_HT_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ht-tree-cpu.json",
                train_command="python -m train ht"),
 )}
 TREE_METHODS = tuple(name for name, spec in METHODS.items() if spec.tree_set)
+# Methods whose trees the search fits (acceptance statistics of their own slots); hybrid decodes with
+# the ppd tree of the device until the search accounts for its n-gram candidates.
+TREE_SEARCH_METHODS = tuple(name for name in TREE_METHODS if METHODS[name].tree_search)
 TRAINED_METHODS = tuple(name for name, spec in METHODS.items() if spec.trained)
 EXPORT_METHODS = tuple(dict.fromkeys(spec.graph for spec in METHODS.values()))
 

@@ -22,7 +22,7 @@ from export.paths import DEFAULT_MODEL_DIR
 from runtime.backends import BACKENDS, DEFAULT_BACKEND
 from runtime.bench import PEERS, BenchConfig, format_table, run_bench, write_report
 from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
-from runtime.verify import DecodingOptions, make_verifier
+from runtime.verify import DecodingOptions
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain how it works."
@@ -41,17 +41,23 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
-class GenerateFlags(ModelOptions):
-    method: str = option(DEFAULT_METHOD, "decoding method", choices=tuple(METHODS))
-    max_context: int = option(DEFAULT_MAX_CONTEXT, "cache entries: prompt + new tokens must fit")
-    temperature: float = option(DecodingOptions.temperature, "0 = greedy; sampling (> 0) is not available yet")
+class DecodingFlags:
+    """How tokens are chosen (runtime.verify.DecodingOptions): greedy, or exact sampling."""
+    temperature: float = option(DecodingOptions.temperature, "0 = greedy; > 0 samples (lossless: for a seed, "
+                                                             "every method emits what plain sampling emits)")
     top_p: float = option(DecodingOptions.top_p, "sampling: nucleus mass kept (1 = off)")
     top_k: int = option(DecodingOptions.top_k, "sampling: most likely tokens kept (0 = off)")
-    seed: int | None = option(DecodingOptions.seed, "sampling: the random stream's key (default: a new one per call)")
+    seed: int | None = option(DecodingOptions.seed, "sampling: the random stream's key (default: a random one)")
 
     def decoding(self) -> DecodingOptions:
         """The decoding options, validated (ValueError names the bad one)."""
         return DecodingOptions(self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass(frozen=True)
+class GenerateFlags(ModelOptions, DecodingFlags):
+    method: str = option(DEFAULT_METHOD, "decoding method", choices=tuple(METHODS))
+    max_context: int = option(DEFAULT_MAX_CONTEXT, "cache entries: prompt + new tokens must fit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +75,7 @@ class DemoCommand(ModelOptions):
 
 
 @dataclass(frozen=True)
-class BenchCommand(ModelOptions):
+class BenchCommand(ModelOptions, DecodingFlags):
     prompts: str = option(BenchConfig.prompts, PROMPTS_HELP)
     methods: str = option(",".join(BenchConfig.methods), f"comma list from {', '.join((*METHODS, *PEERS))}")
     limit: int | None = option(BenchConfig.limit, "first N prompts only (default: all)")
@@ -79,7 +85,7 @@ class BenchCommand(ModelOptions):
     def bench_config(self) -> BenchConfig:
         return BenchConfig(prompts=self.prompts, methods=tuple(self.methods.split(",")), backend=self.backend,
                            device=self.device, max_new_tokens=self.max_new_tokens, model_dir=self.model,
-                           limit=self.limit, repeats=self.repeats)
+                           limit=self.limit, repeats=self.repeats, **dataclasses.asdict(self.decoding()))
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,7 @@ def shared_flags(cfg: ModelOptions, *names: str) -> list[str]:
 
 def cmd_generate(cfg: GenerateCommand) -> int:
     """generate from one prompt, streaming the text"""
-    decoding = cfg.decoding()
-    make_verifier(decoding)   # what cannot run (sampling, for now) is refused before the model loads
+    decoding = cfg.decoding()   # bad options are refused before the model loads
     gen = Generator.from_pretrained(cfg.model, method=cfg.method, backend=cfg.backend, device=cfg.device,
                                     max_context=cfg.max_context, **parse_options(cfg.option or []))
     result = Result([], "")
@@ -123,7 +128,8 @@ def cmd_generate(cfg: GenerateCommand) -> int:
         print(piece, end="", flush=True)
     s = result.stats
     print(f"\n[{cfg.method}] {s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, "
-          f"{s.mean_accepted:.2f} tokens/step, {s.forward_seconds:.2f}s forward / {s.other_seconds:.2f}s other",
+          f"{s.mean_accepted:.2f} tokens/step, {s.forward_seconds:.2f}s forward / {s.other_seconds:.2f}s other"
+          + ("" if result.seed is None else f", seed {result.seed}"),
           file=sys.stderr)
     return 0
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from export.checkpoint import model_fingerprint
-from export.methods import METHODS, TREE_METHODS, method_spec
+from export.methods import METHODS, TREE_SEARCH_METHODS, method_spec
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PPDConfig
 from runtime.backends import DEFAULT_BACKEND
@@ -44,8 +44,8 @@ class StatsConfig:
     max_prompt_tokens: int = 1024          # longer prompts are skipped (prefill time, context)
 
     def __post_init__(self) -> None:
-        if self.method not in TREE_METHODS:
-            raise ValueError(f"acceptance statistics are for {' or '.join(TREE_METHODS)}, not {self.method!r}")
+        if self.method not in TREE_SEARCH_METHODS:
+            raise ValueError(f"acceptance statistics are for {' or '.join(TREE_SEARCH_METHODS)}, not {self.method!r}")
         for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -60,7 +60,7 @@ class CheckpointIdentity:
 
 def method_checkpoint(method: str, checkpoint: str | Path | None) -> Path:
     """`checkpoint`, or the committed one of `method` when None."""
-    spec = method_spec(method, among=TREE_METHODS)
+    spec = method_spec(method, among=TREE_SEARCH_METHODS)
     return Path(spec.default_checkpoint if checkpoint is None else checkpoint)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -18,6 +19,7 @@ from runtime.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
 from export.methods import METHODS
 from runtime.prompts import PromptItem, load_prompts
+from runtime.verify import DecodingOptions
 from trees.atomic import write_atomic
 
 PEERS = ("hf-generate", "hf-prompt-lookup", "ortgenai")
@@ -35,6 +37,14 @@ class BenchConfig:
     limit: int | None = None
     repeats: int = 3
     method_options: dict[str, dict] = field(default_factory=dict)
+    temperature: float = DecodingOptions.temperature   # 0 = greedy; else every method samples with one seed
+    top_p: float = DecodingOptions.top_p
+    top_k: int = DecodingOptions.top_k
+    seed: int | None = DecodingOptions.seed            # sampling without a seed: one random seed for the run
+
+    @property
+    def decoding(self) -> DecodingOptions:
+        return DecodingOptions(self.temperature, self.top_p, self.top_k, self.seed)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS and m not in PEERS]
@@ -42,6 +52,8 @@ class BenchConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join((*METHODS, *PEERS))}")
         if self.repeats < 1:
             raise ValueError("repeats must be >= 1")
+        if not self.decoding.greedy and "ortgenai" in self.methods:
+            raise ValueError("the ortgenai peer runs greedy only: drop it, or benchmark with --temperature 0")
 
 
 @dataclass
@@ -55,22 +67,34 @@ class PromptRun:
 Runner = Callable[[list[int]], PromptRun]
 
 
-def generator_runner(gen: Generator, max_new_tokens: int) -> Runner:
+def generator_runner(gen: Generator, max_new_tokens: int, decoding: DecodingOptions = DecodingOptions()) -> Runner:
+    """Our generator on one prompt; under sampling every prompt uses decoding.seed, so methods compare
+    token for token (lossless sampling emits what plain sampling emits)."""
+    options = dataclasses.asdict(decoding)
+
     def run(prompt_ids: list[int]) -> PromptRun:
-        result = gen.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        result = gen.generate(prompt_ids, max_new_tokens=max_new_tokens, **options)
         return PromptRun(result.token_ids, result.stats.steps, result.stats.seconds, result.stats.accepted_tokens)
     return run
 
 
-def hf_runner(model, max_new_tokens: int, eos_token_id: int, prompt_lookup: bool) -> Runner:
+def hf_runner(model, max_new_tokens: int, eos_token_id: int, prompt_lookup: bool,
+              decoding: DecodingOptions = DecodingOptions()) -> Runner:
+    """transformers `generate`; under sampling with its own sampler (seeded per prompt with decoding.seed,
+    so its tokens are not ours: only its speed compares)."""
     extra = {"prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS} if prompt_lookup else {}
+    if not decoding.greedy:
+        extra.update(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
 
     @torch.inference_mode()
     def run(prompt_ids: list[int]) -> PromptRun:
         ids = torch.tensor([prompt_ids], device=model.device)
+        if not decoding.greedy:
+            torch.manual_seed(decoding.seed)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=eos_token_id, eos_token_id=eos_token_id, **extra)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=not decoding.greedy, pad_token_id=eos_token_id, eos_token_id=eos_token_id,
+                             **extra)
         seconds = time.perf_counter() - start
         new = out[0, len(prompt_ids):].tolist()
         # Without prompt lookup, HF decodes one token per forward after prefill.
@@ -78,7 +102,7 @@ def hf_runner(model, max_new_tokens: int, eos_token_id: int, prompt_lookup: bool
     return run
 
 
-def make_runners(cfg: BenchConfig) -> tuple[dict[str, Runner], Generator]:
+def make_runners(cfg: BenchConfig, decoding: DecodingOptions) -> tuple[dict[str, Runner], Generator]:
     runners: dict[str, Runner] = {}
     first: Generator | None = None
     for method in cfg.methods:
@@ -86,7 +110,7 @@ def make_runners(cfg: BenchConfig) -> tuple[dict[str, Runner], Generator]:
             gen = Generator.from_pretrained(cfg.model_dir, method=method, backend=cfg.backend, device=cfg.device,
                                             **cfg.method_options.get(method, {}))
             first = first or gen
-            runners[method] = generator_runner(gen, cfg.max_new_tokens)
+            runners[method] = generator_runner(gen, cfg.max_new_tokens, decoding)
     if first is None:  # peers only: a vanilla generator still provides the tokenizer
         first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device)
     if "ortgenai" in cfg.methods:
@@ -98,7 +122,7 @@ def make_runners(cfg: BenchConfig) -> tuple[dict[str, Runner], Generator]:
         eos = first.tokenizer.eos_token_id
         for method in cfg.methods:
             if method.startswith("hf-"):
-                runners[method] = hf_runner(hf, cfg.max_new_tokens, eos, prompt_lookup=method == "hf-prompt-lookup")
+                runners[method] = hf_runner(hf, cfg.max_new_tokens, eos, method == "hf-prompt-lookup", decoding)
     return runners, first
 
 
@@ -118,7 +142,8 @@ def ortgenai_bench_runner(cfg: BenchConfig) -> Runner:
 
 def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     items: list[PromptItem] = load_prompts(cfg.prompts, cfg.limit)
-    runners, gen = make_runners(cfg)
+    decoding = cfg.decoding.with_seed()
+    runners, gen = make_runners(cfg, decoding)
     encoded = [gen.encode(item.prompt) for item in items]
     results = run_interleaved(runners, encoded, cfg.repeats, show_progress=show_progress)
     report = {
@@ -128,6 +153,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         "prompts": cfg.prompts,
         "max_new_tokens": cfg.max_new_tokens,
         "repeats": cfg.repeats,
+        "decoding": dataclasses.asdict(decoding),
         "runs": [summarise(method, items, reps) for method, reps in results.items()],
     }
     add_comparisons(report)
@@ -194,8 +220,11 @@ def add_comparisons(report: dict) -> None:
 
 def format_table(report: dict) -> str:
     n = len(report["runs"][0]["prompts"]) if report["runs"] else 0
+    d = report.get("decoding") or {}
+    mode = "greedy" if not d.get("temperature") else (f"sampling (temperature {d['temperature']}, top-p {d['top_p']}, "
+                                                     f"top-k {d['top_k']}, seed {d['seed']})")
     lines = [f"{report['prompts']} x {n} prompts, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
-             f"{report['device']}, median of {report['repeats']} repeats",
+             f"{report['device']}, {mode}, median of {report['repeats']} repeats",
              f"{'method':<18}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'same as vanilla':>17}"]
     for r in report["runs"]:
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"

@@ -66,6 +66,7 @@ class Result:
     token_ids: list[int]              # new tokens only (EOS included if generated)
     text: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    seed: int | None = None           # sampling: the seed used (a random one when none was given)
 
 
 class Generator:
@@ -187,13 +188,15 @@ class Generator:
                     return
 
     def stream(self, prompt: Prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               stop: Sequence[str] | None = None, result: Result | None = None, *, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
+               stop: Sequence[str] | None = None, result: Result | None = None, *,
+               temperature: float = DecodingOptions.temperature, top_p: float = DecodingOptions.top_p,
+               top_k: int = DecodingOptions.top_k, seed: int | None = DecodingOptions.seed) -> Iterator[str]:
         """Yield text pieces as tokens are accepted. Generation ends at EOS, at the first stop string
         (text through the stop string is returned, nothing after it) or after max_new_tokens.
-        temperature 0 (the default) is greedy. Pass a `result` to have it filled with the token ids,
-        full text and stats."""
-        options = DecodingOptions(temperature, top_p, top_k, seed)   # refused before any work
+        temperature 0 (the default) is greedy; otherwise tokens are sampled exactly (for a given seed,
+        every method emits the tokens plain sampling emits; no seed: a random one, reported in the
+        result). Pass a `result` to have it filled with the token ids, full text, stats and seed."""
+        options = DecodingOptions(temperature, top_p, top_k, seed).with_seed()   # refused before any work
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this Generator is already generating in another thread: a Generator owns one KV "
                                "cache and decodes one sequence at a time; use one Generator per thread")
@@ -205,6 +208,7 @@ class Generator:
     def _stream_text(self, prompt: Prompt, max_new_tokens: int, stop: Sequence[str] | None,
                      options: DecodingOptions, result: Result) -> Iterator[str]:
         stats, tokens = result.stats, result.token_ids
+        result.seed = options.seed
         stops = [s for s in (stop or []) if s]
         longest_stop = max((len(s) for s in stops), default=0)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -235,8 +239,9 @@ class Generator:
             yield text[emitted:]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 stop: Sequence[str] | None = None, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None) -> Result:
+                 stop: Sequence[str] | None = None, *, temperature: float = DecodingOptions.temperature,
+                 top_p: float = DecodingOptions.top_p, top_k: int = DecodingOptions.top_k,
+                 seed: int | None = DecodingOptions.seed) -> Result:
         result = Result([], "")
         for _ in self.stream(prompt, max_new_tokens, stop, result, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed):

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import model_fingerprint
-from export.methods import (METHODS, HTOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions, PPDOptions,
-                            load_ht_extras, load_ppd_extras, method_spec)
+from export.methods import (METHODS, HTOptions, HybridOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions,
+                            PPDOptions, load_ht_extras, load_ppd_extras, method_spec)
 from export.ppd import PPDConfig
 from runtime.backends import DEFAULT_BACKEND
 from runtime.devices import default_tree
 from runtime.proposers import NgramProposer, Proposer, VanillaProposer
+from runtime.proposers.hybrid import HybridProposer
 from runtime.proposers.ppd import PPDProposer
 from trees import check_tree_identity, load_ppd_trees
 
@@ -64,22 +65,38 @@ def build_ngram(spec: MethodSpec, options: NgramOptions, context: BuildContext) 
 
 def _tree_set(spec: MethodSpec, tree: str | None, checkpoint: str, context: BuildContext, fingerprint: str,
               weights_sha256: str):
-    path = tree or default_tree(spec.name, context.device, context.backend, checkpoint, spec.hand_picked_tree)
+    """`tree`, else the tree searched for this method on the device (methods the search does not cover
+    yet take their graph's tree for the device), else the hand-picked one."""
+    fallback = spec.hand_picked_tree
+    if not spec.tree_search:
+        fallback = default_tree(spec.graph, context.device, context.backend, checkpoint, fallback)
+    path = tree or default_tree(spec.name, context.device, context.backend, checkpoint, fallback)
     trees = load_ppd_trees(path)
     check_tree_identity(trees, fingerprint, weights_sha256)
     return trees
 
 
-def build_ppd(spec: MethodSpec, options: PPDOptions, context: BuildContext) -> Method:
+def _ppd_extras(options: PPDOptions, context: BuildContext) -> tuple[MethodExtras, str]:
+    """The prompt tokens of a ppd-graph method (and the model fingerprint they were checked against)."""
     expected = None
     if options.num_prompt_tokens is not None or options.ensemble is not None:
         default = PPDConfig()
         expected = PPDConfig(options.num_prompt_tokens or default.num_prompt_tokens,
                              options.ensemble or default.ensemble)
     fingerprint = model_fingerprint(context.model_dir)
-    extras = load_ppd_extras(options.checkpoint, fingerprint, context.hidden_size, expected)
+    return load_ppd_extras(options.checkpoint, fingerprint, context.hidden_size, expected), fingerprint
+
+
+def build_ppd(spec: MethodSpec, options: PPDOptions, context: BuildContext) -> Method:
+    extras, fingerprint = _ppd_extras(options, context)
     trees = _tree_set(spec, options.tree, options.checkpoint, context, fingerprint, extras.weights_sha256)
     return Method(spec, PPDProposer(extras.slot_layout, trees, context.vocab_size), extras)
+
+
+def build_hybrid(spec: MethodSpec, options: HybridOptions, context: BuildContext) -> Method:
+    extras, fingerprint = _ppd_extras(options, context)
+    trees = _tree_set(spec, options.tree, options.checkpoint, context, fingerprint, extras.weights_sha256)
+    return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, options), extras)
 
 
 def build_ht(spec: MethodSpec, options: HTOptions, context: BuildContext) -> Method:

@@ -14,9 +14,12 @@ method emits token for token what plain sampling emits: losslessness is an equal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from runtime.verify import DecodingOptions
+if TYPE_CHECKING:
+    from runtime.verify import DecodingOptions
 
 # SplitMix64 constants as signed int64 (torch has no uint64 arithmetic; products wrap mod 2^64).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -39,7 +42,7 @@ def keyed_uniforms(seed: int, positions: torch.Tensor) -> torch.Tensor:
     return _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
-def process_logits(logits: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, options: "DecodingOptions") -> torch.Tensor:
     """[N, V] logits -> [N, V] float32 probabilities: divide by the temperature, keep the top_k most
     likely tokens (ties at the k-th value kept), then the smallest set of most likely tokens whose
     mass reaches top_p (the token that crosses it included), renormalised."""
@@ -69,7 +72,7 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 class SamplingVerifier:
     """Chooses, after each candidate node, the token plain sampling would draw at the next position."""
 
-    def __init__(self, options: DecodingOptions, seed: int) -> None:
+    def __init__(self, options: "DecodingOptions", seed: int) -> None:
         self.options, self.seed = options, seed
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

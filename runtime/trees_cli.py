@@ -29,7 +29,7 @@ from pathlib import Path
 
 from export.checkpoint import CheckpointError, model_fingerprint
 from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE
-from export.methods import METHODS, TREE_METHODS
+from export.methods import METHODS, TREE_SEARCH_METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PromptTokenError
 from runtime.acceptance import StatsConfig, method_checkpoint
@@ -63,7 +63,7 @@ DEFAULT_METHOD = StatsConfig.method
 @dataclass(frozen=True)
 class StatsCommand:
     model_dir: str = option(StatsConfig.model_dir, "model checkpoint dir")
-    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_METHODS)
+    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_SEARCH_METHODS)
     checkpoint: str | None = option(StatsConfig.checkpoint, CHECKPOINT_HELP)
     backend: str = option(StatsConfig.backend, "backend that decodes", choices=BACKEND_CHOICES)
     device: str = option(StatsConfig.device, "cpu or cuda")
@@ -99,7 +99,7 @@ class SearchRun:
     backend: str = option(DEFAULT_BACKEND, "backend", choices=BACKEND_CHOICES)
     device: str | None = option(None, "cpu or cuda (default: from --gpu)")
     model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir")
-    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_METHODS)
+    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_SEARCH_METHODS)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
     stats: str | None = option(None, "acceptance statistics (default: next to the checkpoint)")
     profile: str | None = option(None, "latency profile (default: the one next to the checkpoint whose device "

@@ -5,14 +5,16 @@
     walk(draft, chosen [C]) -> (path, bonus)              on the host: follow the child whose token
                                                           is the chosen one; the last choice is the bonus
 
-Greedy chooses the argmax. The sampling verifier (the next issue) chooses a token drawn from the
-processed distribution with a uniform keyed by (seed, absolute position) and walks the same way,
-which is exact for deterministic drafts: the walk only reads `chosen`.
+Greedy chooses the argmax. The sampling verifier (runtime/sampling.py) chooses a token drawn from
+the processed distribution with a uniform keyed by (seed, absolute position) and walks the same
+way, which is exact for deterministic drafts: the walk only reads `chosen`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from runtime.draft import Draft
+from runtime.sampling import SamplingVerifier
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,13 @@ class DecodingOptions:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def with_seed(self) -> "DecodingOptions":
+        """These options with a concrete seed: sampling without one gets a fresh random seed (report it
+        to reproduce the call); greedy needs none."""
+        if self.greedy or self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
 
 class Verifier(Protocol):
     def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -60,11 +70,13 @@ class GreedyVerifier:
 
 
 def make_verifier(options: DecodingOptions) -> Verifier:
-    """The verifier for `options`: greedy for temperature 0."""
+    """The verifier for `options`: greedy for temperature 0, else exact sampling keyed by the seed
+    (call `options.with_seed()` first: sampling needs a concrete seed)."""
     if options.greedy:
         return GreedyVerifier()
-    raise ValueError(f"sampling (temperature={options.temperature}) is not available yet: every method "
-                     "decodes greedily for now; pass temperature=0 (top_p, top_k and seed apply to sampling only)")
+    if options.seed is None:
+        raise ValueError("sampling needs a seed: pass seed=..., or options.with_seed() for a random one")
+    return SamplingVerifier(options, options.seed)
 
 
 def walk(draft: Draft, chosen: np.ndarray) -> tuple[list[int], int]:

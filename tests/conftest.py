@@ -13,7 +13,7 @@ from runtime.prompts import load_prompts
 
 LOSSLESS_NEW_TOKENS = 64
 # The session fixture that provides each trained method's committed checkpoint (skips when absent).
-TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
+TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "hybrid": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
 @pytest.fixture(scope="session")

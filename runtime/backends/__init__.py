@@ -76,8 +76,9 @@ def make_backend(name: str, model_dir: str | Path, method: "Method", device: str
 
 def engine_method(manifest: "Manifest", name: str | None = None, device: str = "cpu", **options) -> "Method":
     """Build the method an engine dir runs: by default the one it was exported for, with its options
-    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick a method served by the engine's
-    graph (vanilla or ngram on any engine). The method's tensors must be the ones in the graph."""
+    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick another method its graph serves
+    (vanilla or ngram on any engine, hybrid on a ppd engine). The method's tensors must be the ones
+    in the graph."""
     from export.engine import engine_tree_path
     from export.methods import method_spec
     from runtime.methods import build_method
@@ -85,21 +86,22 @@ def engine_method(manifest: "Manifest", name: str | None = None, device: str = "
     record = manifest.method
     name = record.name if name is None else name
     spec = method_spec(name)
-    if name != record.name and spec.trained:
+    own_graph = spec.graph == record.name
+    if spec.trained and not own_graph:
         raise ValueError(f"method {name!r} needs its trained tensors in the graph, but {manifest.dir} is an "
-                         f"{record.name!r} engine: export one with `python -m export onnx --method {name} ...`, "
+                         f"{record.name!r} engine: export one with `python -m export onnx --method {spec.graph} ...`, "
                          f"or pick vanilla or ngram, which run on any engine")
-    if name == record.name:
+    if own_graph and spec.trained:
         options = {**record.options, **({"checkpoint": record.checkpoint.file} if record.checkpoint else {}), **options}
     engine_tree = engine_tree_path(manifest)
-    if name == record.name and spec.tree_set and "tree" not in options and engine_tree.is_file():
+    if own_graph and spec.tree_set and "tree" not in options and engine_tree.is_file():
         options["tree"] = str(engine_tree)   # the tree `make engine` installed for this device
     model = manifest.model
     # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd, ht).
     method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,
                           backend="onnxruntime", **options)
     weights = method.extras.weights_sha256
-    if weights is not None and (name != record.name or weights != record.weights_sha256):
+    if weights is not None and (not own_graph or weights != record.weights_sha256):
         raise ValueError(f"method {name!r} brings trained tensors that are not the ones exported into "
                          f"{manifest.dir} (a {record.name!r} engine); export an engine with this checkpoint "
                          f"(`python -m export onnx --method {name} --checkpoint FILE ...`)")

@@ -25,10 +25,10 @@ class CandidateTrie:
     def full(self) -> bool:
         return len(self.tokens) >= self.max_nodes
 
-    def add(self, path: Iterable[int], source: str) -> int:
-        """Merge a token path below the root (nodes already present are shared, keeping the source
-        that made them first); stops at the budget. Returns how many nodes were added."""
-        node, added = 0, 0
+    def add(self, path: Iterable[int], source: str, below: int = 0) -> list[int]:
+        """Merge a token path below node `below` (nodes already present are shared, keeping the source
+        that made them first); stops at the budget. Returns the path's nodes that are in the trie."""
+        node, nodes = below, []
         for token in path:
             token = int(token)
             child = self._index.get((node, token))
@@ -40,9 +40,12 @@ class CandidateTrie:
                 self.tokens.append(token)
                 self.parents.append(node)
                 self.sources.append(source)
-                added += 1
             node = child
-        return added
+            nodes.append(node)
+        return nodes
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
     def layout(self) -> Layout:
         return Layout.from_parents(self.parents)

@@ -54,3 +54,17 @@ def test_report_compares_every_method_with_vanilla_of_the_same_run(tiny_model_di
 def test_unknown_method_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="unknown method.*'medusa'.*choose from vanilla"):
         BenchConfig(methods=("vanilla", "medusa"))
+
+
+def test_sampling_bench_uses_one_seed_for_every_method(tiny_model_dir, tmp_path):
+    """Under sampling every method gets the run's seed (drawn once when none is given), so lossless
+    methods still match vanilla token for token; the report and table say how it sampled."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "1 2 3 1 2 3 1 2 3"}\n')
+    report = run_bench(BenchConfig(prompts=str(prompts), methods=("vanilla", "ngram"), model_dir=str(tiny_model_dir),
+                                   max_new_tokens=16, repeats=1, temperature=0.1, top_p=0.9), show_progress=False)
+    assert report["decoding"]["temperature"] == 0.1 and isinstance(report["decoding"]["seed"], int)
+    assert [r["matches_vanilla"] for r in report["runs"]] == [1, 1]
+    assert f"seed {report['decoding']['seed']}" in format_table(report)
+    with pytest.raises(ValueError, match="greedy only"):
+        BenchConfig(methods=("vanilla", "ortgenai"), temperature=0.7)

@@ -56,10 +56,20 @@ def test_repeatable_flags_collect():
     assert cfg.stop == ["\n\n", "END"] and cfg.option == ["n=3", "x=y"]
 
 
-def test_sampling_is_refused_with_exit_2(tiny_model_dir, capsys):
-    assert main(["generate", "hi", "--model", str(tiny_model_dir), "--temperature", "0.5"]) == 2
+def test_sampling_with_a_seed_is_reproducible(tiny_model_dir, capsys):
+    args = ["generate", "hi", "--model", str(tiny_model_dir), "--temperature", "0.9", "--top-p", "0.9",
+            "--seed", "7", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "seed 7" in first.err
+    assert main(args + ["--method", "ngram"]) == 0
+    assert capsys.readouterr().out == first.out
+
+
+def test_negative_temperature_is_refused_with_exit_2(tiny_model_dir, capsys):
+    assert main(["generate", "hi", "--model", str(tiny_model_dir), "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "sampling" in err
+    assert err.startswith("error: ") and "temperature" in err
 
 
 def test_bad_top_p_is_refused_with_exit_2(tiny_model_dir, capsys):

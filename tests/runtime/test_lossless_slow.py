@@ -35,7 +35,8 @@ def vanilla_outputs(real_model_dir, sweep_prompts):
 
 
 @pytest.mark.parametrize("backend,method", [("torch", "ngram"), ("torch", "ppd"), ("torch", "ht"),
-                                            ("onnxruntime", "ppd"), ("onnxruntime", "ht")])
+                                            ("onnxruntime", "ppd"), ("onnxruntime", "ht"),
+                                            ("onnxruntime", "hybrid")])
 def test_full_sweep_matches_vanilla(backend, method, real_model_dir, sweep_prompts, vanilla_outputs, request):
     if method in TRAINED_FIXTURES:
         request.getfixturevalue(TRAINED_FIXTURES[method])

@@ -35,10 +35,11 @@ def test_bad_config_is_refused():
 
 def test_trie_merges_sources_and_shares_prefixes_within_budget():
     trie = CandidateTrie(root=7, max_nodes=6)
-    assert trie.add([1, 2, 3], "ppd") == 3
-    assert trie.add([1, 2, 4], "ngram") == 1          # [1, 2] shared: one new node
-    assert trie.add([5, 6, 8], "ngram") == 1          # budget: only 5 fits
-    assert trie.full and trie.add([9], "ngram") == 0
+    assert trie.add([1, 2, 3], "ppd") == [1, 2, 3]
+    assert trie.add([1, 2, 4], "ngram") == [1, 2, 4]  # [1, 2] shared: one new node
+    assert trie.add([5, 6, 8], "ngram") == [5]        # budget: only 5 fits
+    assert trie.full and trie.add([9], "ngram") == []
+    assert trie.add([4], "ngram", below=2) == [4]      # below another node: shared
     draft = trie.draft()
     assert draft.tokens.tolist() == [7, 1, 2, 3, 4, 5]
     assert draft.buffers.parents.tolist() == [-1, 0, 1, 2, 2, 0]

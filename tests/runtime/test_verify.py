@@ -7,6 +7,7 @@ import torch
 from runtime.backends.base import DeviceLayout, StepOutput
 from runtime.draft import Draft, Layout
 from runtime.readout import read_step
+from runtime.sampling import SamplingVerifier
 from runtime.verify import DecodingOptions, GreedyVerifier, make_verifier, walk
 
 V = 10
@@ -82,7 +83,10 @@ def test_bad_decoding_options_are_refused(options, message):
         DecodingOptions(**options)
 
 
-def test_greedy_is_the_default_and_sampling_is_refused_until_it_exists():
+def test_options_pick_the_verifier():
     assert isinstance(make_verifier(DecodingOptions()), GreedyVerifier)
-    with pytest.raises(ValueError, match="sampling .* not available yet"):
-        make_verifier(DecodingOptions(temperature=0.7, top_p=0.9, seed=1))
+    assert isinstance(make_verifier(DecodingOptions(temperature=0.7, top_p=0.9, seed=1)), SamplingVerifier)
+    with pytest.raises(ValueError, match="needs a seed"):
+        make_verifier(DecodingOptions(temperature=0.7))
+    seeded = DecodingOptions(temperature=0.7).with_seed()
+    assert seeded.seed is not None and DecodingOptions().with_seed().seed is None
