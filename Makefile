@@ -11,7 +11,7 @@ GPU ?= cpu
 # Backend whose step latency the tree is searched for (cpu: our onnxruntime engine).
 TREE_BACKEND ?= onnxruntime
 
-.PHONY: setup model demo test test-slow bench bench-ort peers train engine tree clean
+.PHONY: setup model demo serve serve-ray-deps test test-slow bench bench-ort peers train engine tree clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -29,6 +29,14 @@ $(MODEL_STAMP): | $(STAMP)
 
 demo: setup
 	$(PY) -m runtime demo
+
+# The OpenAI-compatible server on 127.0.0.1:8000 (`python -m runtime serve --help` for the flags).
+serve: setup
+	$(PY) -m runtime serve
+
+# Ray Serve for `python -m runtime serve --ray` and its tests (optional: large, not in requirements.txt).
+serve-ray-deps: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[serve-ray]"
 
 test: setup
 	$(PY) -m pytest -q
@@ -55,11 +63,13 @@ engine: setup
 	$(PY) -m export engine --target $(GPU) --method ppd
 	$(PY) -m export engine --target $(GPU) --method ht
 
-# The hardware-aware ppd and ht trees for a device: latency profile (measured when missing, shared
+# The hardware-aware ppd, ht and hybrid trees for a device: latency profile (measured when missing, shared
 # by both methods), then the searches.
 tree: setup
 	$(PY) -m runtime trees build --method ppd --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
 	$(PY) -m runtime trees build --method ht --gpu $(GPU) --backend $(TREE_BACKEND)
+	test -f checkpoints/smollm2-135m-instruct/ngram-acceptance.json || $(PY) -m runtime trees ngram-stats --backend $(TREE_BACKEND)
+	$(PY) -m runtime trees build --method hybrid --gpu $(GPU) --backend $(TREE_BACKEND)
 
 train: setup
 	$(PY) -m train ppd

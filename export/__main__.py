@@ -93,16 +93,17 @@ def cmd_engine(cfg: EngineCommand) -> int:
     check_target(cfg.target)
     out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method)
     manifest = build_ort_engine(cfg.export_config(out))
-    spec = METHODS[manifest.method.name]
-    if spec.tree_set:
-        # The tree searched for this device travels with the engine (Generator.from_engine uses it).
-        from export.engine import install_tree
-        from runtime.devices import default_tree
+    # The trees searched for this device travel with the engine (Generator.from_engine uses them): the
+    # graph's own method's, and those of the other tree methods it serves (a ppd engine serves hybrid).
+    from export.engine import install_tree
+    from runtime.devices import default_tree
 
+    for spec in (s for s in METHODS.values() if s.tree_set and s.graph == manifest.method.name):
         record = manifest.method.checkpoint
         checkpoint = record.file if record else spec.default_checkpoint
-        source = default_tree(spec.name, "cpu", "onnxruntime", checkpoint, spec.hand_picked_tree)
-        tree = install_tree(manifest, source)
+        fallback = default_tree(spec.graph, "cpu", "onnxruntime", checkpoint, spec.hand_picked_tree)
+        source = default_tree(spec.name, "cpu", "onnxruntime", checkpoint, fallback)
+        tree = install_tree(manifest, source, spec.name)
         print(f"{spec.name} tree: {tree.name} (from {source.resolve()})")
     print(f"engine ready: {manifest.dir}")
     return 0

@@ -112,16 +112,20 @@ def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, devi
     return build_ort_engine(config, extras, device_type, log=log, verify_files=False)
 
 
-def engine_tree_path(manifest: Manifest) -> Path:
-    """Where the tree set an engine dir runs by default lives (Generator.from_engine): <method>-tree.json."""
-    return manifest.dir / f"{manifest.method.name}-tree.json"
+def engine_tree_path(manifest: Manifest, method: str | None = None) -> Path:
+    """Where the tree set `method` (default: the engine's own) runs by default from this engine dir
+    (Generator.from_engine): <method>-tree.json."""
+    return manifest.dir / f"{method or manifest.method.name}-tree.json"
 
 
-def install_tree(manifest: Manifest, tree_file: str | Path) -> Path:
-    """Copy the tree file into the engine dir (atomically), so the dir is all a deployment needs."""
-    if not METHODS[manifest.method.name].tree_set:
-        raise ValueError(f"a {manifest.method.name!r} engine decodes without a tree; only the graphs of tree methods "
-                         f"({', '.join(n for n, s in METHODS.items() if s.tree_set and s.graph == n)}) take one")
-    target = engine_tree_path(manifest)
+def install_tree(manifest: Manifest, tree_file: str | Path, method: str | None = None) -> Path:
+    """Copy the tree file of `method` (default: the engine's own; any tree method its graph serves)
+    into the engine dir (atomically), so the dir is all a deployment needs."""
+    spec = METHODS[method or manifest.method.name]
+    if not spec.tree_set or spec.graph != manifest.method.name:
+        served = [n for n, s in METHODS.items() if s.tree_set and s.graph == manifest.method.name]
+        raise ValueError(f"a {manifest.method.name!r} engine takes the trees of {served or 'no method'}, not "
+                         f"{spec.name!r}'s")
+    target = engine_tree_path(manifest, spec.name)
     write_atomic(target, Path(tree_file).read_text())
     return target

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,17 +58,23 @@ class PPDOptions:
 class HybridOptions(PPDOptions):
     """PPD's options (its checkpoint, tree and N/k checks) plus the n-gram source merged into each step."""
 
-    ngram_depth: int = 4            # n-gram continuation tokens merged into the PPD tree per step
-    ngram_prompt_tokens: int = 1    # prompt tokens carried by each node only the n-gram proposed
+    # None: what the hybrid tree file's search chose for the device (else DEFAULT_HYBRID_NGRAM)
+    ngram_depth: int | None = None          # n-gram continuation tokens merged into the PPD tree per step
+    ngram_prompt_tokens: int | None = None  # prompt tokens carried by each node only the n-gram proposed
     max_ngram: int = 3              # longest suffix n-gram looked up (then shorter ones) ...
     min_ngram: int = 1              # ... down to this length
 
     def __post_init__(self) -> None:
-        if self.ngram_depth < 1 or self.ngram_prompt_tokens < 0:
-            raise ValueError(f"hybrid needs ngram_depth >= 1 and ngram_prompt_tokens >= 0, got {self.ngram_depth}, "
+        if (self.ngram_depth is not None and self.ngram_depth < 0) or (
+                self.ngram_prompt_tokens is not None and self.ngram_prompt_tokens < 0):
+            raise ValueError(f"hybrid needs ngram_depth >= 0 and ngram_prompt_tokens >= 0, got {self.ngram_depth}, "
                              f"{self.ngram_prompt_tokens}")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"ngram sizes need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+
+
+# (ngram_depth, ngram_prompt_tokens) of a hybrid whose tree file was not searched for it.
+DEFAULT_HYBRID_NGRAM = (4, 1)
 
 
 @dataclass(frozen=True)
@@ -137,15 +144,18 @@ class MethodSpec:
     options: type                       # options dataclass: Generator.from_pretrained(method=name, **options)
     builder: str                        # "module:function" that builds the runtime Method
     graph: str                          # the exported graph that serves it (vanilla = no trained tensors)
+    # trained methods: (checkpoint, model fingerprint, hidden size) -> the tensors their graph bakes in
+    load_tensors: Callable[[str | Path, str, int], MethodExtras] | None = None
     default_checkpoint: Path | None = None   # trained methods: the committed checkpoint
     hand_picked_tree: Path | None = None     # tree methods: the fallback when no tree was searched for the device
     train_command: str | None = None    # how the checkpoint is made
     tree_search: bool = True            # tree methods: `python -m runtime trees` searches its trees
+    ngram_candidates: bool = False      # its steps also hold n-gram candidates (searched with their statistics)
 
     @property
     def trained(self) -> bool:
-        """Bakes trained tensors (from a checkpoint) into its own graph."""
-        return self.default_checkpoint is not None
+        """Bakes trained tensors (from a checkpoint) into its graph."""
+        return self.load_tensors is not None
 
     @property
     def tree_set(self) -> bool:
@@ -162,32 +172,31 @@ class MethodSpec:
 
     def load_extras(self, checkpoint: str | Path, fingerprint: str, hidden_size: int) -> MethodExtras:
         """The trained tensors of `checkpoint` for this method's graph (refused when trained for another model)."""
-        if self.graph == "ppd":
-            return load_ppd_extras(checkpoint, fingerprint, hidden_size)
-        if self.graph == "ht":
-            return load_ht_extras(checkpoint, fingerprint, hidden_size)
-        raise ValueError(f"method {self.name!r} has no trained tensors")
+        if self.load_tensors is None:
+            raise ValueError(f"method {self.name!r} has no trained tensors")
+        return self.load_tensors(checkpoint, fingerprint, hidden_size)
 
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("vanilla", NoOptions, "runtime.methods:build_vanilla", graph="vanilla"),
     MethodSpec("ngram", NgramOptions, "runtime.methods:build_ngram", graph="vanilla"),
-    MethodSpec("ppd", PPDOptions, "runtime.methods:build_ppd", graph="ppd",
+    MethodSpec("ppd", PPDOptions, "runtime.methods:build_ppd", graph="ppd", load_tensors=load_ppd_extras,
                default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
                train_command="python -m train ppd"),
     # PPD's tree and the n-gram continuation in one step, on the ppd graph (runtime/proposers/hybrid.py).
-    MethodSpec("hybrid", HybridOptions, "runtime.methods:build_hybrid", graph="ppd",
+    MethodSpec("hybrid", HybridOptions, "runtime.methods:build_hybrid", graph="ppd", load_tensors=load_ppd_extras,
                default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
-               train_command="python -m train ppd", tree_search=False),
+               train_command="python -m train ppd", ngram_candidates=True),
     # HT at inference is PPD's dynamic sparse tree with ensemble 1 over pseudo slots (export/ht.py).
-    MethodSpec("ht", HTOptions, "runtime.methods:build_ht", graph="ht",
+    MethodSpec("ht", HTOptions, "runtime.methods:build_ht", graph="ht", load_tensors=load_ht_extras,
                default_checkpoint=DEFAULT_HT_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ht-tree-cpu.json",
                train_command="python -m train ht"),
 )}
 TREE_METHODS = tuple(name for name, spec in METHODS.items() if spec.tree_set)
-# Methods whose trees the search fits (acceptance statistics of their own slots); hybrid decodes with
-# the ppd tree of the device until the search accounts for its n-gram candidates.
+# Methods whose trees `python -m runtime trees build` searches, and the graphs whose slots' acceptance
+# statistics they are searched on (hybrid: ppd's, plus the n-gram statistics).
 TREE_SEARCH_METHODS = tuple(name for name in TREE_METHODS if METHODS[name].tree_search)
+STATS_METHODS = tuple(dict.fromkeys(METHODS[name].graph for name in TREE_SEARCH_METHODS))
 TRAINED_METHODS = tuple(name for name, spec in METHODS.items() if spec.trained)
 EXPORT_METHODS = tuple(dict.fromkeys(spec.graph for spec in METHODS.values()))
 

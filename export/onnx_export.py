@@ -69,8 +69,8 @@ class ExportConfig:
         if self.max_tree < 1 or self.max_context < 2 * self.max_tree:
             raise ValueError(f"need max_tree >= 1 and max_context >= 2 * max_tree, got max_tree={self.max_tree}, "
                              f"max_context={self.max_context}")
-        if self.method == "vanilla" and self.checkpoint is not None:
-            raise ValueError("--method vanilla takes no --checkpoint")
+        if not METHODS[self.method].trained and self.checkpoint is not None:
+            raise ValueError(f"--method {self.method} takes no --checkpoint")
 
 
 class StepGraph(nn.Module):
@@ -235,12 +235,9 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
     """Export, check and validate the step graph of `config.model_dir` into `config.out_dir`.
     `extras` overrides the method rows (default: loaded from `config.checkpoint`)."""
     extras = load_method_extras(config) if extras is None else extras
-    if config.method == "ppd" and extras.embeddings is None:
-        raise ValueError("a ppd export needs prompt-token embeddings")
-    if config.method == "ht" and extras.transfer_maps is None:
-        raise ValueError("an ht export needs transfer maps")
-    if config.method == "vanilla" and (extras.embeddings is not None or extras.transfer_maps is not None):
-        raise ValueError("a vanilla export takes no trained tensors")
+    if METHODS[config.method].trained != (extras.weights_sha256 is not None):
+        raise ValueError(f"a {config.method} export needs its trained tensors" if METHODS[config.method].trained
+                         else f"a {config.method} export takes no trained tensors")
     dtype = DTYPES[config.dtype]
     hf_model, tokenizer = load_checkpoint(config.model_dir, dtype=dtype)
     embeddings = None if extras.embeddings is None else extras.embeddings.to(dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from export.checkpoint import model_fingerprint
-from export.methods import METHODS, TREE_SEARCH_METHODS, method_spec
+from export.methods import METHODS, STATS_METHODS, TREE_SEARCH_METHODS, method_spec
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PPDConfig
 from runtime.backends import DEFAULT_BACKEND
@@ -44,8 +44,8 @@ class StatsConfig:
     max_prompt_tokens: int = 1024          # longer prompts are skipped (prefill time, context)
 
     def __post_init__(self) -> None:
-        if self.method not in TREE_SEARCH_METHODS:
-            raise ValueError(f"acceptance statistics are for {' or '.join(TREE_SEARCH_METHODS)}, not {self.method!r}")
+        if self.method not in STATS_METHODS:
+            raise ValueError(f"acceptance statistics are for {' or '.join(STATS_METHODS)}, not {self.method!r}")
         for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +110,27 @@ def decode_records(gen: Generator, prompt_ids: list[int], max_new_tokens: int) -
     return [step_ranks(predictions, generated[start:end]) for predictions, start in pending]
 
 
+def calibration_prompt_ids(gen: Generator, prompts: Sequence[Prompt], num_prompts: int, max_prompt_tokens: int,
+                           max_new_tokens: int, desc: str, show_progress: bool = True) -> Iterator[list[int]]:
+    """The token ids of the first `num_prompts` prompts at most `max_prompt_tokens` long (a progress
+    bar counts them); fewer than that is an error naming the fix."""
+    used = 0
+    with tqdm(total=num_prompts, desc=desc, disable=not show_progress) as bar:
+        for prompt in prompts:
+            if used == num_prompts:
+                return
+            ids = gen.encode(prompt)
+            if len(ids) > max_prompt_tokens:
+                continue
+            gen.check_budget(len(ids), max_new_tokens)
+            yield ids
+            used += 1
+            bar.update()
+    if used < num_prompts:
+        raise ValueError(f"only {used} of the {num_prompts} requested calibration prompts are at most "
+                         f"{max_prompt_tokens} tokens long: ask for fewer, or raise max_prompt_tokens")
+
+
 def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibration: str,
                        show_progress: bool = True) -> AcceptanceStats:
     """Run ppd or ht on the first `config.num_prompts` prompts that fit and record every step's ranks.
@@ -123,21 +144,10 @@ def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibrati
         gen = Generator.from_pretrained(config.model_dir, method=config.method, backend=config.backend,
                                         device=config.device, checkpoint=str(checkpoint), tree=str(tree_file))
     records: list[tuple[int, ...]] = []
-    used = 0
-    with tqdm(total=config.num_prompts, desc="acceptance", disable=not show_progress) as bar:
-        for prompt in prompts:
-            if used == config.num_prompts:
-                break
-            ids = gen.encode(prompt)
-            if len(ids) > config.max_prompt_tokens:
-                continue
-            gen.check_budget(len(ids), config.max_new_tokens)
-            records.extend(decode_records(gen, ids, config.max_new_tokens))
-            used += 1
-            bar.update()
-    if used < config.num_prompts:
-        raise ValueError(f"only {used} of the {config.num_prompts} requested calibration prompts are at most "
-                         f"{config.max_prompt_tokens} tokens long: ask for fewer, or raise max_prompt_tokens")
+    for ids in calibration_prompt_ids(gen, prompts, config.num_prompts, config.max_prompt_tokens,
+                                      config.max_new_tokens, "acceptance", show_progress):
+        records.extend(decode_records(gen, ids, config.max_new_tokens))
+    used = config.num_prompts
     return AcceptanceStats(num_prompt_tokens=n, ensemble=identity.config.ensemble, topk=config.topk,
                            steps=tuple(records), model_fingerprint=identity.model_fingerprint,
                            checkpoint_sha256=identity.checkpoint_sha256, calibration=calibration,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import model_fingerprint
-from export.methods import (METHODS, HTOptions, HybridOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions,
+from export.methods import (DEFAULT_HYBRID_NGRAM, METHODS, HTOptions, HybridOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions,
                             PPDOptions, load_ht_extras, load_ppd_extras, method_spec)
 from export.ppd import PPDConfig
 from runtime.backends import DEFAULT_BACKEND
 from runtime.devices import default_tree
 from runtime.proposers import NgramProposer, Proposer, VanillaProposer
-from runtime.proposers.hybrid import HybridProposer
+from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
 from trees import check_tree_identity, load_ppd_trees
 
@@ -65,10 +65,10 @@ def build_ngram(spec: MethodSpec, options: NgramOptions, context: BuildContext) 
 
 def _tree_set(spec: MethodSpec, tree: str | None, checkpoint: str, context: BuildContext, fingerprint: str,
               weights_sha256: str):
-    """`tree`, else the tree searched for this method on the device (methods the search does not cover
-    yet take their graph's tree for the device), else the hand-picked one."""
+    """`tree`, else the tree searched for this method on the device, else (a method riding another's
+    graph, like hybrid on ppd's) the graph's tree for the device, else the hand-picked one."""
     fallback = spec.hand_picked_tree
-    if not spec.tree_search:
+    if spec.graph != spec.name:
         fallback = default_tree(spec.graph, context.device, context.backend, checkpoint, fallback)
     path = tree or default_tree(spec.name, context.device, context.backend, checkpoint, fallback)
     trees = load_ppd_trees(path)
@@ -96,7 +96,13 @@ def build_ppd(spec: MethodSpec, options: PPDOptions, context: BuildContext) -> M
 def build_hybrid(spec: MethodSpec, options: HybridOptions, context: BuildContext) -> Method:
     extras, fingerprint = _ppd_extras(options, context)
     trees = _tree_set(spec, options.tree, options.checkpoint, context, fingerprint, extras.weights_sha256)
-    return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, options), extras)
+    # The n-gram budget the search chose with this tree (its "hybrid" record), unless options say otherwise.
+    searched = (trees.metadata or {}).get("hybrid", {})
+    depth, count = DEFAULT_HYBRID_NGRAM
+    source = NgramSource(searched.get("ngram_depth", depth) if options.ngram_depth is None else options.ngram_depth,
+                         searched.get("ngram_prompt_tokens", count) if options.ngram_prompt_tokens is None
+                         else options.ngram_prompt_tokens, options.max_ngram, options.min_ngram)
+    return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, source), extras)
 
 
 def build_ht(spec: MethodSpec, options: HTOptions, context: BuildContext) -> Method:

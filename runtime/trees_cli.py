@@ -1,8 +1,9 @@
-"""python -m runtime trees: hardware-aware trees for PPD and HT (--method ppd|ht; same tree format,
-N = k for HT). The top floor's CLI over the search in trees/: it runs the backends to measure, then
-hands plain JSON to trees/.
+"""python -m runtime trees: hardware-aware trees for PPD, hybrid and HT (--method ppd|hybrid|ht; same
+tree format, N = k for HT). The top floor's CLI over the search in trees/: it runs the backends to
+measure, then hands plain JSON to trees/.
 
     python -m runtime trees stats                  acceptance statistics on held-out ShareGPT prompts
+    python -m runtime trees ngram-stats            how often the n-gram source is right (for hybrid)
     python -m runtime trees profile --gpu cpu --backend onnxruntime
                                                    step latency against tree size on the present device
     python -m runtime trees build --gpu cpu --backend onnxruntime [--profile-if-missing]
@@ -11,7 +12,8 @@ hands plain JSON to trees/.
                                                    benchmark the chosen tree against fixed budgets,
                                                    the hand-picked tree and vanilla, in one run
 
-Files live next to the method's checkpoint (checkpoints/<model>/): <method>-acceptance.json,
+Files live next to the method's checkpoint (checkpoints/<model>/): <graph>-acceptance.json (hybrid
+searches on ppd's, plus ngram-acceptance.json),
 latency-<device key>-<backend>.json (one per device, shared by both methods: see trees/devices.py),
 <method>-tree-<device key>-<backend>.json and its PNGs.
 """
@@ -29,10 +31,11 @@ from pathlib import Path
 
 from export.checkpoint import CheckpointError, model_fingerprint
 from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE
-from export.methods import METHODS, TREE_SEARCH_METHODS
+from export.methods import METHODS, STATS_METHODS, TREE_SEARCH_METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PromptTokenError
 from runtime.acceptance import StatsConfig, method_checkpoint
+from runtime.ngram_acceptance import NgramStatsConfig
 from runtime.backends import BACKENDS
 from runtime.bench import BenchConfig
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
@@ -46,9 +49,11 @@ from trees.config_args import add_config_command, config_from_args, exit_code_of
 from trees.devices import DeviceMismatchError, device_key, profile_filename, tree_filename
 from trees.latency import LatencyProfile, ProfileError
 from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
+from trees.ngram_stats import NgramStatsError
 from trees.stats import DEFAULT_SHRINKAGE, StatsError
 
 PROG = "python -m runtime trees"
+NGRAM_STATS_FILE = "ngram-acceptance.json"
 CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
 TREE_FORMAT = "ppdeploy-ppd-tree"
 CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
@@ -63,7 +68,7 @@ DEFAULT_METHOD = StatsConfig.method
 @dataclass(frozen=True)
 class StatsCommand:
     model_dir: str = option(StatsConfig.model_dir, "model checkpoint dir")
-    method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_SEARCH_METHODS)
+    method: str = option(DEFAULT_METHOD, "graph whose slots are measured (hybrid uses ppd's)", choices=STATS_METHODS)
     checkpoint: str | None = option(StatsConfig.checkpoint, CHECKPOINT_HELP)
     backend: str = option(StatsConfig.backend, "backend that decodes", choices=BACKEND_CHOICES)
     device: str = option(StatsConfig.device, "cpu or cuda")
@@ -72,6 +77,18 @@ class StatsCommand:
     topk: int = option(StatsConfig.topk, "ranks recorded per prediction row")
     max_prompt_tokens: int = option(StatsConfig.max_prompt_tokens, "skip longer calibration prompts")
     out: str | None = option(None, "output JSON (default: <method>-acceptance.json next to the checkpoint)")
+
+
+@dataclass(frozen=True)
+class NgramStatsCommand:
+    model_dir: str = option(NgramStatsConfig.model_dir, "model checkpoint dir")
+    backend: str = option(NgramStatsConfig.backend, "backend that decodes (greedy vanilla)", choices=tuple(BACKENDS))
+    device: str = option(NgramStatsConfig.device, "cpu or cuda")
+    num_prompts: int = option(NgramStatsConfig.num_prompts, "calibration prompts to decode")
+    max_new_tokens: int = option(NgramStatsConfig.max_new_tokens, "tokens generated per prompt")
+    max_depth: int = option(NgramStatsConfig.max_depth, "proposal tokens compared per position")
+    max_prompt_tokens: int = option(NgramStatsConfig.max_prompt_tokens, "skip longer calibration prompts")
+    out: str | None = option(None, f"output JSON (default: {NGRAM_STATS_FILE} next to the ppd checkpoint)")
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,8 @@ class SearchRun:
     stats: str | None = option(None, "acceptance statistics (default: next to the checkpoint)")
     profile: str | None = option(None, "latency profile (default: the one next to the checkpoint whose device "
                                        "matches --gpu)")
+    ngram_stats: str | None = option(None, f"hybrid: n-gram statistics (default: {NGRAM_STATS_FILE} next to the "
+                                           "checkpoint)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +156,7 @@ def _checkpoint(cfg) -> Path:
 
 
 def _stats_path(cfg) -> Path:
-    return Path(cfg.stats) if cfg.stats else _checkpoint(cfg).parent / stats_filename(cfg.method)
+    return Path(cfg.stats) if cfg.stats else _checkpoint(cfg).parent / stats_filename(METHODS[cfg.method].graph)
 
 
 def _search_inputs(cfg, profile_path: Path):
@@ -147,9 +166,8 @@ def _search_inputs(cfg, profile_path: Path):
 
 # --- commands ---------------------------------------------------------------------------------------
 
-def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:
-    """Acceptance statistics of PPD or HT on held-out ShareGPT prompts (never an evaluation set)."""
-    from runtime.acceptance import collect_acceptance
+def calibration_prompts() -> list[list[dict[str, str]]]:
+    """First user turns of the ShareGPT calibration split (never trained on, never an evaluation set)."""
     from train.sharegpt import chat_messages, load_sharegpt, sharegpt_split
 
     conversations = load_sharegpt()
@@ -158,14 +176,36 @@ def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:
         first_user = next((m for m in chat_messages(conversations[index]) if m["role"] == "user"), None)
         if first_user is not None:
             prompts.append([first_user])
+    return prompts
+
+
+def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:
+    """Acceptance statistics of PPD or HT on held-out ShareGPT prompts (never an evaluation set)."""
+    from runtime.acceptance import collect_acceptance
+
     config = StatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StatsConfig)})
-    stats = collect_acceptance(config, prompts, CALIBRATION)
+    stats = collect_acceptance(config, calibration_prompts(), CALIBRATION)
     out = Path(cfg.out) if cfg.out else _checkpoint(cfg).parent / stats_filename(cfg.method)
     stats.save(out)
     top1, topk = stats.accuracy()
     print(f"wrote {out}: {len(stats.steps)} steps over {stats.num_prompts} prompts")
     for d, (a, b) in enumerate(zip(top1, topk), 1):
         print(f"  depth {d}: top-1 {a:.3f}  top-{stats.topk} {b:.3f}")
+    return 0
+
+
+def cmd_ngram_stats(cfg: NgramStatsCommand, argv: list[str]) -> int:
+    """How often the n-gram source's proposal is right, per depth, on held-out ShareGPT prompts (for hybrid)."""
+    from runtime.ngram_acceptance import collect_ngram_stats
+
+    config = NgramStatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(NgramStatsConfig)})
+    stats = collect_ngram_stats(config, calibration_prompts(), CALIBRATION)
+    out = Path(cfg.out) if cfg.out else Path(METHODS["hybrid"].default_checkpoint).parent / NGRAM_STATS_FILE
+    stats.save(out)
+    print(f"wrote {out}: {stats.positions} positions over {stats.num_prompts} prompts, a proposal at "
+          f"{stats.match_rate:.1%} of them")
+    for d in range(1, stats.max_depth + 1):
+        print(f"  first {d} right: {stats.at_least(d):.3f} of proposals")
     return 0
 
 
@@ -212,7 +252,7 @@ def cmd_profile(cfg: ProfileCommand, argv: list[str]) -> int:
 
 
 def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
-    """Search the PPD or HT tree set with the most expected tokens per second on a profiled device."""
+    """Search the PPD, hybrid or HT tree set with the most expected tokens per second on a profiled device."""
     directory = _checkpoint(cfg).parent
     profile_path = Path(cfg.profile) if cfg.profile else find_profile(directory, cfg.gpu, cfg.backend)
     if profile_path is None:
@@ -228,9 +268,12 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     model = AcceptanceModel.from_stats(stats, config.topk, config.shrinkage)
     start = time.perf_counter()
     result = search_curve(model, profile.latency, config, max_tokens=profile.max_tokens)
+    hybrid = search_hybrid_part(cfg, model, profile, config, identity.model_fingerprint)
     print(f"searched in {time.perf_counter() - start:.1f} s")
-    chosen = result.evaluation
-    replayed = replay(result.trees, stats.steps)
+    found = result.trees if hybrid is None else hybrid.trees
+    chosen = result.evaluation if hybrid is None else hybrid.ppd
+    expected = chosen if hybrid is None else hybrid      # mean_accepted, speedup, tokens_per_second
+    replayed = replay(found, stats.steps)
     metadata = {
         "format": TREE_FORMAT,
         "method": cfg.method,
@@ -242,9 +285,10 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "device_key": profile.device_key,
         "backend": profile.backend,
         "budget": chosen.budget,
-        "expected_mean_accepted": round(chosen.mean_accepted, 4),
-        "expected_speedup": round(chosen.speedup, 4),
-        "expected_tokens_per_s": round(chosen.tokens_per_second, 2),
+        "expected_mean_accepted": round(expected.mean_accepted, 4),
+        "expected_speedup": round(expected.speedup, 4),
+        "expected_tokens_per_s": round(expected.tokens_per_second, 2),
+        **({} if hybrid is None else {"hybrid": {**hybrid.to_json(), "ngram_statistics": _ngram_stats_path(cfg).name}}),
         "per_m": {str(m): {"tokens": t, "expected_tokens_per_step": round(r, 4), "share_of_steps": round(o, 4),
                            "replayed_tokens_per_step": None if x is None else round(x, 4)}
                   for m, (t, r, o, x) in enumerate(zip(chosen.num_tokens, chosen.tokens_per_step, chosen.occupancy,
@@ -254,7 +298,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "search": {"statistics": _stats_path(cfg).name, "statistics_steps": len(stats.steps),
                    "calibration": stats.calibration, "profile": profile_path.name, **dataclasses.asdict(config)},
     }
-    trees = dataclasses.replace(result.trees, metadata=metadata)
+    trees = dataclasses.replace(found, metadata=metadata)
     out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend, cfg.method)
     write_json(out, trees.to_json())
     print(f"wrote {out}")
@@ -262,20 +306,44 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
     print(f"  {title}")
     print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
-          f"{chosen.mean_accepted:.3f} tokens/step, {chosen.speedup:.3f}x over vanilla")
+          f"{expected.mean_accepted:.3f} tokens/step, {expected.speedup:.3f}x over vanilla")
+    if hybrid is not None:
+        print(f"  n-gram part: {hybrid.ngram_depth} tokens, {hybrid.ngram_prompt_tokens} prompt tokens each "
+              f"(the PPD part alone: {hybrid.ppd.mean_accepted:.3f} tokens/step)")
     print("  per m: expected / replayed on the calibration records tokens per step: " + ", ".join(
         f"m={m} {r:.3f} / {'-' if x is None else f'{x:.3f}'}" for m, (r, x) in enumerate(zip(chosen.tokens_per_step,
                                                                                           replayed))))
     for label, e in [(f"fixed budget {b:>3}", e) for b, _, e in result.curve] + references:
         print(f"  {label}: {e.mean_accepted:.3f} tokens/step, {e.speedup:.3f}x")
-    if chosen.speedup < 1.0:
+    if expected.speedup < 1.0:
         print(f"  warning: {cfg.method} is predicted to be slower than vanilla on {profile.device_name} with "
               f"{profile.backend}",
               file=sys.stderr)
-    if cfg.plots:
+    if cfg.plots and hybrid is None:   # the pictures draw PPD's search curve, not the hybrid budget split
         pictures = write_pictures(out, result, trees, model, profile, title, references)
         print("  pictures: " + ", ".join(str(p) for p in pictures))
     return 0
+
+
+def _ngram_stats_path(cfg) -> Path:
+    return Path(cfg.ngram_stats) if cfg.ngram_stats else _checkpoint(cfg).parent / NGRAM_STATS_FILE
+
+
+def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, config: SearchConfig,
+                       fingerprint: str):
+    """For a method whose steps also hold n-gram candidates: the n-gram budget and the PPD trees for
+    the rest (trees/hybrid_search.py); None for the others."""
+    if not METHODS[cfg.method].ngram_candidates:
+        return None
+    from trees.hybrid_search import search_hybrid
+    from trees.ngram_stats import load_ngram_stats
+
+    ngram = load_ngram_stats(_ngram_stats_path(cfg))
+    if ngram.model_fingerprint != fingerprint:
+        raise NgramStatsError(f"{_ngram_stats_path(cfg)} was collected for model {ngram.model_fingerprint}, not "
+                              f"{fingerprint}: run `{PROG} ngram-stats` for this model")
+    budget = max(b for b in config.budgets if b <= profile.max_tokens)
+    return search_hybrid(model, ngram, profile.latency, budget, config)
 
 
 def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel, profile: LatencyProfile,
@@ -298,6 +366,9 @@ def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
     from runtime.prompts import load_prompts
     from runtime.tree_sweep import format_sweep, run_sweep, sweep_generators, sweep_rows, sweep_variants
 
+    if METHODS[cfg.method].ngram_candidates:
+        raise ValueError(f"the sweep compares PPD tree sets; for {cfg.method} measure with `python -m runtime bench "
+                         f"--methods vanilla,ppd,ngram,{cfg.method}`")
     device, kind, name = present(cfg.gpu, cfg.device)
     directory, key = _checkpoint(cfg).parent, device_key(kind, name)
     tree_path = Path(cfg.tree) if cfg.tree else directory / tree_filename(key, cfg.backend, cfg.method)
@@ -329,10 +400,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("profile", ProfileCommand, cmd_profile),
-                               ("build", BuildCommand, cmd_build), ("sweep", SweepCommand, cmd_sweep)):
+    for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("ngram-stats", NgramStatsCommand, cmd_ngram_stats),
+                               ("profile", ProfileCommand, cmd_profile), ("build", BuildCommand, cmd_build),
+                               ("sweep", SweepCommand, cmd_sweep)):
         add_config_command(sub, name, cls, handler)
     args = parser.parse_args(argv)
-    errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, TreeError,
-              FileNotFoundError, ValueError)
+    errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, NgramStatsError,
+              TreeError, FileNotFoundError, ValueError)
     return exit_code_of(lambda: args.func(config_from_args(args), argv), errors)

@@ -93,9 +93,11 @@ def engine_method(manifest: "Manifest", name: str | None = None, device: str = "
                          f"or pick vanilla or ngram, which run on any engine")
     if own_graph and spec.trained:
         options = {**record.options, **({"checkpoint": record.checkpoint.file} if record.checkpoint else {}), **options}
-    engine_tree = engine_tree_path(manifest)
-    if own_graph and spec.tree_set and "tree" not in options and engine_tree.is_file():
-        options["tree"] = str(engine_tree)   # the tree `make engine` installed for this device
+    # The tree `make engine` installed for this device: the method's own, else its graph's.
+    engine_tree = next((path for path in (engine_tree_path(manifest, name), engine_tree_path(manifest))
+                        if path.is_file()), None)
+    if own_graph and spec.tree_set and "tree" not in options and engine_tree is not None:
+        options["tree"] = str(engine_tree)
     model = manifest.model
     # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd, ht).
     method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.methods import HybridOptions
+from dataclasses import dataclass
+
 from export.ppd import PPDConfig
 from runtime.draft import Draft, Layout
 from runtime.proposers.ngram import find_continuations
@@ -32,28 +33,40 @@ from trees import PPDTreeSet
 MAX_CACHED_LAYOUTS = 512
 
 
-def ngram_path(history: np.ndarray, options: HybridOptions) -> np.ndarray:
+@dataclass(frozen=True)
+class NgramSource:
+    """The n-gram half of a hybrid step (resolved from HybridOptions and the tree file)."""
+
+    depth: int             # proposal tokens per step (0: plain PPD)
+    prompt_tokens: int     # prompt tokens on each node only the n-gram made
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+
+def ngram_path(history: np.ndarray, source: NgramSource) -> np.ndarray:
     """The continuation after the most recent earlier occurrence of the longest matching suffix n-gram."""
-    for n in range(min(options.max_ngram, len(history) - 1), options.min_ngram - 1, -1):
-        continuations = find_continuations(history, n, options.ngram_depth)
+    if source.depth == 0:
+        return history[:0]
+    for n in range(min(source.max_ngram, len(history) - 1), source.min_ngram - 1, -1):
+        continuations = find_continuations(history, n, source.depth)
         if continuations:
             return continuations[0]
     return history[:0]
 
 
 class HybridProposer:
-    def __init__(self, config: PPDConfig, trees: PPDTreeSet, vocab_size: int, options: HybridOptions) -> None:
-        if options.ngram_prompt_tokens > config.num_prompt_tokens:
-            raise ValueError(f"ngram_prompt_tokens ({options.ngram_prompt_tokens}) exceeds the checkpoint's "
+    def __init__(self, config: PPDConfig, trees: PPDTreeSet, vocab_size: int, source: NgramSource) -> None:
+        if source.prompt_tokens > config.num_prompt_tokens:
+            raise ValueError(f"ngram_prompt_tokens ({source.prompt_tokens}) exceeds the checkpoint's "
                              f"N={config.num_prompt_tokens} prompt tokens")
         self.ppd = PPDProposer(config, trees, vocab_size)
-        self.options = options
+        self.source = source
         self._layouts: dict[tuple, tuple[Layout, np.ndarray]] = {}
 
     @property
     def max_draft_tokens(self) -> int:
-        per_ngram_node = 1 + self.options.ngram_prompt_tokens * self.ppd.config.ensemble
-        return self.ppd.max_draft_tokens + self.options.ngram_depth * per_ngram_node
+        per_ngram_node = 1 + self.source.prompt_tokens * self.ppd.config.ensemble
+        return self.ppd.max_draft_tokens + self.source.depth * per_ngram_node
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
         return self.ppd.prefill_draft(prompt_ids)
@@ -65,7 +78,7 @@ class HybridProposer:
         tokens[0] = history[-1]
         tokens[1:] = self.ppd.guesses[template.cand_depth - 1, template.cand_rank]
         counts = [len(range(*template.layout.groups[i])) for i in range(c)]
-        trie = CandidateTrie(tokens[0], max_nodes=c + self.options.ngram_depth)
+        trie = CandidateTrie(tokens[0], max_nodes=c + self.source.depth)
         parents = template.layout.buffers.parents
         trie_node = [0]
         for node in range(1, c):   # topological order: a parent is in the trie before its children
@@ -73,9 +86,9 @@ class HybridProposer:
         node_counts = [0] * len(trie)
         for node in range(c):
             node_counts[trie_node[node]] = counts[node]
-        for node in trie.add(ngram_path(np.asarray(history, dtype=np.int64), self.options), "ngram"):
+        for node in trie.add(ngram_path(np.asarray(history, dtype=np.int64), self.source), "ngram"):
             if node >= len(node_counts):
-                node_counts.append(self.options.ngram_prompt_tokens)
+                node_counts.append(self.source.prompt_tokens)
         return Draft(*self._layout(trie, node_counts), sources=tuple(trie.sources))
 
     def _layout(self, trie: CandidateTrie, counts: list[int]) -> tuple[np.ndarray, Layout]:

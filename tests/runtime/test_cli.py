@@ -10,7 +10,8 @@ from export.paths import DEFAULT_MODEL_DIR
 from runtime.__main__ import BenchCommand, build_parser, main, shared_flags
 from runtime.backends import DEFAULT_BACKEND
 from runtime.bench import BenchConfig
-from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
+from runtime.generator import DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator
+from runtime.recommended import FASTEST_BACKEND, FASTEST_METHOD
 from runtime.verify import DecodingOptions
 from trees.config_args import config_from_args
 
@@ -22,16 +23,21 @@ def parsed(*argv: str):
 @pytest.mark.parametrize("command", [("generate", "hi"), ("demo",), ("bench",), ("memory",)])
 def test_shared_defaults_are_the_library_ones(command):
     cfg = parsed(*command)
-    assert (cfg.model, cfg.backend, cfg.max_new_tokens) == (str(DEFAULT_MODEL_DIR), DEFAULT_BACKEND,
-                                                            DEFAULT_MAX_NEW_TOKENS)
+    backend = FASTEST_BACKEND if command == ("demo",) else DEFAULT_BACKEND   # the demo shows the fastest
+    assert (cfg.model, cfg.backend, cfg.max_new_tokens) == (str(DEFAULT_MODEL_DIR), backend, DEFAULT_MAX_NEW_TOKENS)
     assert cfg.device == BenchConfig.device
+
+
+def test_demo_shows_the_fastest_measured_configuration():
+    cfg = parsed("demo")
+    assert (cfg.method, cfg.backend) == (FASTEST_METHOD, FASTEST_BACKEND)
 
 
 def test_generate_defaults_are_the_library_ones():
     cfg = parsed("generate", "hi")
     assert cfg.max_context == DEFAULT_MAX_CONTEXT
     assert cfg.decoding() == DecodingOptions()
-    assert cfg.method == inspect.signature(Generator.from_pretrained).parameters["method"].default
+    assert cfg.method == DEFAULT_METHOD == inspect.signature(Generator.from_pretrained).parameters["method"].default
     assert (cfg.prompt, cfg.stop, cfg.option) == ("hi", None, None)
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from export.checkpoint import load_checkpoint, model_fingerprint
-from export.methods import HybridOptions
+from export.methods import DEFAULT_HYBRID_NGRAM, HybridOptions
 from export.ppd import PPDConfig, save_prompt_tokens
 from runtime import Generator
 from runtime.backends.base import DeviceLayout, StepOutput
-from runtime.proposers.hybrid import HybridProposer
+from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.readout import read_step
 from runtime.verify import GreedyVerifier
 from tests.runtime.test_ppd import TREES
@@ -22,15 +22,15 @@ from trees import PPDTreeSet
 VOCAB = 100
 
 
-def proposer_with_guesses(options: HybridOptions) -> HybridProposer:
+def proposer_with_guesses(source: NgramSource) -> HybridProposer:
     """A hybrid proposer (N = 2, k = 1) whose last step predicted guesses [[7, 8], [9, 10]] (m = 2)."""
-    proposer = HybridProposer(PPDConfig(2, 1), PPDTreeSet.from_json(TREES), VOCAB, options)
+    proposer = HybridProposer(PPDConfig(2, 1), PPDTreeSet.from_json(TREES), VOCAB, source)
     proposer.ppd.guesses = np.array([[7, 8], [9, 10]])
     return proposer
 
 
 def test_ppd_and_ngram_candidates_share_one_tree():
-    proposer = proposer_with_guesses(HybridOptions(ngram_depth=3, ngram_prompt_tokens=1))
+    proposer = proposer_with_guesses(NgramSource(depth=3, prompt_tokens=1))
     # history ends in 5; an earlier 5 was followed by 7, 11, 12: the n-gram path shares its first node
     # with PPD's rank-0 guess 7, then adds 11 and 12 below it.
     draft = proposer.propose([5, 7, 11, 12, 3, 5])
@@ -45,15 +45,17 @@ def test_ppd_and_ngram_candidates_share_one_tree():
 
 
 def test_a_repeated_shape_reuses_its_layout_and_no_match_is_the_ppd_tree():
-    proposer = proposer_with_guesses(HybridOptions(ngram_depth=3))
+    proposer = proposer_with_guesses(NgramSource(depth=3, prompt_tokens=1))
     history = [5, 7, 11, 12, 3, 5]
     assert proposer.propose(history).layout is proposer.propose(history).layout
     plain = proposer.propose([1, 2, 3, 4])                     # nothing repeats: PPD's tree alone
     assert plain.num_candidates == 4 and set(plain.sources) == {"root", "ppd"}
+    off = proposer_with_guesses(NgramSource(depth=0, prompt_tokens=0))   # depth 0: plain PPD
+    assert off.propose(history).num_candidates == 4
 
 
 def test_the_accepted_node_hands_its_predictions_to_the_next_step():
-    proposer = proposer_with_guesses(HybridOptions(ngram_depth=3, ngram_prompt_tokens=1))
+    proposer = proposer_with_guesses(NgramSource(depth=3, prompt_tokens=1))
     draft = proposer.propose([5, 7, 11, 12, 3, 5])
     logits = torch.zeros(draft.size, VOCAB)
     logits[0, 7] = logits[1, 11] = logits[4, 12] = logits[5, 42] = 1.0     # accept 7, 11, 12; bonus 42
@@ -72,9 +74,9 @@ def test_the_accepted_node_hands_its_predictions_to_the_next_step():
 
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="ngram_depth"):
-        HybridOptions(ngram_depth=0)
+        HybridOptions(ngram_depth=-1)
     with pytest.raises(ValueError, match="exceeds the checkpoint"):
-        HybridProposer(PPDConfig(2, 1), PPDTreeSet.from_json(TREES), VOCAB, HybridOptions(ngram_prompt_tokens=3))
+        HybridProposer(PPDConfig(2, 1), PPDTreeSet.from_json(TREES), VOCAB, NgramSource(3, prompt_tokens=3))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,27 @@ def test_tiny_hybrid_is_lossless_on_torch_and_from_a_ppd_engine(tiny_model_dir, 
             assert result.token_ids == want
             accepted.append(result.stats.mean_accepted)
     assert max(accepted) > 1.0
+    # `make engine` installs hybrid's own tree beside ppd's; from_engine(method="hybrid") prefers it.
+    from export.engine import install_tree
+
+    tree = tmp_path / "hybrid-tree.json"
+    tree.write_text(json.dumps({**TREES, "hybrid": {"ngram_depth": 2, "ngram_prompt_tokens": 0}}))
+    installed = install_tree(ppd_ort.backend.manifest, tree, "hybrid")
+    assert installed.name == "hybrid-tree.json"
+    engine_hybrid = Generator.from_engine(ppd_ort.backend.manifest.dir, method="hybrid",
+                                          checkpoint=tiny_checkpoint["checkpoint"])
+    assert engine_hybrid.proposer.source.depth == 2
+    with pytest.raises(ValueError, match="takes the trees of"):
+        install_tree(ppd_ort.backend.manifest, tree, "ht")
+
+
+def test_the_searched_ngram_budget_comes_with_the_tree(tiny_model_dir, tiny_checkpoint, tmp_path):
+    tree = tmp_path / "hybrid-tree.json"
+    tree.write_text(json.dumps({**TREES, "hybrid": {"ngram_depth": 2, "ngram_prompt_tokens": 0}}))
+    options = {**tiny_checkpoint, "tree": str(tree)}
+    searched = Generator.from_pretrained(tiny_model_dir, method="hybrid", max_context=512, **options)
+    assert searched.proposer.source.depth == 2 and searched.proposer.source.prompt_tokens == 0
+    told = Generator.from_pretrained(tiny_model_dir, method="hybrid", max_context=512, ngram_depth=5, **options)
+    assert told.proposer.source.depth == 5 and told.proposer.source.prompt_tokens == 0
+    plain = Generator.from_pretrained(tiny_model_dir, method="hybrid", max_context=512, **tiny_checkpoint)
+    assert (plain.proposer.source.depth, plain.proposer.source.prompt_tokens) == DEFAULT_HYBRID_NGRAM

@@ -20,13 +20,13 @@ import torch
 
 from export.checkpoint import load_checkpoint
 from export.ht import TransferMaps
-from export.methods import HybridOptions, NgramOptions
+from export.methods import NgramOptions
 from export.ppd import PPDConfig
 from export.step_model import StepModel
 from runtime.backends.torch_backend import TorchBackend
 from runtime.generator import GenerationStats, Generator
 from runtime.proposers import NgramProposer, VanillaProposer
-from runtime.proposers.hybrid import HybridProposer
+from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
 from runtime.sampling import SamplingVerifier, process_logits
 from runtime.verify import DecodingOptions
@@ -58,7 +58,7 @@ def tiny64(tiny_model_dir):
         "ngram": Generator(ppd_backend, tokenizer, NgramProposer(NgramOptions(max_nodes=8)), eos),
         "ppd": Generator(ppd_backend, tokenizer, PPDProposer(PPDConfig(2, 2), trees, vocab), eos),
         "hybrid": Generator(ppd_backend, tokenizer,
-                            HybridProposer(PPDConfig(2, 2), trees, vocab, HybridOptions(ngram_depth=3)), eos),
+                            HybridProposer(PPDConfig(2, 2), trees, vocab, NgramSource(3, 1)), eos),
         "ht": Generator(ht_backend, tokenizer, PPDProposer(maps.layout, trees, vocab), eos),
         "ht-vanilla": Generator(ht_backend, tokenizer, VanillaProposer(), eos),
     }

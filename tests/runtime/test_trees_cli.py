@@ -119,3 +119,28 @@ def test_ht_trees_build_and_sweep_next_to_the_maps(tiny_model_dir, tmp_path, cap
                        dtype=torch.float32)
     with pytest.raises(TreeError, match="retrained"):
         Generator.from_pretrained(tiny_model_dir, method="ht", checkpoint=str(checkpoint))
+
+
+def test_hybrid_build_splits_the_budget_with_the_ngram_source(ppd_dir, tmp_path, capsys):
+    """build --method hybrid reads ppd's statistics and the n-gram statistics, and records the n-gram
+    budget it chose in the tree file, where the runtime's hybrid picks it up."""
+    from runtime import Generator
+    from trees.ngram_stats import NgramStats
+
+    model_dir, checkpoint, stats, rows = ppd_dir
+    args = ["build", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
+            str(checkpoint), "--budgets", "4,8,16"]
+    assert main(args) == 2 and "ngram-stats" in capsys.readouterr().err       # no n-gram statistics yet
+    NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), model_fingerprint(model_dir)).save(
+        tmp_path / "ngram-acceptance.json")
+    assert main(args) == 0, capsys.readouterr().err
+    trees = load_ppd_trees(tmp_path / "hybrid-tree-cpu-torch.json")
+    hybrid = trees.metadata["hybrid"]
+    assert hybrid["ngram_depth"] >= 1 and hybrid["ngram_statistics"] == "ngram-acceptance.json"
+    assert trees.metadata["expected_mean_accepted"] > hybrid["ppd_part_mean_accepted"]
+    gen = Generator.from_pretrained(model_dir, method="hybrid", checkpoint=str(checkpoint),
+                                    tree=str(tmp_path / "hybrid-tree-cpu-torch.json"), max_context=256)
+    assert gen.proposer.source.depth == hybrid["ngram_depth"]
+    assert main(["sweep", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
+                 str(checkpoint)]) == 2
+    assert "bench" in capsys.readouterr().err

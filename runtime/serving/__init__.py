@@ -1,0 +1,18 @@
+"""Serving: an OpenAI-compatible HTTP server over runtime.Generator (`python -m runtime serve`).
+
+    schemas.py    request models (strict, bounded), the OpenAI error shape
+    jobs.py       one generation: prepare (encode + budget), run on a Generator, its events, stop trimming
+    worker.py     LocalEngine: one worker thread per Generator, a bounded queue (429), cancellation
+    responses.py  OpenAI response bodies and SSE chunks
+    metrics.py    Prometheus metrics
+    app.py        create_app(engine, model_id, ...): the FastAPI routes, auth, body limits
+    spec.py       GeneratorSpec: what to load, picklable for Ray replicas
+    ray_app.py    the same app as a Ray Serve ingress over generator replicas (optional extra)
+    cli.py        `python -m runtime serve` flags and startup
+    loadgen.py    `python -m runtime.serving.loadgen`: a bounded load test of a running server
+"""
+
+from runtime.serving.app import create_app
+from runtime.serving.worker import LocalEngine
+
+__all__ = ["LocalEngine", "create_app"]

@@ -1,0 +1,96 @@
+"""Hybrid trees: how much of the hardware-aware budget goes to the n-gram source, and the PPD trees
+for the rest.
+
+A hybrid step holds the PPD tree G_m and the n-gram proposal: up to D tokens, each node only the
+n-gram made carrying c prompt tokens, i.e. at most D (1 + k c) more tokens than G_m. Its accepted
+depth is the longer of the two sources' accepted paths (they share a trie), so with a = PPD's and
+b = the n-gram's probability of reaching depth d (b_d = match rate x P(first d right | a proposal),
+from trees/ngram_stats.py), and treating the two as independent,
+
+    tokens per step in state m = R_m + sum_{d <= D} b_d (1 - a_m(d))
+
+For each (D, c) the PPD trees are searched (trees/search.py) for the latency shifted by the n-gram
+tokens, L(T + D (1 + k c)), within the budget left, and the pair with the most expected tokens per
+second wins; D = 0 is plain PPD. The model charges the full D tokens even when the n-gram path
+shares nodes with PPD's or is shorter (conservative), lets the next state depend on PPD's tree only,
+and assumes independence (optimistic where both sources are right on the same easy tokens); the
+measured sweep (`python -m runtime trees sweep --method hybrid`) is the check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trees.ngram_stats import NgramStats
+from trees.ppd_tree import PPDTreeSet
+from trees.search import AcceptanceModel, Evaluation, LatencyFn, SearchConfig, evaluate, search
+from trees.tree import TreeError
+
+DEFAULT_NGRAM_DEPTHS = (0, 1, 2, 3, 4, 5, 6)
+DEFAULT_NGRAM_PROMPT_TOKENS = (0, 1)
+
+
+@dataclass(frozen=True)
+class HybridChoice:
+    trees: PPDTreeSet            # the PPD part
+    ngram_depth: int             # D
+    ngram_prompt_tokens: int     # c
+    ppd: Evaluation              # the PPD part alone, on the shifted latency
+    mean_accepted: float         # expected tokens per step, bonus included
+    tokens_per_second: float
+    speedup: float               # over vanilla: one token per L(1)
+
+    def to_json(self) -> dict:
+        return {"ngram_depth": self.ngram_depth, "ngram_prompt_tokens": self.ngram_prompt_tokens,
+                "expected_mean_accepted": round(self.mean_accepted, 4), "expected_speedup": round(self.speedup, 4),
+                "ppd_part_mean_accepted": round(self.ppd.mean_accepted, 4)}
+
+
+def depth_reach(trees: PPDTreeSet, model: AcceptanceModel, m: int, max_depth: int) -> np.ndarray:
+    """[max_depth + 1] a_m(d): probability that PPD's tree in state m accepts at least d candidates."""
+    reach = np.zeros(max_depth + 1)
+    reach[0] = 1.0
+    for path in trees.trees[m].tree.paths:
+        if len(path) <= max_depth:
+            reach[len(path)] += model.path_probability(m, path)
+    return reach
+
+
+def evaluate_hybrid(trees: PPDTreeSet, model: AcceptanceModel, ngram: NgramStats, latency: LatencyFn,
+                    depth: int, prompt_tokens: int) -> HybridChoice:
+    """Expected behaviour of PPD trees + a D-token n-gram proposal on `latency` (unshifted)."""
+    extra = depth * (1 + model.ensemble * prompt_tokens)
+    ppd = evaluate(trees, model, lambda t: latency(t + extra))
+    reach = [ngram.match_rate * ngram.at_least(d) for d in range(depth + 1)]
+    gains = [sum(reach[d] * (1 - a[d]) for d in range(1, depth + 1))
+             for a in (depth_reach(trees, model, m, depth) for m in range(len(trees.trees)))]
+    occupancy = np.asarray(ppd.occupancy)
+    mean_accepted = float(occupancy @ (np.asarray(ppd.tokens_per_step) + gains))
+    tokens_per_second = mean_accepted / float(occupancy @ np.asarray(ppd.seconds_per_step))
+    return HybridChoice(trees, depth, prompt_tokens, ppd, mean_accepted, tokens_per_second,
+                        tokens_per_second * latency(1))
+
+
+def search_hybrid(model: AcceptanceModel, ngram: NgramStats, latency: LatencyFn, budget: int,
+                  config: SearchConfig = SearchConfig(), depths: tuple[int, ...] = DEFAULT_NGRAM_DEPTHS,
+                  prompt_tokens: tuple[int, ...] = DEFAULT_NGRAM_PROMPT_TOKENS) -> HybridChoice:
+    """The (D, c) and PPD trees with the most expected tokens per second within `budget` tokens."""
+    best: HybridChoice | None = None
+    for depth in depths:
+        if depth > ngram.max_depth:
+            continue
+        for count in (prompt_tokens if depth else (0,)):
+            if count > model.num_prompt_tokens:
+                continue
+            extra = depth * (1 + model.ensemble * count)
+            if budget - extra < 1 + model.ensemble:
+                continue
+            trees, _ = search(model, lambda t, e=extra: latency(t + e), budget - extra, config)
+            choice = evaluate_hybrid(trees, model, ngram, latency, depth, count)
+            if best is None or choice.tokens_per_second > best.tokens_per_second * (1 + 1e-9):
+                best = choice
+    if best is None:
+        raise TreeError(f"no hybrid tree fits a budget of {budget} tokens")
+    return best
