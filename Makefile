@@ -8,10 +8,11 @@ MODEL_STAMP := $(MODEL_DIR)/config.json
 
 # Target device of `make engine` / `make tree`: cpu, or a GPU by (part of) its name, e.g. GPU=h100.
 GPU ?= cpu
-# Backend whose step latency the tree is searched for (cpu: our onnxruntime engine).
-TREE_BACKEND ?= onnxruntime
+# Backend whose step latency the tree is searched for: on cpu our onnxruntime engine; on a GPU the torch
+# CUDA step (measured before any TensorRT engine exists; the engine's decode profile is tuned for that tree).
+TREE_BACKEND ?= $(if $(filter cpu,$(GPU)),onnxruntime,torch)
 
-.PHONY: setup model demo serve serve-ray-deps test test-slow bench bench-ort peers train engine tree clean
+.PHONY: setup model demo serve serve-ray-deps test test-slow bench bench-ort peers train engine tree gpu-check latency-test latency-baseline clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -55,8 +56,9 @@ bench-ort: peers
 	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ht,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
 
 # Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd,ht}/ (export if stale, the
-# onnxruntime-optimised graph, and the ppd / ht trees searched for the device). GPU targets stop
-# with what is missing (TensorRT).
+# onnxruntime-optimised graph, and the ppd / ht trees searched for the device). A GPU target, run on that
+# GPU, is an fp16 export plus a TensorRT engine (pip install .[tensorrt]); elsewhere it stops before
+# writing anything, naming what is missing.
 engine: setup
 	$(PY) -m export engine --target $(GPU) --method vanilla
 	$(MAKE) tree GPU=$(GPU)
@@ -64,12 +66,33 @@ engine: setup
 	$(PY) -m export engine --target $(GPU) --method ht
 
 # The hardware-aware ppd, ht and hybrid trees for a device: latency profile (measured when missing, shared
-# by both methods), then the searches.
+# by both methods; modelled from the GPU's datasheet when that GPU is not here: a provisional tree), then
+# the searches. Written to artifacts/trees/<model>/, nothing when the tree there or the committed one was
+# searched from the same inputs; UPDATE_COMMITTED=1 writes the committed files next to the checkpoint.
+TREE_FLAGS = --gpu $(GPU) --backend $(TREE_BACKEND) $(if $(UPDATE_COMMITTED),--update-committed)
+
 tree: setup
-	$(PY) -m runtime trees build --method ppd --gpu $(GPU) --backend $(TREE_BACKEND) --profile-if-missing
-	$(PY) -m runtime trees build --method ht --gpu $(GPU) --backend $(TREE_BACKEND)
+	$(PY) -m runtime trees build --method ppd $(TREE_FLAGS) --profile-if-missing
+	$(PY) -m runtime trees build --method ht $(TREE_FLAGS)
 	test -f checkpoints/smollm2-135m-instruct/ngram-acceptance.json || $(PY) -m runtime trees ngram-stats --backend $(TREE_BACKEND)
-	$(PY) -m runtime trees build --method hybrid --gpu $(GPU) --backend $(TREE_BACKEND)
+	$(PY) -m runtime trees build --method hybrid $(TREE_FLAGS)
+
+# Latency regression test of the device present against its committed baseline (exit 1 listing every
+# regression; skipped, saying how to record one, without a baseline for this device/backend/versions), and the
+# recording of that baseline on a quiet machine (refused when busy). LATENCY_BACKEND: default onnxruntime
+# on the CPU, torch on a GPU.
+LATENCY_FLAGS = --gpu $(GPU) $(if $(LATENCY_BACKEND),--backend $(LATENCY_BACKEND))
+
+latency-test: setup
+	$(PY) -m runtime latency-test $(LATENCY_FLAGS)
+
+latency-baseline: setup
+	$(PY) -m runtime latency-baseline $(LATENCY_FLAGS)
+
+# The one check a borrowed GPU machine runs (< 8 min): profile, trees, benches, CUDA tests, TensorRT when
+# importable; report in artifacts/gpu-check/<device>/. Without CUDA it prints the plan (a dry run).
+gpu-check: setup
+	$(PY) -m runtime gpu-check
 
 train: setup
 	$(PY) -m train ppd

@@ -2,7 +2,9 @@
 
     python -m export model                       the default fp32 checkpoint dir from the packaged GGUF
     python -m export onnx --out DIR [options]    the step graph as ONNX + manifest, validated
-    python -m export engine [--target cpu]       the engine dir a runtime loads (what `make engine` runs)
+    python -m export engine [--target cpu|GPU]   the engine dir a runtime loads (what `make engine` runs);
+                                                 a GPU target (e.g. h100) adds a TensorRT engine built there
+    python -m export check ENGINE_DIR            parity of its runners on recorded real step inputs (Polygraphy)
 
 Each command's flags are the fields of its config dataclass below; the export defaults are read from
 `export.onnx_export.ExportConfig`, the trained methods' checkpoints and trees from `export.methods`.
@@ -11,15 +13,18 @@ Each command's flags are the fields of its config dataclass below; the export de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import CheckpointError, check_model_dir, convert_gguf, packaged_gguf_path
-from export.engine import CPU_TARGET
+from export.engine import CPU_TARGET, GPU_DTYPE
+from export.manifest import Manifest
 from export.methods import EXPORT_METHODS, METHODS, TRAINED_METHODS
 from export.onnx_export import DTYPES, ExportConfig
 from export.paths import DEFAULT_MODEL_DIR
+from runtime.step_recorder import RecordConfig
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 CHECKPOINT_HELP = ("the trained tensors baked into the graph; default: the committed ones ("
@@ -59,8 +64,31 @@ class OnnxCommand(ExportOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class EngineCommand(ExportOptions):
-    target: str = option(CPU_TARGET, "cpu, or a GPU name (TensorRT: not built yet)")
+    target: str = option(CPU_TARGET, "cpu, or the GPU present by (part of) its name, e.g. h100: a TensorRT engine")
     out: str | None = option(None, "engine dir (default: artifacts/engines/<model>/<target>/<method>)")
+    dtype: str | None = option(None, f"graph precision (default: {ExportConfig.dtype} for cpu, {GPU_DTYPE} for GPU "
+                                     f"targets)", choices=tuple(DTYPES))
+
+    def target_config(self, out: Path) -> ExportConfig:
+        default = ExportConfig.dtype if self.target == CPU_TARGET else GPU_DTYPE
+        return dataclasses.replace(self, dtype=self.dtype or default).export_config(out)
+
+
+@dataclass(frozen=True)
+class CheckFlags:
+    tolerances: str | None = option(None, "ATOL:RTOL for every output, or OUTPUT=ATOL:RTOL,... (default: per graph "
+                                          "dtype, export/parity.py DEFAULT_TOLERANCES)")
+    runners: str | None = option(None, "comma list of onnxruntime, tensorrt compared with the torch step (default: "
+                                       "every one available)")
+    inputs: str | None = option(None, "compare on this Polygraphy input JSON instead of recording new inputs")
+    max_new_tokens: int = option(RecordConfig.max_new_tokens, "tokens each method decodes while recording")
+    out: str | None = option(None, "folder for inputs.json and report.json (default: beside the engine dir, "
+                                   "artifacts/parity/... for artifacts/engines/...)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckCommand(CheckFlags):
+    engine_dir: str     # positional (added in main)
 
 
 def cmd_model(cfg: ModelCommand) -> int:
@@ -87,26 +115,81 @@ def cmd_onnx(cfg: OnnxCommand) -> int:
 
 
 def cmd_engine(cfg: EngineCommand) -> int:
-    """Build the engine dir for a target: cpu = ONNX export (if stale) + onnxruntime-optimised graph."""
+    """Build the engine dir for a target: cpu = ONNX export (if stale) + onnxruntime-optimised graph; a GPU
+    (run on that GPU) = fp16 ONNX export + TensorRT engine (engine.plan, timing.cache, engine.json)."""
     from export.engine import build_ort_engine, check_target, engine_dir
 
-    check_target(cfg.target)
+    check_target(cfg.target)   # a GPU target stops here, naming what is missing, before anything is written
     out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method)
-    manifest = build_ort_engine(cfg.export_config(out))
-    # The trees searched for this device travel with the engine (Generator.from_engine uses them): the
-    # graph's own method's, and those of the other tree methods it serves (a ppd engine serves hybrid).
+    if cfg.target != CPU_TARGET:
+        return engine_gpu(cfg, out)
+    manifest = build_ort_engine(cfg.target_config(out))
+    install_trees(manifest, "cpu", "onnxruntime")
+    print(f"engine ready: {manifest.dir}")
+    return 0
+
+
+def install_trees(manifest: Manifest, device: str, backend: str) -> None:
+    """The trees searched for this device travel with the engine (Generator.from_engine uses them): the
+    graph's own method's, and those of the other tree methods it serves (a ppd engine serves hybrid)."""
     from export.engine import install_tree
     from runtime.devices import default_tree
 
     for spec in (s for s in METHODS.values() if s.tree_set and s.graph == manifest.method.name):
         record = manifest.method.checkpoint
         checkpoint = record.file if record else spec.default_checkpoint
-        fallback = default_tree(spec.graph, "cpu", "onnxruntime", checkpoint, spec.hand_picked_tree)
-        source = default_tree(spec.name, "cpu", "onnxruntime", checkpoint, fallback)
+        fallback = default_tree(spec.graph, device, backend, checkpoint, spec.hand_picked_tree)
+        source = default_tree(spec.name, device, backend, checkpoint, fallback)
         tree = install_tree(manifest, source, spec.name)
         print(f"{spec.name} tree: {tree.name} (from {source.resolve()})")
+
+
+def engine_gpu(cfg: EngineCommand, out: Path) -> int:
+    """A GPU target: the fp16 export (if stale), the trees for this GPU, then the TensorRT engine, whose
+    decode profile is tuned (opt T) for the installed tree's size; a graph without a tree (vanilla)
+    is tuned for one-token steps."""
+    from export.engine import engine_tree_path, ensure_export
+    from export.trt.build import build_engine
+    from export.trt.profiles import tree_size
+
+    manifest = ensure_export(cfg.target_config(out)).manifest
+    install_trees(manifest, "cuda", "tensorrt")
+    tree = engine_tree_path(manifest)
+    opt_tree = tree_size(tree, manifest.method.options.get("ensemble", 1)) if tree.is_file() else 1
+    build_engine(manifest, cfg.target, opt_tree)
     print(f"engine ready: {manifest.dir}")
     return 0
+
+
+def cmd_check(cfg: CheckCommand) -> int:
+    """Parity of an engine dir's runners (torch step, onnxruntime, TensorRT when present) on real step inputs
+    recorded with the real model, through Polygraphy's Comparator; exits 1 listing every mismatch."""
+    from transformers import AutoTokenizer
+
+    from export.manifest import Manifest
+    from export.parity import (StepRunner, check_feeds, default_parity_dir, engine_runners, load_feeds,
+                               parse_tolerances, run_parity, save_feeds, step_model_from_engine)
+    from runtime.step_recorder import record_step_feeds
+    from trees._json import write_json
+
+    manifest = Manifest.load(cfg.engine_dir)
+    tolerances = parse_tolerances(cfg.tolerances, manifest.dtype)
+    runners, skipped = engine_runners(manifest, cfg.runners.split(",") if cfg.runners else None)
+    step = step_model_from_engine(manifest)
+    out = Path(cfg.out) if cfg.out else default_parity_dir(manifest.dir)
+    if cfg.inputs:
+        feeds, labels = load_feeds(cfg.inputs), None
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
+        recorded = record_step_feeds(manifest, step, tokenizer, RecordConfig(max_new_tokens=cfg.max_new_tokens))
+        feeds, labels = [r.feed for r in recorded], [r.label for r in recorded]
+        print(f"recorded {len(feeds)} steps -> {save_feeds(feeds, out / 'inputs.json')} (Polygraphy --load-inputs)")
+    check_feeds(feeds, manifest)
+    report = run_parity(StepRunner(step, manifest), runners, feeds, tolerances, labels, skipped)
+    print(f"parity of {manifest.dir} ({manifest.method.name}, {manifest.dtype}):")
+    print(report.format())
+    print(f"report: {write_json(out / 'report.json', report.to_json())}")
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_command(sub, "model", ModelCommand, cmd_model)
     add_config_command(sub, "onnx", OnnxCommand, cmd_onnx)
     add_config_command(sub, "engine", EngineCommand, cmd_engine)
+    check = add_config_command(sub, "check", CheckFlags, cmd_check)
+    check.add_argument("engine_dir", help="engine dir (manifest.json + model.onnx; engine.plan for TensorRT)")
+    check.set_defaults(config_class=CheckCommand)
     args = parser.parse_args(argv)
     errors = (CheckpointError, FileNotFoundError, ValueError)
     return exit_code_of(lambda: args.func(config_from_args(args)), errors)

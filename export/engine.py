@@ -5,7 +5,9 @@
 
 An engine dir is stale when it is missing or unreadable, or its manifest disagrees with what is
 asked for: another model fingerprint, method, method rows, dtype, or a smaller context/tree budget.
-Only the CPU target exists so far; GPU targets are TensorRT engines (a later issue).
+A GPU target (a name such as h100) is an fp16 export plus a TensorRT engine built on that GPU
+(export/trt/: engine.plan, timing.cache, engine.json); `check_target` refuses it up front, naming
+what this machine lacks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export.checkpoint import model_fingerprint
 from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError
@@ -21,7 +24,11 @@ from export.onnx_export import DTYPES, ExportConfig, export_onnx, load_method_ex
 from export.paths import ARTIFACTS_DIR
 from trees.atomic import write_atomic
 
+if TYPE_CHECKING:
+    from export.trt.host import HostFacts
+
 CPU_TARGET = "cpu"
+GPU_DTYPE = "fp16"     # GPU targets: TensorRT is strongly typed, so the ONNX carries the engine's precision
 DEFAULT_ORT_LEVEL = "extended"   # graph optimisation level of the saved onnxruntime graph (measured, README)
 
 
@@ -33,14 +40,19 @@ def engine_dir(model_dir: str | Path, target: str, method: str) -> Path:
     return ARTIFACTS_DIR / "engines" / Path(model_dir).resolve().name / target / method
 
 
-def check_target(target: str) -> None:
-    if target != CPU_TARGET:
-        raise TargetError(
-            f"engine target {target!r}: only 'cpu' (ONNX + onnxruntime-optimised graph) can be built so far. "
-            f"GPU targets are TensorRT engines, built by a later issue; missing: the TensorRT engine builder "
-            f"(export/trt_build.py reading manifest.json's profiles), the tensorrt and polygraphy packages "
-            f"(`pip install .[tensorrt]`), and a CUDA GPU. Use GPU=cpu for now."
-        )
+def check_target(target: str, host: "HostFacts | None" = None) -> None:
+    """Refuse a target this machine cannot build, naming everything it lacks, before anything is
+    exported or written. cpu needs nothing more; a GPU target needs tensorrt, a CUDA GPU, and that
+    GPU to be the one the target names (`host`: the facts to judge, default: this machine's)."""
+    if target == CPU_TARGET:
+        return
+    from export.trt.host import missing_for_target, probe_host
+
+    missing = missing_for_target(target, probe_host() if host is None else host)
+    if missing:
+        raise TargetError(f"engine target {target!r} is a TensorRT engine built on that GPU, and this machine cannot "
+                          f"build it: " + "; ".join(missing) + f". (--target {CPU_TARGET} builds the onnxruntime engine "
+                          f"dir on any machine.)")
 
 
 def stale_reason(directory: Path, config: ExportConfig, extras: MethodExtras, verify_files: bool = True) -> str | None:

@@ -1,6 +1,7 @@
-"""python -m runtime {generate,demo,bench,memory,trees,serve}: a thin CLI over runtime.Generator,
-runtime.bench, runtime.memory, the tree search (`python -m runtime trees --help`, runtime/trees_cli.py)
-and the OpenAI-compatible server (`python -m runtime serve --help`, runtime/serving/cli.py).
+"""python -m runtime {generate,demo,bench,memory,trees,serve,latency-test,latency-baseline}: a thin CLI over
+runtime.Generator, runtime.bench, runtime.memory, the tree search (`python -m runtime trees --help`,
+runtime/trees_cli.py), the OpenAI-compatible server (`python -m runtime serve --help`, runtime/serving/cli.py)
+and the latency regression test per device (runtime/latency_cli.py).
 
 Each command's flags are the fields of its config dataclass below (trees/config_args.py), and every
 default is read from the library: the model dir from export.paths, the backend from runtime.backends,
@@ -16,14 +17,16 @@ import json
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from export.checkpoint import CheckpointError
 from export.manifest import DEFAULT_MAX_CONTEXT
 from export.methods import METHODS
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.backends import BACKENDS, DEFAULT_BACKEND
+from runtime.backends import BACKENDS, DEFAULT_BACKEND, DTYPES
 from runtime.bench import PEERS, BenchConfig, format_table, run_bench, write_report
 from runtime.devices import device_name
+from runtime.latency_cli import LatencyBaselineCommand, LatencyTestCommand, cmd_latency_baseline, cmd_latency_test
 from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
 from runtime.recommended import FASTEST_BACKEND, FASTEST_METHOD
 from runtime.verify import DecodingOptions
@@ -88,12 +91,34 @@ class BenchCommand(ModelOptions, DecodingFlags):
     methods: str = option(",".join(BenchConfig.methods), f"comma list from {', '.join((*METHODS, *PEERS))}")
     limit: int | None = option(BenchConfig.limit, "first N prompts only (default: all)")
     repeats: int = option(BenchConfig.repeats, "timed repeats; medians are reported")
+    dtype: str = option(BenchConfig.dtype, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)
+    trees: str | None = option(None, "folder whose <method>-tree-*.json files the tree methods use (default: the "
+                                     "trees searched for this device)")
     out: str | None = option(None, "write report.json here")
 
     def bench_config(self) -> BenchConfig:
-        return BenchConfig(prompts=self.prompts, methods=tuple(self.methods.split(",")), backend=self.backend,
-                           device=self.device, max_new_tokens=self.max_new_tokens, model_dir=self.model,
-                           limit=self.limit, repeats=self.repeats, **dataclasses.asdict(self.decoding()))
+        methods = tuple(self.methods.split(","))
+        return BenchConfig(prompts=self.prompts, methods=methods, backend=self.backend, device=self.device,
+                           dtype=self.dtype, max_new_tokens=self.max_new_tokens, model_dir=self.model,
+                           limit=self.limit, repeats=self.repeats, method_options=trees_in(self.trees, methods),
+                           **dataclasses.asdict(self.decoding()))
+
+
+def trees_in(folder: str | None, methods: tuple[str, ...]) -> dict[str, dict]:
+    """{method: {"tree": file}} for the tree methods with exactly one <method>-tree-*.json in `folder`."""
+    if folder is None:
+        return {}
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--trees {folder}: no such folder")
+    chosen = {}
+    for method in (m for m in methods if m in METHODS and METHODS[m].tree_set):
+        files = sorted(Path(folder).glob(f"{method}-tree-*.json"))
+        if len(files) > 1:
+            raise ValueError(f"--trees {folder} holds several {method} trees ({', '.join(f.name for f in files)}); "
+                             "keep one per method")
+        if files:
+            chosen[method] = {"tree": str(files[0])}
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -205,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "demo", DemoCommand, cmd_demo)
     add_config_command(sub, "bench", BenchCommand, cmd_bench)
     add_config_command(sub, "memory", MemoryCommand, cmd_memory)
+    add_config_command(sub, "latency-test", LatencyTestCommand, cmd_latency_test)
+    add_config_command(sub, "latency-baseline", LatencyBaselineCommand, cmd_latency_baseline)
     return parser
 
 
@@ -214,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.trees_cli import main as trees_main
 
         return trees_main(argv[1:])
+    if argv[:1] == ["gpu-check"]:  # the one device check of a borrowed GPU machine (runtime/gpu_check.py)
+        from runtime.gpu_check import main as gpu_check_main
+
+        return gpu_check_main(argv[1:])
     if argv[:1] == ["serve"]:  # the OpenAI-compatible server has its own flags (runtime/serving/cli.py)
         from runtime.serving.cli import main as serve_main
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.backends import DEFAULT_BACKEND
+from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE
 from runtime.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
 from export.methods import METHODS
@@ -32,6 +32,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("vanilla", "ngram")
     backend: str = DEFAULT_BACKEND
     device: str = "cpu"
+    dtype: str = DEFAULT_DTYPE                           # torch backend precision (fp16 / bf16 on GPUs)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     model_dir: str = str(DEFAULT_MODEL_DIR)
     limit: int | None = None
@@ -108,11 +109,11 @@ def make_runners(cfg: BenchConfig, decoding: DecodingOptions) -> tuple[dict[str,
     for method in cfg.methods:
         if method in METHODS:
             gen = Generator.from_pretrained(cfg.model_dir, method=method, backend=cfg.backend, device=cfg.device,
-                                            **cfg.method_options.get(method, {}))
+                                            dtype=cfg.dtype, **cfg.method_options.get(method, {}))
             first = first or gen
             runners[method] = generator_runner(gen, cfg.max_new_tokens, decoding)
     if first is None:  # peers only: a vanilla generator still provides the tokenizer
-        first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device)
+        first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype)
     if "ortgenai" in cfg.methods:
         runners["ortgenai"] = ortgenai_bench_runner(cfg)
     if any(m in ("hf-generate", "hf-prompt-lookup") for m in cfg.methods):
@@ -150,6 +151,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         "model": cfg.model_dir,
         "backend": cfg.backend,
         "device": device_name(cfg.device),
+        "dtype": cfg.dtype,
         "prompts": cfg.prompts,
         "max_new_tokens": cfg.max_new_tokens,
         "repeats": cfg.repeats,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.tree_store import search_dirs
 from trees.devices import DeviceMismatchError, device_key, find_device_tree
 
 
@@ -41,7 +42,8 @@ def present_device(device: str) -> tuple[str, str]:
 
 def default_tree(method: str, device: str, backend: str, checkpoint: str | Path, fallback: str | Path) -> Path:
     """The `method` (ppd, ht) tree searched for this device and backend (<method>-tree-<device
-    key>-<backend>.json next to the method's checkpoint), else one for this device on another
-    backend, else `fallback`."""
+    key>-<backend>.json: the one `make tree` wrote on this machine under artifacts/trees/, else the
+    committed one next to the method's checkpoint; runtime/tree_store.py), else one for this device
+    on another backend, else `fallback`."""
     kind, name = present_device(device)
-    return find_device_tree(Path(checkpoint).parent, device_key(kind, name), backend, method, fallback)
+    return find_device_tree(search_dirs(Path(checkpoint).parent), device_key(kind, name), backend, method, fallback)

@@ -14,7 +14,7 @@ from export.checkpoint import check_model_dir
 from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
 from export.paths import DEFAULT_MODEL_DIR
 from export.methods import method_spec
-from runtime.backends import DEFAULT_BACKEND, Backend, backend_spec, engine_method, make_backend
+from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, backend_spec, engine_method, make_backend
 from runtime.detokenize import IncrementalDetokenizer, first_stop
 from runtime.draft import Draft
 from runtime.methods import build_method
@@ -84,8 +84,10 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, method: str = DEFAULT_METHOD, backend: str = DEFAULT_BACKEND,
-                        device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, **method_options) -> "Generator":
-        """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`)."""
+                        device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, dtype: str = DEFAULT_DTYPE,
+                        **method_options) -> "Generator":
+        """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`); `dtype` (fp32,
+        fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs)."""
         backend_spec(backend)
         method_spec(method)
         if max_context < 2:
@@ -94,19 +96,20 @@ class Generator:
         config = AutoConfig.from_pretrained(model_dir)
         built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
                              **method_options)
-        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context)
+        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context, dtype=dtype)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
                     max_context: int | None = None, **method_options) -> "Generator":
-        """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime. The
-        method defaults to the one it was exported for; vanilla and ngram run on any engine."""
-        from runtime.backends.ort_backend import OrtBackend
+        """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
+        TensorRT engine dir (engine.json) on device="cuda", on TensorRT. The method defaults to the one
+        it was exported for; vanilla and ngram run on any engine."""
+        from runtime.backends import open_engine
 
         manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
         built = engine_method(manifest, method, device=device, **method_options)
-        runner = OrtBackend(manifest, device, max_context)
+        runner = open_engine(manifest, device, max_context)
         tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 

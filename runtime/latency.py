@@ -27,6 +27,30 @@ def profile_step_latency(backend: Backend, sizes: tuple[int, ...] = DEFAULT_TREE
 
     Trees are wide top-k fans (root + T-1 children of ranks 0..T-2, then deeper levels) so the mask
     is a real tree mask; the cache holds a prefill of random tokens, committed through the backend."""
+    samples = step_latency_samples(backend, sizes, context, repeats, warmup, seed, show_progress)
+    return {size: statistics.median(times) for size, times in samples.items()}
+
+
+def latency_rounds(backend: Backend, sizes: tuple[int, ...], context: int = DEFAULT_CONTEXT,
+                   repeats: int = DEFAULT_REPEATS, rounds: int = 5,
+                   show_progress: bool = True) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """`rounds` sweeps over all sizes, `repeats` timed steps per size in all, so a load change on a
+    shared machine hits every size alike: per size the median over rounds of each round's median, and
+    every timed step's seconds (for the spread of the repeats, trees/quiet.py)."""
+    if rounds < 1 or repeats < 1:
+        raise ValueError("repeats and rounds must be >= 1")
+    per_round = -(-repeats // rounds)
+    runs = [step_latency_samples(backend, sizes, context, per_round, warmup=3 if r == 0 else 1,
+                                 show_progress=show_progress and r == 0) for r in range(rounds)]
+    medians = {s: statistics.median(statistics.median(run[s]) for run in runs) for s in sizes}
+    return medians, {s: [t for run in runs for t in run[s]] for s in sizes}
+
+
+def step_latency_samples(backend: Backend, sizes: tuple[int, ...] = DEFAULT_TREE_SIZES,
+                         context: int = DEFAULT_CONTEXT, repeats: int = DEFAULT_REPEATS, warmup: int = 3,
+                         seed: int = 0, show_progress: bool = True) -> dict[int, list[float]]:
+    """Seconds of each of `repeats` timed steps per T (after `warmup` untimed ones), as
+    profile_step_latency measures them."""
     rng = np.random.default_rng(seed)
     if context + max(sizes) > backend.info.max_context:
         raise ValueError(f"context {context} + tree {max(sizes)} exceeds the backend's max_context "
@@ -38,7 +62,7 @@ def profile_step_latency(backend: Backend, sizes: tuple[int, ...] = DEFAULT_TREE
         prefill = Draft.prefill(rng.integers(0, vocab, size=context))
         read_step(backend.step(prefill), prefill, verifier)
         backend.commit(range(context))
-    medians: dict[int, float] = {}
+    samples: dict[int, list[float]] = {}
     for size in tqdm(sizes, desc="latency", disable=not show_progress):
         draft = Draft(rng.integers(0, vocab, size=size), Layout.from_parents(fan_tree(size).buffers.parents))
         times = []
@@ -48,9 +72,9 @@ def profile_step_latency(backend: Backend, sizes: tuple[int, ...] = DEFAULT_TREE
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times.append(elapsed)
-        medians[size] = statistics.median(times)
+        samples[size] = times
     backend.reset()
-    return medians
+    return samples
 
 
 def fan_tree(size: int) -> Tree:

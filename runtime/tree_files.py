@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.acceptance import CheckpointIdentity, checkpoint_identity
 from trees.devices import DeviceMismatchError, check_device, profile_filename
-from trees.latency import LatencyProfile, ProfileError, load_profile
+from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.stats import AcceptanceStats, load_stats
 
 
@@ -62,21 +63,29 @@ def package_versions(backend: str, device_type: str) -> dict[str, str]:
     return versions
 
 
-def find_profile(directory: Path, gpu: str, backend: str) -> Path | None:
-    """The profile in `directory` for `backend` whose recorded device matches --gpu."""
-    matches = []
-    for path in sorted(directory.glob(profile_filename("*", backend))):
-        profile = load_profile(path)
-        kind = "cpu" if profile.device_key == "cpu" else "cuda"
-        try:
-            check_device(gpu, kind, profile.device_name)
-        except DeviceMismatchError:
-            continue
-        matches.append(path)
-    if len(matches) > 1:
-        raise ProfileError(f"--gpu {gpu} matches several profiles ({', '.join(p.name for p in matches)}): "
-                           f"name the GPU more precisely or pass --profile")
-    return matches[0] if matches else None
+def find_profile(directories: Path | Sequence[Path], gpu: str, backend: str) -> Path | None:
+    """The profile for `backend` whose recorded device matches --gpu: a measured one before a
+    modelled (roofline) one, and within each, the first of `directories` that has one (this
+    machine's generated dir, then the committed one: runtime/tree_store.py search_dirs)."""
+    dirs = [directories] if isinstance(directories, Path) else list(directories)
+    found: dict[str, list[Path]] = {MEASURED: [], ROOFLINE: []}
+    for directory in dirs:
+        matches = []
+        for path in sorted(Path(directory).glob(profile_filename("*", backend))):
+            profile = load_profile(path)
+            kind = "cpu" if profile.device_key == "cpu" else "cuda"
+            try:
+                check_device(gpu, kind, profile.device_name)
+            except DeviceMismatchError:
+                continue
+            matches.append((path, profile.source))
+        if len(matches) > 1:
+            names = ", ".join(p.name for p, _ in matches)
+            raise ProfileError(f"--gpu {gpu} matches several profiles in {directory} ({names}): name the GPU more "
+                               f"precisely or pass --profile")
+        for path, source in matches:
+            found[source].append(path)
+    return next(iter(found[MEASURED] + found[ROOFLINE]), None)
 
 
 def search_inputs(model_dir: str, checkpoint: Path, method: str, stats_path: Path,

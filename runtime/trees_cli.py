@@ -15,7 +15,14 @@ measure, then hands plain JSON to trees/.
 Files live next to the method's checkpoint (checkpoints/<model>/): <graph>-acceptance.json (hybrid
 searches on ppd's, plus ngram-acceptance.json),
 latency-<device key>-<backend>.json (one per device, shared by both methods: see trees/devices.py),
-<method>-tree-<device key>-<backend>.json and its PNGs.
+<method>-tree-<device key>-<backend>.json and its PNGs. `build` writes its tree (and a profile it
+measures or models) under artifacts/trees/<model>/ unless --update-committed or --out says otherwise,
+and does nothing when the tree there or the committed one was searched from the same inputs
+(runtime/tree_store.py). On a machine without the GPU named, --profile-if-missing models the profile
+from the GPU's datasheet (trees/roofline.py) and the tree records that it is provisional.
+
+    python -m runtime trees roofline --gpu h200 [--compare PROFILE]
+                                                   the modelled step curve (against a measured one)
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,14 +46,18 @@ from runtime.backends import BACKENDS
 from runtime.bench import BenchConfig
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
 from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
+from runtime.roofline import RooflineCommand, cmd_roofline, modelled_profile
 from runtime.tree_files import (find_profile, package_versions, parse_budgets, present, search_inputs,
                                 stats_filename)
+from runtime.tree_store import (INPUTS_FIELD, generated_dir, recorded_inputs_sha256, search_dirs,
+                                search_inputs_sha256, tree_pictures)
 from runtime.tree_sweep import reference_evaluations
 from trees import PPDTreeSet, TreeError
 from trees._json import write_json
+from trees.atomic import write_atomic
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 from trees.devices import DeviceMismatchError, device_key, profile_filename, tree_filename
-from trees.latency import LatencyProfile, ProfileError
+from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
 from trees.ngram_stats import NgramStatsError
 from trees.stats import DEFAULT_SHRINKAGE, StatsError
@@ -56,6 +66,9 @@ PROG = "python -m runtime trees"
 NGRAM_STATS_FILE = "ngram-acceptance.json"
 CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
 TREE_FORMAT = "ppdeploy-ppd-tree"
+# Part of a tree's inputs hash: bump when the search (trees/search.py, trees/hybrid_search.py) finds
+# other trees for the same inputs, so that `build` stops calling the old ones current.
+TREE_SEARCH_REVISION = 1
 CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
                "trained on), first user turn, in file order")
 BACKEND_CHOICES = tuple(BACKENDS)
@@ -106,6 +119,8 @@ class ProfileCommand:
     repeats: int = option(DEFAULT_REPEATS, "timed steps per size (median), spread over rounds")
     rounds: int = option(5, "sweeps over all sizes, so that load changes on a shared machine hit every size alike")
     out: str | None = option(None, "output JSON (default: latency-<device>-<backend>.json next to the checkpoint)")
+    force: bool = option(False, "write the profile even when the machine was busy (load, spread of the repeats: "
+                                "trees/quiet.py); the profile then says so")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,9 +142,13 @@ class SearchRun:
 
 @dataclass(frozen=True, kw_only=True)
 class BuildCommand(SearchRun):
-    profile_if_missing: bool = option(False, "measure the profile first when there is none")
-    out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>.json next to the "
-                                   "checkpoint)")
+    profile_if_missing: bool = option(False, "measure the profile first when there is no measured one; on a machine "
+                                             "without that GPU, model it (roofline of the GPU's datasheet: a "
+                                             "provisional tree)")
+    update_committed: bool = option(False, "write the tree (and the profile it used) next to the checkpoint, the "
+                                           "committed files, instead of artifacts/trees/<model>/")
+    out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>.json in artifacts/trees/"
+                                   "<model>/, or next to the checkpoint with --update-committed)")
     budgets: str = option(",".join(map(str, DEFAULT_BUDGETS)),
                           "fixed budgets of the curve; the largest caps the chosen tree")
     topk: int = option(SearchConfig.topk, "ranks considered per depth")
@@ -213,12 +232,15 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     from transformers import AutoConfig
 
     from runtime.backends import make_backend
-    from runtime.latency import profile_step_latency
+    from runtime.latency import latency_rounds
     from runtime.methods import build_method
+    from trees.quiet import Quietness, load_per_core, refuse_busy_start
 
     device, kind, name = present(cfg.gpu, cfg.device)
     if cfg.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
+    command = f"{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}"
+    refuse_busy_start("the latency profile", cfg.force, command)
     model_config = AutoConfig.from_pretrained(cfg.model_dir)
     ppd = METHODS["ppd"]
     options = {"checkpoint": cfg.checkpoint, "tree": str(ppd.hand_picked_tree)} if cfg.method == ppd.name else {}
@@ -229,18 +251,20 @@ def measure_profile(cfg: ProfileCommand) -> Path:
         raise ValueError("--repeats and --rounds must be >= 1")
     sizes = tuple(range(1, cfg.max_tokens + 1))
     per_round = -(-cfg.repeats // cfg.rounds)
-    rounds = [profile_step_latency(backend, sizes=sizes, context=cfg.context, repeats=per_round,
-                                   warmup=3 if r == 0 else 1, show_progress=r == 0) for r in range(cfg.rounds)]
-    seconds = tuple(statistics.median(medians[s] for medians in rounds) for s in sizes)
+    load_before = load_per_core()
+    medians, samples = latency_rounds(backend, sizes, cfg.context, cfg.repeats, cfg.rounds)
+    quiet = Quietness.measure(load_before, samples.values()).refuse_if_busy("the latency profile", cfg.force, command)
+    seconds = tuple(medians[s] for s in sizes)
     key = device_key(kind, name)
     profile = LatencyProfile(device_key=key, device_name=name, backend=cfg.backend, sizes=sizes,
                              seconds=seconds, repeats=per_round * cfg.rounds, context=cfg.context,
                              model_fingerprint=model_fingerprint(cfg.model_dir),
-                             versions=tuple(package_versions(cfg.backend, kind).items()))
+                             versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet)
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend)
     profile.save(out)
     print(f"wrote {out}: {name}, {cfg.backend}: T=1 {1e3 * profile.latency(1):.1f} ms, "
-          + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (8, 16, 32, 64) if t <= cfg.max_tokens))
+          + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (8, 16, 32, 64) if t <= cfg.max_tokens)
+          + f"; machine {quiet.summary()}")
     return out
 
 
@@ -254,17 +278,17 @@ def cmd_profile(cfg: ProfileCommand, argv: list[str]) -> int:
 def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     """Search the PPD, hybrid or HT tree set with the most expected tokens per second on a profiled device."""
     directory = _checkpoint(cfg).parent
-    profile_path = Path(cfg.profile) if cfg.profile else find_profile(directory, cfg.gpu, cfg.backend)
-    if profile_path is None:
-        if not cfg.profile_if_missing:
-            raise ProfileError(f"no {cfg.backend} latency profile for --gpu {cfg.gpu} in {directory}: measure one "
-                               f"with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}` on that "
-                               f"device, or pass --profile-if-missing")
-        profile_path = measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, device=cfg.device,
-                                                      model_dir=cfg.model_dir))
+    profile_path = build_profile(cfg, directory)
     identity, stats, profile = _search_inputs(cfg, profile_path)
     config = SearchConfig(budgets=parse_budgets(cfg.budgets), topk=min(cfg.topk, stats.topk),
                           candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage)
+    out = Path(cfg.out) if cfg.out else _output_dir(cfg, directory) / tree_filename(profile.device_key, cfg.backend,
+                                                                                   cfg.method)
+    inputs = _inputs_sha256(cfg, identity, profile_path, config)
+    if _current_tree(cfg, directory, out, inputs):
+        return 0
+    if cfg.update_committed:
+        profile_path = _commit_profile(directory, profile_path, profile)
     model = AcceptanceModel.from_stats(stats, config.topk, config.shrinkage)
     start = time.perf_counter()
     result = search_curve(model, profile.latency, config, max_tokens=profile.max_tokens)
@@ -284,6 +308,9 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "device": profile.device_name,
         "device_key": profile.device_key,
         "backend": profile.backend,
+        "profile_source": profile.source,                     # measured, or roofline: a provisional tree
+        **({"roofline": dict(profile.roofline)} if profile.source == ROOFLINE else {}),
+        INPUTS_FIELD: inputs,                                 # build does nothing while this matches
         "budget": chosen.budget,
         "expected_mean_accepted": round(expected.mean_accepted, 4),
         "expected_speedup": round(expected.speedup, 4),
@@ -299,9 +326,11 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
                    "calibration": stats.calibration, "profile": profile_path.name, **dataclasses.asdict(config)},
     }
     trees = dataclasses.replace(found, metadata=metadata)
-    out = Path(cfg.out) if cfg.out else directory / tree_filename(profile.device_key, cfg.backend, cfg.method)
     write_json(out, trees.to_json())
     print(f"wrote {out}")
+    if profile.source == ROOFLINE:
+        print(f"  provisional: searched on the roofline model of {profile.device_name} ({profile_path.name}), not a "
+              f"measured profile; run `make tree GPU={cfg.gpu}` on that GPU to replace it", file=sys.stderr)
     references = reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
     title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
     print(f"  {title}")
@@ -323,6 +352,93 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         pictures = write_pictures(out, result, trees, model, profile, title, references)
         print("  pictures: " + ", ".join(str(p) for p in pictures))
     return 0
+
+
+def _output_dir(cfg: BuildCommand, directory: Path) -> Path:
+    """Where build writes: the committed dir with --update-committed, else this machine's generated dir."""
+    return directory if cfg.update_committed else generated_dir(directory)
+
+
+def _first_existing(directory: Path, name: str) -> Path:
+    """`name` in the first of the generated and committed dirs that has it (else the committed path)."""
+    return next((d / name for d in search_dirs(directory) if (d / name).is_file()), directory / name)
+
+
+def _device_present(cfg: SearchRun) -> bool:
+    try:
+        present(cfg.gpu, cfg.device)
+    except DeviceMismatchError:
+        return False
+    return True
+
+
+def build_profile(cfg: BuildCommand, directory: Path) -> Path:
+    """The profile build searches with: --profile; else the one for --gpu (measured before modelled,
+    this machine's generated dir before the committed one); else, with --profile-if-missing, one
+    measured now when the device is present, or the roofline model of that GPU when it is not (a
+    measured profile always wins over a modelled one)."""
+    if cfg.profile:
+        return Path(cfg.profile)
+    found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend)
+    if found is not None and (not cfg.profile_if_missing or load_profile(found).source == MEASURED):
+        return found
+    if not cfg.profile_if_missing:
+        raise ProfileError(f"no {cfg.backend} latency profile for --gpu {cfg.gpu} in {generated_dir(directory)} or "
+                           f"{directory}: measure one with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}` "
+                           f"on that device, or pass --profile-if-missing (measured here, or modelled for a GPU "
+                           f"this machine does not have)")
+    target = _output_dir(cfg, directory)
+    if _device_present(cfg):
+        _, kind, name = present(cfg.gpu, cfg.device)
+        return measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, device=cfg.device,
+                                              model_dir=cfg.model_dir,
+                                              out=str(target / profile_filename(device_key(kind, name), cfg.backend))))
+    modelled = modelled_profile(cfg.gpu, cfg.backend, cfg.model_dir)
+    if found is not None and load_profile(found).to_json() == modelled.to_json():
+        return found
+    out = modelled.save(target / profile_filename(modelled.device_key, cfg.backend))
+    print(f"no measured {cfg.backend} profile for --gpu {cfg.gpu} and no such GPU here: wrote the roofline model of "
+          f"{modelled.device_name} to {out}")
+    return out
+
+
+def _inputs_sha256(cfg: BuildCommand, identity, profile_path: Path, config: SearchConfig) -> str:
+    """The hash of everything this search reads (runtime/tree_store.py search_inputs_sha256)."""
+    files = {"profile": profile_path, "statistics": _stats_path(cfg)}
+    if METHODS[cfg.method].ngram_candidates:
+        from trees.ngram_stats import load_ngram_stats
+
+        load_ngram_stats(_ngram_stats_path(cfg))      # a missing or bad file fails here with its fix
+        files["ngram_statistics"] = _ngram_stats_path(cfg)
+    return search_inputs_sha256(cfg.method, identity.model_fingerprint, identity.checkpoint_sha256, files,
+                                dataclasses.asdict(config), TREE_SEARCH_REVISION)
+
+
+def _current_tree(cfg: BuildCommand, directory: Path, out: Path, inputs: str) -> bool:
+    """Whether a tree searched from exactly these inputs is already where it would be used (and say
+    so): `out` itself, or by default the committed tree too. A generated tree of other inputs that
+    would shadow a current committed one is removed."""
+    generated, committed = (d / out.name for d in search_dirs(directory))
+    candidates = [out] if cfg.out or cfg.update_committed else [generated, committed]
+    current = next((p for p in candidates if recorded_inputs_sha256(p) == inputs), None)
+    if current is None:
+        return False
+    if current == committed and not (cfg.out or cfg.update_committed) and generated.is_file():
+        for path in (generated, *tree_pictures(generated)):
+            path.unlink(missing_ok=True)
+        print(f"removed {generated}: searched from other inputs, it would have been used instead of {committed}")
+    print(f"{current} is current (searched from the same profile, statistics and search config; inputs sha256 "
+          f"{inputs[:12]}): nothing to do")
+    return True
+
+
+def _commit_profile(directory: Path, profile_path: Path, profile: LatencyProfile) -> Path:
+    """--update-committed: the profile the tree is searched with goes next to the checkpoint too."""
+    committed = directory / profile_filename(profile.device_key, profile.backend)
+    if profile_path.resolve() != committed.resolve():
+        write_atomic(committed, profile_path.read_bytes())
+        print(f"wrote {committed} (from {profile_path})")
+    return committed
 
 
 def _ngram_stats_path(cfg) -> Path:
@@ -371,8 +487,8 @@ def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
                          f"--methods vanilla,ppd,ngram,{cfg.method}`")
     device, kind, name = present(cfg.gpu, cfg.device)
     directory, key = _checkpoint(cfg).parent, device_key(kind, name)
-    tree_path = Path(cfg.tree) if cfg.tree else directory / tree_filename(key, cfg.backend, cfg.method)
-    profile_path = Path(cfg.profile) if cfg.profile else directory / profile_filename(key, cfg.backend)
+    tree_path = Path(cfg.tree) if cfg.tree else _first_existing(directory, tree_filename(key, cfg.backend, cfg.method))
+    profile_path = Path(cfg.profile) if cfg.profile else _first_existing(directory, profile_filename(key, cfg.backend))
     identity, stats, profile = _search_inputs(cfg, profile_path)
     model = AcceptanceModel.from_stats(stats, min(SearchConfig.topk, stats.topk))
     variants = sweep_variants(cfg.method, tree_path, identity, model, profile, parse_budgets(cfg.budgets))
@@ -402,7 +518,7 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("ngram-stats", NgramStatsCommand, cmd_ngram_stats),
                                ("profile", ProfileCommand, cmd_profile), ("build", BuildCommand, cmd_build),
-                               ("sweep", SweepCommand, cmd_sweep)):
+                               ("sweep", SweepCommand, cmd_sweep), ("roofline", RooflineCommand, cmd_roofline)):
         add_config_command(sub, name, cls, handler)
     args = parser.parse_args(argv)
     errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, NgramStatsError,

@@ -16,6 +16,15 @@ LOSSLESS_NEW_TOKENS = 64
 TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "hybrid": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
 
+@pytest.fixture(autouse=True)
+def generated_trees_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Where `trees build` writes and the runtime looks first (runtime/tree_store.py), in the test
+    test's own temp dir: tests never read or write this machine's artifacts/trees/, nor each other's."""
+    root = tmp_path_factory.mktemp("generated-trees")
+    monkeypatch.setattr("runtime.tree_store.GENERATED_ROOT", root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():

@@ -6,7 +6,8 @@ by a slug of that name, never by what a user typed or by a model path:
     cpu                      -> key "cpu" (one key for CPUs: the profile records the exact model)
     NVIDIA H100 80GB HBM3    -> key "nvidia-h100-80gb-hbm3"
 
-next to the model's prompt-token checkpoint:
+next to the model's prompt-token checkpoint (committed), or in this machine's generated dir
+(artifacts/trees/<checkpoint dir>/, runtime/tree_store.py), which readers search first:
 
     latency-<key>-<backend>.json       step latency against tree size (trees.latency.LatencyProfile);
                                        one per device and backend, shared by ppd and ht (same step
@@ -17,6 +18,7 @@ next to the model's prompt-token checkpoint:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -67,12 +69,19 @@ def tree_filename(key: str, backend: str, method: str) -> str:
     return f"{method}-tree-{key}-{backend}.json"
 
 
-def find_device_tree(directory: str | Path, key: str, backend: str, method: str, fallback: str | Path) -> Path:
-    """The tree searched for this device and backend; else one for this device on another backend
-    (same hardware, similar latency curve); else `fallback` (the hand-picked tree)."""
-    directory = Path(directory)
-    exact = directory / tree_filename(key, backend, method)
-    if exact.is_file():
-        return exact
-    others = sorted(directory.glob(tree_filename(key, "*", method)))
-    return others[0] if others else Path(fallback)
+def find_device_tree(directories: str | Path | Sequence[str | Path], key: str, backend: str, method: str,
+                     fallback: str | Path) -> Path:
+    """The tree searched for this device and backend, in the first of `directories` that has one
+    (the runtime passes this machine's generated dir, then the committed one); else one for this
+    device on another backend (same hardware, similar latency curve); else `fallback` (the
+    hand-picked tree)."""
+    dirs = [Path(directories)] if isinstance(directories, (str, Path)) else [Path(d) for d in directories]
+    for directory in dirs:
+        exact = directory / tree_filename(key, backend, method)
+        if exact.is_file():
+            return exact
+    for directory in dirs:
+        others = sorted(directory.glob(tree_filename(key, "*", method)))
+        if others:
+            return others[0]
+    return Path(fallback)

@@ -4,6 +4,10 @@ Measured by `runtime.latency.profile_step_latency` (`python -m runtime trees pro
 of one decode step with T tokens (candidates + prompt tokens) over a fixed committed context.
 `latency(T)` reads a monotone fit of the medians (isotonic: a bigger tree is never cheaper; on a
 busy machine single medians jitter) and interpolates linearly between measured sizes.
+
+A profile is "measured" (on the device it names), or "roofline": modelled from a GPU's datasheet by
+trees/roofline.py for a GPU this machine does not have, with the table row used in `roofline`.
+A measured profile always wins over a modelled one (runtime/tree_files.py find_profile).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from trees._json import check_format, fields_of, read_json_file, write_json
+from trees.quiet import Quietness
 
 PROFILE_FORMAT = "ppdeploy-latency-profile"
+MEASURED, ROOFLINE = "measured", "roofline"       # LatencyProfile.source
 
 
 class ProfileError(ValueError):
@@ -44,6 +50,10 @@ class LatencyProfile:
     context: int                         # committed cache entries during the measurement
     model_fingerprint: str
     versions: tuple[tuple[str, str], ...] = ()   # (library, version) of what ran the step
+    source: str = MEASURED                       # MEASURED, or ROOFLINE (modelled: trees/roofline.py)
+    roofline: tuple[tuple[str, str | float], ...] = ()   # a modelled profile's GPU row and model terms
+    quiet: Quietness | None = None               # how quiet its machine was (trees/quiet.py); None: not
+                                                 # recorded (profiles from before the field, modelled ones)
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +69,10 @@ class LatencyProfile:
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "seconds", seconds)
         object.__setattr__(self, "versions", tuple((str(a), str(b)) for a, b in self.versions))
+        if self.source not in (MEASURED, ROOFLINE) or (self.source == ROOFLINE) != bool(self.roofline):
+            raise ProfileError(f"a profile's source is {MEASURED!r} or {ROOFLINE!r} (with its roofline record), got "
+                               f"{self.source!r}")
+        object.__setattr__(self, "roofline", tuple((str(a), b) for a, b in self.roofline))
         fitted = monotone_fit(np.asarray(seconds))
         fitted.setflags(write=False)
         object.__setattr__(self, "fitted", fitted)
@@ -80,7 +94,10 @@ class LatencyProfile:
             "device_key": self.device_key,
             "device_name": self.device_name,
             "backend": self.backend,
+            "source": self.source,
+            **({"roofline": dict(self.roofline)} if self.roofline else {}),
             "versions": dict(self.versions),
+            **({"quiet": self.quiet.to_json()} if self.quiet else {}),
             "model_fingerprint": self.model_fingerprint,
             "context": self.context,
             "repeats": self.repeats,
@@ -97,7 +114,10 @@ class LatencyProfile:
                        backend=str(data["backend"]), sizes=tuple(data["sizes"]), seconds=tuple(data["seconds"]),
                        repeats=int(data["repeats"]), context=int(data["context"]),
                        model_fingerprint=str(data["model_fingerprint"]),
-                       versions=tuple(dict(data.get("versions", {})).items()))
+                       versions=tuple(dict(data.get("versions", {})).items()),
+                       source=str(data.get("source", MEASURED)),   # profiles before the field were measured
+                       roofline=tuple(dict(data.get("roofline", {})).items()),
+                       quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None)
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

@@ -1,6 +1,8 @@
 """The backend registry: name -> loader that turns (checkpoint dir, built method) into a ready
 backend and its tokenizer. `torch` is the reference; `onnxruntime` runs the exported engine dir
-that export/ prepares (artifacts/engines/<model>/<cpu|cuda>/<graph>/, re-exported when stale).
+that export/ prepares (artifacts/engines/<model>/<cpu|cuda>/<graph>/, re-exported when stale);
+`tensorrt` runs the TensorRT engine `make engine GPU=<gpu>` built on this GPU (found by its engine.json
+key, never built here).
 """
 
 from __future__ import annotations
@@ -20,25 +22,43 @@ if TYPE_CHECKING:
 
 Loaded = tuple[Backend, "PreTrainedTokenizerBase"]
 DEFAULT_BACKEND = "torch"   # the reference; `onnxruntime` is the faster CPU engine
+# Weight and activation precision of the torch backend (the reference is fp32; fp16 / bf16 for GPUs).
+DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_DTYPE = "fp32"
 
 
-def load_torch(model_dir: Path, method: "Method", device: str, max_context: int) -> Loaded:
+def torch_dtype(name: str):
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return table[name]
+
+
+def load_torch(model_dir: Path, method: "Method", device: str, max_context: int, dtype: str = DEFAULT_DTYPE) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
     from runtime.backends.torch_backend import TorchBackend
 
-    hf_model, tokenizer = load_checkpoint(model_dir)
+    hf_model, tokenizer = load_checkpoint(model_dir, dtype=torch_dtype(dtype))
     step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
     del hf_model
     return TorchBackend(step_model, max_context=max_context, device=device), tokenizer
 
 
-def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int) -> Loaded:
+def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int,
+                     dtype: str = DEFAULT_DTYPE) -> Loaded:
     import torch
     from transformers import AutoTokenizer
 
     from export.engine import prepare_engine
     from runtime.backends.ort_backend import OrtBackend
+
+    if dtype != DEFAULT_DTYPE:
+        raise ValueError(f"the onnxruntime backend prepares {DEFAULT_DTYPE} engine dirs; for {dtype}, export one "
+                         f"(`python -m export onnx --dtype {dtype} --out DIR`) and load it with "
+                         f"Generator.from_engine(DIR)")
 
     manifest = prepare_engine(model_dir, method.spec.graph, method.extras, torch.device(device).type, max_context,
                               method.proposer.max_draft_tokens)
@@ -46,16 +66,53 @@ def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context
     return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
 
 
+def load_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int,
+                  dtype: str = DEFAULT_DTYPE) -> Loaded:
+    """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
+    engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
+    than the default must name it."""
+    from transformers import AutoTokenizer
+
+    from export.trt.host import import_tensorrt
+    from export.trt.key import present_facts
+    from runtime.backends.trt_backend import TORCH_DTYPES, TrtBackend, find_trt_engine
+
+    facts = present_facts(device, import_tensorrt().__version__)
+    manifest = find_trt_engine(model_dir, method.spec.graph, method.extras.weights_sha256, facts)
+    if dtype != DEFAULT_DTYPE and torch_dtype(dtype) != TORCH_DTYPES[manifest.dtype]:
+        raise ValueError(f"the TensorRT engine in {manifest.dir} is {manifest.dtype}, not {dtype}: build one with "
+                         f"`python -m export engine --target ... --dtype {dtype}`")
+    manifest.check_tree_size(method.proposer.max_draft_tokens)
+    return TrtBackend(manifest, device, max_context, facts=facts), AutoTokenizer.from_pretrained(manifest.dir)
+
+
+def open_engine(manifest: "Manifest", device: str, max_context: int | None = None) -> Backend:
+    """The backend that runs an engine dir: TensorRT for a TensorRT engine dir (engine.json) on a CUDA
+    device, else onnxruntime (the dir's ONNX)."""
+    import torch
+
+    from export.trt.key import is_trt_engine_dir
+
+    if is_trt_engine_dir(manifest.dir) and torch.device(device).type == "cuda":
+        from runtime.backends.trt_backend import TrtBackend
+
+        return TrtBackend(manifest, device, max_context)
+    from runtime.backends.ort_backend import OrtBackend
+
+    return OrtBackend(manifest, device, max_context)
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    load: Callable[[Path, "Method", str, int], Loaded]
+    load: Callable[..., Loaded]   # (model_dir, method, device, max_context, dtype=DEFAULT_DTYPE)
     exported: bool          # runs an exported engine dir (Generator.from_engine)
 
 
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("torch", load_torch, exported=False),
     BackendSpec("onnxruntime", load_onnxruntime, exported=True),
+    BackendSpec("tensorrt", load_tensorrt, exported=True),
 )}
 
 
@@ -66,12 +123,14 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def make_backend(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
-                 max_context: int | None = None) -> Loaded:
+                 max_context: int | None = None, dtype: str = DEFAULT_DTYPE) -> Loaded:
     """The backend `name` for `model_dir` running `method` (its trained tensors included), and the tokenizer."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
     spec = backend_spec(name)
-    return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context)
+    torch_dtype(dtype)  # a bad name fails before any loading
+    return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context,
+                     dtype=dtype)
 
 
 def engine_method(manifest: "Manifest", name: str | None = None, device: str = "cpu", **options) -> "Method":
@@ -111,5 +170,5 @@ def engine_method(manifest: "Manifest", name: str | None = None, device: str = "
     return method
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BackendSpec", "DeviceLayout", "ModelInfo", "StepOutput", "backend_spec",
-           "engine_method", "make_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_DTYPE", "DTYPES", "Backend", "BackendSpec", "DeviceLayout", "ModelInfo", "StepOutput", "backend_spec",
+           "engine_method", "make_backend", "open_engine"]

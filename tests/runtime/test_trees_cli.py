@@ -9,6 +9,7 @@ import torch
 from export.checkpoint import model_fingerprint
 from export.ppd import PPDConfig, save_prompt_tokens
 from runtime.__main__ import main as runtime_main
+from runtime.tree_store import generated_dir
 from runtime.trees_cli import main
 from trees import TreeError, check_tree_identity, load_ppd_trees, prompt_tokens_sha256
 from trees.latency import LatencyProfile
@@ -43,7 +44,8 @@ def test_build_writes_a_tree_for_this_model_and_checkpoint(ppd_dir, tmp_path, ca
     args = ["build", "--gpu", "cpu", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint),
             "--budgets", "4,8,16"]
     assert main(args) == 0, capsys.readouterr().err
-    tree_path = tmp_path / "ppd-tree-cpu-torch.json"
+    tree_path = generated_dir(tmp_path) / "ppd-tree-cpu-torch.json"   # artifacts/trees/<checkpoint dir>/
+    assert not (tmp_path / "ppd-tree-cpu-torch.json").exists()         # the committed place is left alone
     trees = load_ppd_trees(tree_path)
     meta = trees.metadata
     assert meta["device"] == "cpu: test" and meta["backend"] == "torch" and meta["budget"] <= 16
@@ -51,7 +53,7 @@ def test_build_writes_a_tree_for_this_model_and_checkpoint(ppd_dir, tmp_path, ca
     assert meta["expected_speedup"] > 1 and meta["expected_mean_accepted"] > 1
     assert [f["budget"] for f in meta["fixed_budgets"]] == [4, 8, 16]
     for suffix in ("latency", "search", "trees"):
-        assert (tmp_path / f"ppd-tree-cpu-torch-{suffix}.png").stat().st_size > 10_000
+        assert (generated_dir(tmp_path) / f"ppd-tree-cpu-torch-{suffix}.png").stat().st_size > 10_000
     check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows))
     with pytest.raises(TreeError, match="built for checkpoint tensors"):
         check_tree_identity(trees, model_fingerprint(model_dir), prompt_tokens_sha256(rows + 1))
@@ -62,7 +64,7 @@ def test_build_refuses_statistics_of_another_checkpoint(ppd_dir, tmp_path, capsy
     save_prompt_tokens(checkpoint, rows + 0.01, PPDConfig(2, 1), model_fingerprint(model_dir), dtype=torch.float32)
     assert main(["build", "--gpu", "cpu", "--model-dir", str(model_dir), "--checkpoint", str(checkpoint)]) == 2
     assert "retrained" in capsys.readouterr().err
-    assert not (tmp_path / "ppd-tree-cpu-torch.json").exists()
+    assert not (generated_dir(tmp_path) / "ppd-tree-cpu-torch.json").exists()
 
 
 def test_build_needs_a_profile_of_the_named_device(ppd_dir, capsys):
@@ -106,9 +108,9 @@ def test_ht_trees_build_and_sweep_next_to_the_maps(tiny_model_dir, tmp_path, cap
                    model_fingerprint(tiny_model_dir)).save(tmp_path / "latency-cpu-torch.json")
     common = ["--gpu", "cpu", "--method", "ht", "--model-dir", str(tiny_model_dir), "--checkpoint", str(checkpoint)]
     assert main(["build", *common, "--budgets", "4,8", "--no-plots"]) == 0, capsys.readouterr().err
-    trees = load_ppd_trees(tmp_path / "ht-tree-cpu-torch.json")
+    trees = load_ppd_trees(generated_dir(tmp_path) / "ht-tree-cpu-torch.json")
     assert trees.metadata["method"] == "ht" and trees.metadata["checkpoint_sha256"] == maps.sha256
-    assert not (tmp_path / "ppd-tree-cpu-torch.json").exists()
+    assert not (generated_dir(tmp_path) / "ppd-tree-cpu-torch.json").exists()
     gen = Generator.from_pretrained(tiny_model_dir, method="ht", checkpoint=str(checkpoint))
     assert gen.proposer.trees == trees
     prompts = tmp_path / "prompts.jsonl"
@@ -134,12 +136,12 @@ def test_hybrid_build_splits_the_budget_with_the_ngram_source(ppd_dir, tmp_path,
     NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), model_fingerprint(model_dir)).save(
         tmp_path / "ngram-acceptance.json")
     assert main(args) == 0, capsys.readouterr().err
-    trees = load_ppd_trees(tmp_path / "hybrid-tree-cpu-torch.json")
+    trees = load_ppd_trees(generated_dir(tmp_path) / "hybrid-tree-cpu-torch.json")
     hybrid = trees.metadata["hybrid"]
     assert hybrid["ngram_depth"] >= 1 and hybrid["ngram_statistics"] == "ngram-acceptance.json"
     assert trees.metadata["expected_mean_accepted"] > hybrid["ppd_part_mean_accepted"]
     gen = Generator.from_pretrained(model_dir, method="hybrid", checkpoint=str(checkpoint),
-                                    tree=str(tmp_path / "hybrid-tree-cpu-torch.json"), max_context=256)
+                                    tree=str(generated_dir(tmp_path) / "hybrid-tree-cpu-torch.json"), max_context=256)
     assert gen.proposer.source.depth == hybrid["ngram_depth"]
     assert main(["sweep", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
                  str(checkpoint)]) == 2

@@ -1,0 +1,259 @@
+"""The TensorRT backend: alignment rules, the refusal of an engine built elsewhere (before any plan
+byte is deserialized), and the binding logic run on the CPU through a stand-in TensorRT that executes
+the bound pointers with onnxruntime (tests/export/fake_tensorrt.py). The real engine is tested only
+where tensorrt and a CUDA GPU are present."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import export.engine
+from export.manifest import ManifestError, ShapeError
+from export.onnx_export import ExportConfig, export_onnx
+from export.trt.build import build_engine
+from export.trt.key import PLAN_NAME, DeviceFacts, EngineMismatchError, EngineRecord
+from runtime import Generator
+from runtime.backends import engine_method
+from runtime.backends.ort_backend import OrtBackend
+from runtime.backends.trt_backend import (ALIGNMENT, TrtBackend, TrtRuntimeError, aligned_cache, aligned_empty,
+                                          aligned_rows, check_address, find_trt_engine)
+from runtime.draft import Draft, Layout
+from runtime.generator import eos_token_ids
+from tests.export.fake_tensorrt import FakeTensorRT
+from tests.export.tiny_llama import make_tiny_llama
+
+MAX_CONTEXT, MAX_TREE = 256, 16
+H100 = DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", 132, "10.16.1.11")
+PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
+
+
+def binary_tree(size: int) -> Layout:
+    return Layout.from_parents([-1] + [(i - 1) // 2 for i in range(1, size)])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, real_model_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tmp_path_factory):
+    """A tiny fp32 export with a (stand-in) TensorRT engine built beside it for H100."""
+    out = tmp_path_factory.mktemp("engines") / "vanilla"
+    manifest = export_onnx(ExportConfig(tiny_dir, out, max_context=MAX_CONTEXT, max_tree=MAX_TREE, validate=False),
+                           log=lambda _: None)
+    build_engine(manifest, "h100", 5, trt=FakeTensorRT(), device=H100, log=lambda _: None)
+    return manifest
+
+
+def fake_backend(manifest, trt: FakeTensorRT | None = None, facts: DeviceFacts = H100, **kwargs) -> TrtBackend:
+    return TrtBackend(manifest, "cpu", tensorrt=trt or FakeTensorRT(), facts=facts, **kwargs)
+
+
+# --- alignment ---------------------------------------------------------------------------------------
+def test_check_address_refuses_null_and_unaligned_pointers():
+    check_address("past_key.0", 0x7F0000000100)
+    with pytest.raises(TrtRuntimeError, match="null pointer"):
+        check_address("past_key.0", 0)
+    with pytest.raises(TrtRuntimeError, match="not 256-byte aligned \\(offset 64\\)"):
+        check_address("past_key.3", 0x7F0000000140)
+
+
+@pytest.mark.parametrize("rows, row_bytes", [(101, 384), (2048, 384), (7, 256), (5, 4), (33, 96), (1, 1000)])
+def test_aligned_rows_is_the_fewest_rows_that_keep_blocks_aligned(rows, row_bytes):
+    got = aligned_rows(rows, row_bytes)
+    assert got >= rows and got * row_bytes % ALIGNMENT == 0
+    assert not any(r * row_bytes % ALIGNMENT == 0 for r in range(rows, got))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.int64])
+def test_aligned_empty_starts_on_a_256_byte_boundary(dtype):
+    for numel in (1, 3, 1000):
+        tensor = aligned_empty(numel, dtype, torch.device("cpu"))
+        assert tensor.data_ptr() % ALIGNMENT == 0 and tensor.numel() == numel and tensor.dtype == dtype
+
+
+def test_every_layer_block_of_the_cache_is_aligned_for_any_max_context():
+    cache = aligned_cache(3, 101, 3, 64, torch.float16, torch.device("cpu"))   # 101 rows x 384 bytes: odd
+    assert cache.max_context == 101 and cache.keys.shape[1] >= 101
+    for block in (*cache.keys, *cache.values):
+        assert block.data_ptr() % ALIGNMENT == 0 and block.is_contiguous()
+    new = torch.ones(3, 101, 3, 64, dtype=torch.float16)
+    cache.commit(new, new, range(101))
+    with pytest.raises(ValueError, match="max_context 101"):
+        cache.check_room(1)                                                      # padding rows are never used
+
+
+# --- refusals before deserializing ---------------------------------------------------------------------
+@pytest.mark.parametrize("change, what", [
+    (dict(tensorrt_version="11.4.0.106"), "TensorRT version"),
+    (dict(compute_capability="8.9"), "compute capability"),
+    (dict(gpu_name="NVIDIA L4"), "GPU: built with NVIDIA H100"),
+])
+def test_an_engine_built_elsewhere_is_refused_before_deserializing(engine, change, what):
+    trt = FakeTensorRT()
+    with pytest.raises(EngineMismatchError, match=f"{what}.*make engine GPU="):
+        fake_backend(engine, trt, dataclasses.replace(H100, **change))
+    assert trt.deserialized == 0
+
+
+def test_an_engine_of_other_onnx_or_a_corrupt_plan_is_refused_before_deserializing(engine, tmp_path):
+    copy = dataclasses.replace(engine, dir=shutil.copytree(engine.dir, tmp_path / "copy"))
+    record = EngineRecord.load(copy.dir)
+    trt = FakeTensorRT()
+    other = dataclasses.replace(record.key, onnx={**record.key.onnx, "model.onnx": "0" * 64})
+    dataclasses.replace(record, key=other).write(copy.dir)
+    with pytest.raises(EngineMismatchError, match="ONNX file model.onnx"):
+        fake_backend(copy, trt)
+    record.write(copy.dir)
+    plan = copy.dir / PLAN_NAME
+    plan.write_bytes(plan.read_bytes()[:-1] + b" ")
+    with pytest.raises(ManifestError, match="does not match the sha256"):
+        fake_backend(copy, trt)
+    assert trt.deserialized == 0
+
+
+def test_a_plan_tensorrt_cannot_deserialize_raises_its_logged_reason(engine, tmp_path):
+    copy = dataclasses.replace(engine, dir=shutil.copytree(engine.dir, tmp_path / "copy"))
+    (copy.dir / PLAN_NAME).write_bytes(b"\x00not a plan")
+    record = EngineRecord.load(copy.dir)
+    from export.manifest import sha256_file
+
+    plan = dataclasses.replace(record.plan, sha256=sha256_file(copy.dir / PLAN_NAME), size=11)
+    dataclasses.replace(record, plan=plan).write(copy.dir)
+    with pytest.raises(TrtRuntimeError, match="could not deserialize .* not a serialized engine"):
+        fake_backend(copy)
+
+
+def test_the_real_backend_needs_a_cuda_device(engine):
+    with pytest.raises(ValueError, match="runs on a CUDA device"):
+        TrtBackend(engine, "cpu")
+
+
+def test_from_engine_picks_tensorrt_for_a_tensorrt_dir_on_cuda(engine):
+    """On device cuda a dir with engine.json goes to TensorRT (here: not importable, so it says so);
+    on the CPU the same dir runs its ONNX on onnxruntime."""
+    if importlib_has("tensorrt"):
+        pytest.skip("asserts the error of a machine without tensorrt")
+    with pytest.raises(ImportError, match="tensorrt is not importable"):
+        Generator.from_engine(engine.dir, device="cuda")
+    assert isinstance(Generator.from_engine(engine.dir).backend, OrtBackend)
+
+
+def importlib_has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# --- the binding logic, run through the stand-in --------------------------------------------------------
+def test_trt_steps_match_onnxruntime_steps(engine):
+    trt = FakeTensorRT()
+    backends = [OrtBackend(engine.dir, max_context=MAX_CONTEXT), fake_backend(engine, trt, max_context=MAX_CONTEXT)]
+    rng = np.random.default_rng(0)
+    # A prefill longer than the decode buffers (prefill profile, own buffers, S = 0), then trees of
+    # several sizes (decode profile) with 1-2 nodes committed: every step reads all earlier commits.
+    steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3, 9, 2)]
+    for layout, commit in steps:
+        draft = Draft(rng.integers(0, engine.model.vocab_size, layout.size), layout)
+        want, got = (b.step(draft) for b in backends)
+        assert got.logits.shape == want.logits.shape and got.logits.dtype == want.logits.dtype
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5, msg=f"T={layout.size}")
+        torch.testing.assert_close(got.positions, want.positions)
+        for b in backends:
+            b.commit(commit or list(range(layout.size)))
+    assert backends[0].length == backends[1].length == 30 + 1 + 2 * 5
+    runs = trt.contexts[0].runs
+    assert [profile for profile, _ in runs] == [1] + [0] * 6                # prefill, then decode
+    assert runs[0][1]["past_key.0"][0] == 0 and runs[1][1]["past_key.0"][0] == 30
+
+
+def test_a_short_prompt_runs_on_the_decode_profile_with_an_empty_cache(engine):
+    trt = FakeTensorRT()
+    backend = fake_backend(engine, trt)
+    backend.step(Draft.chain([1, 2, 3]))
+    profile, shapes = trt.contexts[0].runs[0]
+    assert profile == 0 and shapes["past_value.1"] == [0, engine.model.num_kv_heads, engine.model.head_dim]
+
+
+def test_decode_steps_reuse_their_buffers_and_bindings(engine):
+    trt = FakeTensorRT()
+    backend = fake_backend(engine, trt)
+    context = trt.contexts[0]
+    first = backend.step(Draft(np.arange(5), binary_tree(5)))
+    backend.commit([0])
+    bound = dict(context.addresses)
+    second = backend.step(Draft(np.arange(3), binary_tree(3)))
+    assert second.logits.data_ptr() == first.logits.data_ptr() and second.logits.shape == (3, engine.model.vocab_size)
+    assert second.positions.tolist() == [1, 2, 2]
+    assert context.addresses == bound                      # only shapes change between decode steps
+    new_keys = backend._new_kv[0]
+    assert new_keys.shape == (engine.model.num_layers, 3, engine.model.num_kv_heads, engine.model.head_dim)
+    assert new_keys.is_contiguous()                        # dense at the real shape, not a slice of [L, 16, ...]
+
+
+def test_steps_outside_the_engine_are_refused(engine):
+    backend = fake_backend(engine, max_context=MAX_CONTEXT)
+    backend.step(Draft.chain(np.arange(240)))
+    backend.commit(range(240))
+    with pytest.raises(ShapeError, match="max_context 256"):
+        backend.step(Draft(np.arange(17), binary_tree(17)))
+    backend.step(Draft(np.arange(16), binary_tree(16)))
+    with pytest.raises(ManifestError, match="re-export with --max-context 512"):
+        fake_backend(engine, max_context=512)
+
+
+def test_generation_on_the_trt_backend_equals_onnxruntime(engine):
+    reference = Generator.from_engine(engine.dir, method="ngram")
+    built = engine_method(engine, "ngram")
+    trt = Generator(fake_backend(engine), reference.tokenizer, built.proposer, eos_token_ids(reference.tokenizer))
+    for prompt in PROMPTS:
+        want = reference.generate(prompt, max_new_tokens=24)
+        got = trt.generate(prompt, max_new_tokens=24)
+        assert got.token_ids == want.token_ids, prompt
+        assert got.stats.steps == want.stats.steps
+
+
+def test_the_engine_for_this_gpu_is_found_by_its_key(engine, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export.engine, "ARTIFACTS_DIR", tmp_path / "artifacts")
+    with pytest.raises(EngineMismatchError, match="none under .*make engine GPU=nvidia-h100-80gb-hbm3"):
+        find_trt_engine(tiny_dir, "vanilla", None, H100)
+    for target, facts in (("a100", dataclasses.replace(H100, gpu_name="NVIDIA A100-SXM4-80GB")), ("h100", H100)):
+        directory = export.engine.engine_dir(tiny_dir, target, "vanilla")
+        shutil.copytree(engine.dir, directory)
+        copy = dataclasses.replace(engine, dir=directory)
+        build_engine(copy, target, 5, trt=FakeTensorRT(), device=facts, force=True, log=lambda _: None)
+    assert find_trt_engine(tiny_dir, "vanilla", None, H100).dir == export.engine.engine_dir(tiny_dir, "h100", "vanilla")
+    with pytest.raises(EngineMismatchError, match="refused: .*a100/vanilla: GPU: built with NVIDIA A100"):
+        find_trt_engine(tiny_dir, "vanilla", None, dataclasses.replace(H100, gpu_name="NVIDIA H200"))
+    with pytest.raises(EngineMismatchError, match="trained tensors"):
+        find_trt_engine(tiny_dir, "vanilla", "ab" * 32, H100)
+
+
+# --- the real thing ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)")
+def test_real_tensorrt_engine_matches_onnxruntime(tiny_dir, tmp_path):
+    """Build an fp16 engine of the tiny model with the real TensorRT and compare its steps with
+    onnxruntime (CPU) running the same fp16 ONNX."""
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install .[tensorrt])")
+    manifest = export_onnx(ExportConfig(tiny_dir, tmp_path / "engine", dtype="fp16", max_context=MAX_CONTEXT,
+                                        max_tree=MAX_TREE, validate=False), log=lambda _: None)
+    build_engine(manifest, "test", 5)
+    backends = [OrtBackend(manifest.dir, max_context=MAX_CONTEXT), TrtBackend(manifest, "cuda", MAX_CONTEXT)]
+    rng = np.random.default_rng(0)
+    steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3)]
+    for layout, commit in steps:
+        draft = Draft(rng.integers(0, manifest.model.vocab_size, layout.size), layout)
+        want, got = (b.step(draft).logits.float().cpu() for b in backends)
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=1e-2, msg=f"T={layout.size}")
+        gap = want.topk(2).values
+        clear = (gap[:, 0] - gap[:, 1]) > 5e-2            # argmax agrees wherever the top two are not a tie
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), f"T={layout.size}"
+        for b in backends:
+            b.commit(commit or list(range(layout.size)))
