@@ -14,14 +14,17 @@ what verification and the proposer need.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from runtime.draft import Draft
 from runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from runtime.backends.layouts import LayoutCache
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,16 @@ class CacheOwner:
     step's new entries ([L, T, Hkv, D] each), from which `commit` appends the accepted nodes."""
 
     _cache: KVCache
+    _layouts: LayoutCache
     _new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _start_step(self, draft: Draft, check_shape: Callable[[int, int], None] | None = None) -> DeviceLayout:
+        """Refuse a draft the engine's shapes (`check_shape(T, S)`, e.g. Manifest.check_step_shape) or
+        the cache cannot take, before any work; the draft layout's device tensors."""
+        if check_shape is not None:
+            check_shape(draft.size, self._cache.length)
+        self._cache.check_room(draft.size)
+        return self._layouts.get(draft.layout)
 
     @property
     def length(self) -> int:

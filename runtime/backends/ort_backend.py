@@ -106,10 +106,8 @@ class OrtBackend(CacheOwner):
 
     def step(self, draft: Draft) -> StepOutput:
         t, s = draft.size, self._cache.length
-        self.manifest.check_step_shape(t, s)
-        self._cache.check_room(t)
+        layout = self._start_step(draft, self.manifest.check_step_shape)
         m = self.manifest.model
-        layout = self._layouts.get(draft.layout)
         ids = torch.from_numpy(np.ascontiguousarray(draft.tokens, dtype=np.int64)).to(self.info.device)  # the upload
         positions = layout.depth + s
         self._bind("input_ids", ids, (t,))

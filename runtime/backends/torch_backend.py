@@ -25,8 +25,7 @@ class TorchBackend(CacheOwner):
 
     @torch.inference_mode()
     def step(self, draft: Draft) -> StepOutput:
-        self._cache.check_room(draft.size)
-        layout = self._layouts.get(draft.layout)
+        layout = self._start_step(draft)
         ids = torch.from_numpy(np.ascontiguousarray(draft.tokens, dtype=np.int64)).to(self.info.device)  # the upload
         positions = layout.depth + self._cache.length
         past_keys, past_values = self._cache.past()

@@ -202,10 +202,8 @@ class TrtBackend(CacheOwner):
     # --- the step ------------------------------------------------------------------------------
     def step(self, draft: Draft) -> StepOutput:
         t, s = draft.size, self._cache.length
-        self.manifest.check_step_shape(t, s)
-        self._cache.check_room(t)
+        layout = self._start_step(draft, self.manifest.check_step_shape)
         m = self.manifest.model
-        layout = self._layouts.get(draft.layout)
         own = t > self._capacity      # a long prefill: buffers of its own for this step
         ids, positions, mask = self._allocate_inputs(t) if own else self._inputs
         logits, keys, values = self._allocate_outputs(t) if own else self._outputs
