@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.backends.base import Backend, DeviceLayout, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, Backend, DeviceLayout, ModelInfo, StepOutput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,11 +75,11 @@ def load_tensorrt(model_dir: Path, method: "Method", device: str, max_context: i
 
     from export.trt.host import import_tensorrt
     from export.trt.key import present_facts
-    from runtime.backends.trt_backend import TORCH_DTYPES, TrtBackend, find_trt_engine
+    from runtime.backends.trt_backend import TrtBackend, find_trt_engine
 
     facts = present_facts(device, import_tensorrt().__version__)
     manifest = find_trt_engine(model_dir, method.spec.graph, method.extras.weights_sha256, facts)
-    if dtype != DEFAULT_DTYPE and torch_dtype(dtype) != TORCH_DTYPES[manifest.dtype]:
+    if dtype != DEFAULT_DTYPE and torch_dtype(dtype) != MANIFEST_TORCH_DTYPES[manifest.dtype]:
         raise ValueError(f"the TensorRT engine in {manifest.dir} is {manifest.dtype}, not {dtype}: build one with "
                          f"`python -m export engine --target ... --dtype {dtype}`")
     manifest.check_tree_size(method.proposer.max_draft_tokens)

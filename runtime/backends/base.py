@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from runtime.backends.layouts import LayoutCache
 
 
+# An exported graph's float dtype (manifest.json's "dtype") as torch's: the device buffers bound to it.
+MANIFEST_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Static facts about the loaded step model that the runtime checks inputs against."""

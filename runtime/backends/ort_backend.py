@@ -27,12 +27,11 @@ import torch
 
 from export.manifest import Manifest, ManifestError, check_file
 from export.ort_optimize import PROVIDERS, graph_optimization_level, usable_optimized_model
-from runtime.backends.base import CacheOwner, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, ModelInfo, StepOutput
 from runtime.backends.layouts import LayoutCache
 from runtime.draft import Draft
 from runtime.kv_cache import KVCache
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class OrtBackend(CacheOwner):
                                 f"({self.manifest.dir}); re-export with --max-context {max_context}")
         self.session = self._open_session(provider, options)
         m = self.manifest.model
-        dtype = TORCH_DTYPES[self.manifest.dtype]
+        dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype)
         self._cache = KVCache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
         self._layouts = LayoutCache(device, dtype)

@@ -37,14 +37,13 @@ from export.trt.build import capturing_logger
 from export.trt.key import (ENGINE_JSON, DeviceFacts, EngineMismatchError, EngineRecord, check_engine, present_facts,
                             rebuild_command)
 from export.trt.profiles import select_profile
-from runtime.backends.base import CacheOwner, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, ModelInfo, StepOutput
 from runtime.backends.layouts import LayoutCache
 from runtime.draft import Draft
 from runtime.kv_cache import KVCache
 from trees.devices import device_key
 
 ALIGNMENT = 256   # bytes: what set_tensor_address accepts
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class TrtRuntimeError(RuntimeError):
@@ -132,7 +131,7 @@ class TrtBackend(CacheOwner):
             raise TrtRuntimeError(f"TensorRT could not create an execution context: {self._logger.text()}")
 
         m = self.manifest.model
-        dtype = TORCH_DTYPES[self.manifest.dtype]
+        dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype)
         self._cache = aligned_cache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
         self._layouts = LayoutCache(device, dtype)
