@@ -3,13 +3,20 @@
 For a draft whose candidates are fixed tokens (no draft distribution), drawing x from the target's
 processed distribution at each accepted node, descending to the child whose token is x, and
 otherwise ending the step with x as the bonus token, emits exactly what plain sampling emits
-(SpecInfer's multi-branch rejection sampling with one-hot drafts). If the uniform of every draw
-is a function of (seed, absolute position of the token drawn) only, then for a given seed every
-method emits token for token what plain sampling emits: losslessness is an equality test.
+(SpecInfer's multi-branch rejection sampling with one-hot drafts). If every random number of a draw
+is a function of (seed, absolute position of the token drawn, token id) only, then for a given seed
+every method emits token for token what plain sampling emits: losslessness is an equality test.
 
-    process_logits(logits [N, V], options) -> probs [N, V]     temperature, top-k, top-p
-    keyed_uniforms(seed, positions [N]) -> u [N] in [0, 1)     counter-based (SplitMix64), any device
-    draw(probs, u) -> [N]                                      inverse CDF in float64
+The draw is a Gumbel-max race, not an inverse CDF: the token drawn is the kept token with the
+largest log p + Gumbel(seed, position, token). A tree step and a one-token step compute logits with
+different kernels, so they differ by rounding (~1e-6). An inverse CDF moves every boundary with the
+rounding of all tokens before it in the vocabulary and so, over 49k tokens, picked a neighbouring
+token about once in 3,000 draws on a flat distribution; the race changes its winner only when the
+two best perturbed scores are that close, as greedy only flips on a near tie.
+
+    process_logits(logits [N, V], options) -> probs [N, V]        temperature, top-k, top-p
+    keyed_uniforms(seed, positions [N], keys [N, K]) -> [N, K]     counter-based (SplitMix64), any device
+    draw(probs [N, V], seed, positions [N]) -> [N]                 the race, exact in distribution
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ if TYPE_CHECKING:
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
+KEY_BITS = 32            # counter = position << 32 | key: keys are token ids (vocabularies < 2^32)
+
+# The race is run among the RACE most likely kept tokens plus one entry standing for all the other
+# kept tokens (their total mass); only when that entry wins are the others raced, so a step hashes
+# RACE keys per node instead of the whole vocabulary. The same size bounds the top-p search before
+# a full sort.
+RACE = 256
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -32,41 +46,77 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def keyed_uniforms(seed: int, positions: torch.Tensor) -> torch.Tensor:
-    """[N] float64 uniforms in [0, 1), one per absolute position, from SplitMix64 of (seed, position):
-    the same on every device and for every method, whatever else was drawn before."""
-    z = positions.to(torch.int64) * _GOLDEN + (seed & ((1 << 63) - 1))
+def keyed_uniforms(seed: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[N, K] float64 uniforms in [0, 1): SplitMix64 of (seed, positions[n] << 32 | keys[n, k]).
+    The same on every device and for every method, whatever else was drawn before."""
+    counter = (positions.to(torch.int64).unsqueeze(-1) << KEY_BITS) | keys.to(torch.int64)
+    z = counter * _GOLDEN + (seed & ((1 << 63) - 1))
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
     z = z ^ _shift_right(z, 31)
     return _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
+def _gumbel(seed: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[N, K] standard Gumbel noise keyed like keyed_uniforms (u = 0 gives -inf: never wins)."""
+    return -torch.log(-torch.log(keyed_uniforms(seed, positions, keys)))
+
+
+def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[N, 1] the probability of each row's crossing token: the smallest set of most likely tokens
+    whose mass reaches top_p ends with it. Searched among the RACE most likely tokens; rows whose
+    nucleus is larger are sorted in full."""
+    top = torch.topk(probs, min(RACE, probs.shape[-1]), dim=-1).values
+    found = torch.cumsum(top.double(), dim=-1) >= top_p
+    floor = top.gather(-1, found.int().argmax(dim=-1, keepdim=True))   # first index reaching top_p
+    wide = ~found[:, -1]
+    if bool(wide.any()):
+        ranked = torch.sort(probs[wide], dim=-1, descending=True).values
+        reach = (torch.cumsum(ranked.double(), dim=-1) >= top_p).int().argmax(dim=-1, keepdim=True)
+        floor[wide] = ranked.gather(-1, reach)
+    return floor
+
+
 def process_logits(logits: torch.Tensor, options: "DecodingOptions") -> torch.Tensor:
     """[N, V] logits -> [N, V] float32 probabilities: divide by the temperature, keep the top_k most
-    likely tokens (ties at the k-th value kept), then the smallest set of most likely tokens whose
-    mass reaches top_p (the token that crosses it included), renormalised."""
+    likely tokens, then the smallest set of most likely tokens whose mass reaches top_p (the token
+    that crosses it included), renormalised. Ties at the k-th value or at the crossing token's
+    probability are kept, so the kept set never depends on how a sort orders equal values."""
     scores = logits.float() / options.temperature
     if options.top_k and options.top_k < scores.shape[-1]:
         kth = torch.topk(scores, options.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if options.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs   # mass of the more likely tokens
-        drop_sorted = mass_before >= options.top_p                          # the crossing token stays
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(probs < _nucleus_floor(probs, options.top_p), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
-def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """[N] token ids: the first token whose cumulative probability exceeds u (float64, so a token of
-    probability 0 is never drawn)."""
-    cdf = torch.cumsum(probs.to(torch.float64), dim=-1)
-    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def draw(probs: torch.Tensor, seed: int, positions: torch.Tensor, race: int = RACE) -> torch.Tensor:
+    """[N] token ids drawn from the rows of `probs` [N, V], row n with the noise keyed by
+    (seed, positions[n]); never a token of probability 0.
+
+    The `race` most likely tokens race with Gumbels keyed by their token ids; the other kept tokens
+    race as one entry of their total mass q, keyed by V. By the Gumbel-max property the entry wins
+    with probability q and token c with probability p_c. When the entry wins, the other tokens race
+    among themselves (same keys, disjoint tokens, so independent of the first race) and token i wins
+    with probability p_i / q: every token is drawn with probability p_i exactly."""
+    rows, vocab = probs.shape
+    positions = positions.to(probs.device)
+    top, ids = torch.topk(probs, min(race, vocab), dim=-1)                          # [N, R] descending
+    rest = probs.scatter(-1, ids, 0.0)                                              # [N, V] the others
+    rest_mass = rest.sum(dim=-1, dtype=torch.float64)                               # [N] q, 0 if none
+    scores = torch.cat([top.double().log(), rest_mass.log().unsqueeze(-1)], dim=-1)  # [N, R + 1]
+    keys = torch.cat([ids, torch.full((rows, 1), vocab, device=probs.device)], dim=-1)
+    winner = (scores + _gumbel(seed, positions, keys)).argmax(dim=-1, keepdim=True)
+    tokens = keys.gather(-1, winner).squeeze(-1)
+    lost_to_rest = tokens == vocab
+    if bool(lost_to_rest.any()):
+        every = torch.arange(vocab, device=probs.device).expand(int(lost_to_rest.sum()), vocab)
+        noisy = rest[lost_to_rest].double().log() + _gumbel(seed, positions[lost_to_rest], every)
+        tokens[lost_to_rest] = noisy.argmax(dim=-1)
+    return tokens
 
 
 class SamplingVerifier:
@@ -77,4 +127,4 @@ class SamplingVerifier:
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # The token after a node at position p sits at p + 1: its draw is keyed by p + 1.
-        return draw(process_logits(logits, self.options), keyed_uniforms(self.seed, positions + 1))
+        return draw(process_logits(logits, self.options), self.seed, positions + 1)
