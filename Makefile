@@ -48,9 +48,35 @@ test-slow: setup
 bench: setup
 	$(PY) -m runtime bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
 
-# The onnxruntime-genai peer of `make bench-ort` (optional: not needed by the library or the tests).
-peers: setup
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps onnxruntime-genai==0.18.0 onnx-ir==1.1.0
+# The peers of `make bench-ort` (optional: not needed by the library or the tests): onnxruntime-genai, and
+# llama.cpp (llama-cpp-python built once from its source package, CPU only, for this machine's instruction
+# set; the wheel is cached in artifacts/wheels/, the unpacked source keeps llama.cpp's GGUF converter) with
+# the GGUFs of the model (f32 and q8_0 converted from the checkpoint, the shipped q4_1).
+LLAMACPP_VERSION := 0.3.36
+WHEELS := artifacts/wheels
+LLAMACPP_SDIST := $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+LLAMACPP_BUILT := $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION).built
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+PIP_NODEPS := $(PY) -m pip install -q --disable-pip-version-check --no-deps
+
+peers: setup $(LLAMACPP_BUILT)
+	$(PIP_NODEPS) onnxruntime-genai==0.18.0 onnx-ir==1.1.0 diskcache==5.6.3 sentencepiece==0.2.1
+	$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMACPP_VERSION)')" 2>/dev/null || \
+		$(PIP_NODEPS) --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	$(PY) -m runtime.llamacpp_gguf --model $(MODEL_DIR)
+
+$(LLAMACPP_SDIST): | $(STAMP)
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d $(WHEELS) \
+		llama-cpp-python==$(LLAMACPP_VERSION)
+
+$(LLAMACPP_BUILT): $(LLAMACPP_SDIST)
+	$(PIP_NODEPS) scikit-build-core==0.11.6 pathspec==0.12.1
+	@echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, CPU only (~7 min on 2 cores; once)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" nice -n 10 \
+		$(PY) -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -w $(WHEELS) $(LLAMACPP_SDIST)
+	tar -xzf $(LLAMACPP_SDIST) -C $(WHEELS)
+	touch $@
 
 bench-ort: peers
 	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ht,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
@@ -58,12 +84,14 @@ bench-ort: peers
 # Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd,ht}/ (export if stale, the
 # onnxruntime-optimised graph, and the ppd / ht trees searched for the device). A GPU target, run on that
 # GPU, is an fp16 export plus a TensorRT engine (pip install .[tensorrt]); elsewhere it stops before
-# writing anything, naming what is missing.
+# writing anything, naming what is missing. QUANT=int8|int4 (GPU=cpu): the weight-only quantized engines
+# in <method>-<QUANT>/ beside the fp32 ones (made from them; export/quantize.py).
+QUANT ?= fp32
 engine: setup
-	$(PY) -m export engine --target $(GPU) --method vanilla
+	$(PY) -m export engine --target $(GPU) --method vanilla --quantize $(QUANT)
 	$(MAKE) tree GPU=$(GPU)
-	$(PY) -m export engine --target $(GPU) --method ppd
-	$(PY) -m export engine --target $(GPU) --method ht
+	$(PY) -m export engine --target $(GPU) --method ppd --quantize $(QUANT)
+	$(PY) -m export engine --target $(GPU) --method ht --quantize $(QUANT)
 
 # The hardware-aware ppd, ht and hybrid trees for a device: latency profile (measured when missing, shared
 # by both methods; modelled from the GPU's datasheet when that GPU is not here: a provisional tree), then

@@ -4,6 +4,8 @@
     python -m export onnx --out DIR [options]    the step graph as ONNX + manifest, validated
     python -m export engine [--target cpu|GPU]   the engine dir a runtime loads (what `make engine` runs);
                                                  a GPU target (e.g. h100) adds a TensorRT engine built there
+        --quantize int8|int4                     (onnx, engine --target cpu) the weight-only quantized
+                                                 variant (MatMulNBits), made from the fp32 graph
     python -m export check ENGINE_DIR            parity of its runners on recorded real step inputs (Polygraphy)
 
 Each command's flags are the fields of its config dataclass below; the export defaults are read from
@@ -24,6 +26,7 @@ from export.manifest import Manifest
 from export.methods import EXPORT_METHODS, METHODS, TRAINED_METHODS
 from export.onnx_export import DTYPES, ExportConfig
 from export.paths import DEFAULT_MODEL_DIR
+from export.quantize import DEFAULT_VARIANT, SCHEMES, VARIANTS
 from runtime.step_recorder import RecordConfig
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
@@ -49,12 +52,17 @@ class ExportOptions:
     max_context: int = option(ExportConfig.max_context, "cache entries")
     max_tree: int = option(ExportConfig.max_tree, "largest decode tree T")
     validate: bool = option(ExportConfig.validate, "check onnxruntime against the torch step")
+    quantize: str = option(DEFAULT_VARIANT, "weight-only quantized variant of the fp32 graph (onnxruntime "
+                                            "MatMulNBits, " + ", ".join(f"{v}: block {s.block_size}, accuracy "
+                                            f"level {s.accuracy_level}" for v, s in SCHEMES.items()) + ")",
+                           choices=VARIANTS)
 
     def export_config(self, out: Path) -> ExportConfig:
         checkpoint = self.checkpoint or METHODS[self.method].default_checkpoint
         return ExportConfig(model_dir=Path(self.model), out_dir=out, method=self.method,
                             checkpoint=None if checkpoint is None else Path(checkpoint), dtype=self.dtype,
-                            max_context=self.max_context, max_tree=self.max_tree, validate=self.validate)
+                            max_context=self.max_context, max_tree=self.max_tree, validate=self.validate,
+                            variant=self.quantize)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +73,8 @@ class OnnxCommand(ExportOptions):
 @dataclass(frozen=True, kw_only=True)
 class EngineCommand(ExportOptions):
     target: str = option(CPU_TARGET, "cpu, or the GPU present by (part of) its name, e.g. h100: a TensorRT engine")
-    out: str | None = option(None, "engine dir (default: artifacts/engines/<model>/<target>/<method>)")
+    out: str | None = option(None, "engine dir (default: artifacts/engines/<model>/<target>/<method>, "
+                                   "<method>-<variant> with --quantize)")
     dtype: str | None = option(None, f"graph precision (default: {ExportConfig.dtype} for cpu, {GPU_DTYPE} for GPU "
                                      f"targets)", choices=tuple(DTYPES))
 
@@ -106,10 +115,11 @@ def cmd_model(cfg: ModelCommand) -> int:
 
 
 def cmd_onnx(cfg: OnnxCommand) -> int:
-    """Export the step graph to ONNX with its manifest, validated against the torch step."""
-    from export.onnx_export import export_onnx
+    """Export the step graph to ONNX with its manifest, validated against the torch step (with --quantize:
+    then quantized, the fp32 export made in a temp dir)."""
+    from export.engine import export_variant
 
-    manifest = export_onnx(cfg.export_config(Path(cfg.out)))
+    manifest = export_variant(cfg.export_config(Path(cfg.out)))
     print(f"wrote {manifest.onnx_path} and {manifest.dir / 'manifest.json'}")
     return 0
 
@@ -119,11 +129,15 @@ def cmd_engine(cfg: EngineCommand) -> int:
     (run on that GPU) = fp16 ONNX export + TensorRT engine (engine.plan, timing.cache, engine.json)."""
     from export.engine import build_ort_engine, check_target, engine_dir
 
+    if cfg.quantize != DEFAULT_VARIANT and cfg.target != CPU_TARGET:
+        raise ValueError(f"--quantize {cfg.quantize} makes an onnxruntime engine (--target {CPU_TARGET}); a TensorRT "
+                         f"engine takes its precision from the ONNX (--dtype)")
     check_target(cfg.target)   # a GPU target stops here, naming what is missing, before anything is written
-    out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method)
+    out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method, cfg.quantize)
     if cfg.target != CPU_TARGET:
         return engine_gpu(cfg, out)
-    manifest = build_ort_engine(cfg.target_config(out))
+    # A variant is made from the fp32 engine dir's export, which stays (the fp32 engine).
+    manifest = build_ort_engine(cfg.target_config(out), source_dir=engine_dir(cfg.model, cfg.target, cfg.method))
     install_trees(manifest, "cpu", "onnxruntime")
     print(f"engine ready: {manifest.dir}")
     return 0

@@ -9,6 +9,9 @@ The exporter writes it; the TensorRT builder and the runtime read only it (never
         tokenizer files      so an engine dir is self-contained
         model.ort-cpu.onnx   (optional) ORT-optimised graph, see export/ort_optimize.py
 
+A quantized variant's dir (export/quantize.py) has the same layout: its model.onnx is the quantized
+graph and `quantization` records how it was made (absent = fp32).
+
 Symbolic axes: T = tree nodes of one step, S = committed cache entries. Two shape profiles:
 `decode` (T in 1..max_tree, the trees of the decode loop) and `prefill` (T up to
 max_context - max_tree, the prompt as one chain); both take S in 0..max_context - max_tree.
@@ -121,6 +124,7 @@ class Manifest:
     exporter: dict[str, str | int]                  # ppdeploy / torch / onnx versions, format_version
     validation: tuple[dict, ...] = ()               # per-case max abs differences measured at export
     ort_optimized: dict | None = None               # see export/ort_optimize.py
+    quantization: dict | None = None                # weight-only variant (export/quantize.py); None = fp32
 
     # --- derived views ---------------------------------------------------------------------
     @property
@@ -222,6 +226,7 @@ class Manifest:
                 exporter=dict(data["exporter"]),
                 validation=tuple(data.get("validation", ())),
                 ort_optimized=data.get("ort_optimized"),
+                quantization=data.get("quantization"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{directory / MANIFEST_NAME} is malformed ({type(exc).__name__}: {exc}); re-export it") from exc

@@ -62,14 +62,14 @@ class HybridOptions(PPDOptions):
     ngram_depth: int | None = None          # n-gram continuation tokens merged into the PPD tree per step
     ngram_prompt_tokens: int | None = None  # prompt tokens carried by each node only the n-gram proposed
     max_ngram: int = 3              # longest suffix n-gram looked up (then shorter ones) ...
-    min_ngram: int = 1              # ... down to this length
+    min_ngram: int | None = None    # ... down to this length (None: the tree file's, else 1)
 
     def __post_init__(self) -> None:
         if (self.ngram_depth is not None and self.ngram_depth < 0) or (
                 self.ngram_prompt_tokens is not None and self.ngram_prompt_tokens < 0):
             raise ValueError(f"hybrid needs ngram_depth >= 0 and ngram_prompt_tokens >= 0, got {self.ngram_depth}, "
                              f"{self.ngram_prompt_tokens}")
-        if not 1 <= self.min_ngram <= self.max_ngram:
+        if self.min_ngram is not None and not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"ngram sizes need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
 
 

@@ -38,6 +38,7 @@ from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, 
                              ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
 from export.methods import EXPORT_METHODS, METHODS, MethodExtras
+from export.quantize import DEFAULT_VARIANT, check_variant
 from export.step_model import StepModel
 
 OPSET = 17
@@ -60,8 +61,12 @@ class ExportConfig:
     max_context: int = DEFAULT_MAX_CONTEXT
     max_tree: int = DEFAULT_MAX_TREE
     validate: bool = True
+    variant: str = DEFAULT_VARIANT            # fp32, or a weight-only quantized variant (export/quantize.py)
 
     def __post_init__(self) -> None:
+        check_variant(self.variant)
+        if self.variant != DEFAULT_VARIANT and self.dtype != "fp32":
+            raise ValueError(f"--quantize {self.variant} quantizes the fp32 graph; drop --dtype {self.dtype}")
         if self.method not in EXPORT_METHODS:
             raise ValueError(f"unknown method {self.method!r} for export; choose one of {', '.join(EXPORT_METHODS)}")
         if self.dtype not in DTYPES:
@@ -234,6 +239,9 @@ def exporter_versions() -> dict[str, str | int]:
 def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=print) -> Manifest:
     """Export, check and validate the step graph of `config.model_dir` into `config.out_dir`.
     `extras` overrides the method rows (default: loaded from `config.checkpoint`)."""
+    if config.variant != DEFAULT_VARIANT:
+        raise ValueError(f"export_onnx writes the fp32 graph; the {config.variant} variant is made from it by "
+                         f"export.engine.export_variant")
     extras = load_method_extras(config) if extras is None else extras
     if METHODS[config.method].trained != (extras.weights_sha256 is not None):
         raise ValueError(f"a {config.method} export needs its trained tensors" if METHODS[config.method].trained
@@ -246,7 +254,7 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
     del hf_model
     inputs, outputs = io_specs(step, dtype)
     out_dir = Path(config.out_dir)
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; an engine dir is shared like any build output
@@ -274,7 +282,7 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
         manifest.write()
         for path in work.iterdir():
             path.chmod(0o644)  # some writers create private files; an engine dir is a shared build output
-        _swap_in(work, out_dir)
+        swap_in(work, out_dir)
     finally:
         if work.exists():
             shutil.rmtree(work)
@@ -288,8 +296,8 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
     model_dir = Path(config.model_dir).resolve()
     return Manifest(
         dir=work,
-        onnx=_record(work, ONNX_NAME),
-        external_data=(_record(work, ONNX_NAME + DATA_SUFFIX),),
+        onnx=file_record(work, ONNX_NAME),
+        external_data=(file_record(work, ONNX_NAME + DATA_SUFFIX),),
         dtype=inputs[2].dtype, opset=OPSET, ir_version=IR_VERSION,
         max_context=config.max_context, max_tree=config.max_tree,
         model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, int(step.config.hidden_size),
@@ -301,7 +309,7 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
     )
 
 
-def _record(directory: Path, name: str) -> FileRecord:
+def file_record(directory: Path, name: str) -> FileRecord:
     path = directory / name
     return FileRecord(name, sha256_file(path), path.stat().st_size)
 
@@ -312,14 +320,14 @@ def _checkpoint_record(path: Path) -> FileRecord:
     return FileRecord(str(path.resolve()), sha256_file(path), path.stat().st_size)
 
 
-def _check_replaceable(out_dir: Path) -> None:
+def check_replaceable(out_dir: Path) -> None:
     """Only an empty dir or a previous export may be replaced: never someone's unrelated files."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise ManifestError(f"{out_dir} exists, is not empty and holds no {MANIFEST_NAME}: "
                             "pick an empty --out dir (an old export there would be replaced)")
 
 
-def _swap_in(work: Path, out_dir: Path) -> None:
+def swap_in(work: Path, out_dir: Path) -> None:
     """Rename the finished temp dir onto `out_dir`, moving any old export aside first."""
     old = None
     if out_dir.exists():

@@ -24,7 +24,8 @@ from export.manifest import DEFAULT_MAX_CONTEXT
 from export.methods import METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from runtime.backends import BACKENDS, DEFAULT_BACKEND, DTYPES
-from runtime.bench import PEERS, BenchConfig, format_table, run_bench, write_report
+from runtime.bench import BenchConfig, format_table, run_bench, write_report
+from runtime.bench_labels import label_choices
 from runtime.devices import device_name
 from runtime.latency_cli import LatencyBaselineCommand, LatencyTestCommand, cmd_latency_baseline, cmd_latency_test
 from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
@@ -88,7 +89,9 @@ class DemoCommand(ModelOptions):
 @dataclass(frozen=True)
 class BenchCommand(ModelOptions, DecodingFlags):
     prompts: str = option(BenchConfig.prompts, PROMPTS_HELP)
-    methods: str = option(",".join(BenchConfig.methods), f"comma list from {', '.join((*METHODS, *PEERS))}")
+    methods: str = option(",".join(BenchConfig.methods),
+                          f"comma list of runs METHOD[@VARIANT] (e.g. vanilla@fp32,ppd@int8,llamacpp@q8_0): "
+                          f"{label_choices()}; speedups are against the first vanilla listed")
     limit: int | None = option(BenchConfig.limit, "first N prompts only (default: all)")
     repeats: int = option(BenchConfig.repeats, "timed repeats; medians are reported")
     dtype: str = option(BenchConfig.dtype, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)

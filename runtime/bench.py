@@ -1,4 +1,7 @@
-"""Benchmark harness: methods and peers on the same prompts, backend and machine, in one run."""
+"""Benchmark harness: methods and peers on the same prompts, backend and machine, in one run.
+
+Runs are labels `method@variant` (runtime/bench_labels.py): `vanilla@fp32,ppd@int8,llamacpp@q8_0` runs our
+fp32 and int8 onnxruntime engines next to llama.cpp's q8_0 in one interleaved run."""
 
 from __future__ import annotations
 
@@ -6,30 +9,33 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from export.manifest import DEFAULT_MAX_CONTEXT
 from export.paths import DEFAULT_MODEL_DIR
+from export.quantize import DEFAULT_VARIANT
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE
+from runtime.bench_labels import GREEDY_ONLY_PEERS, LLAMACPP, RunLabel, parse_labels, speed_baseline, token_baseline
 from runtime.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
-from export.methods import METHODS
+from runtime.llamacpp_gguf import LLAMACPP_VERSION, ensure_gguf, require_llama_cpp
+from runtime.llamacpp_peer import LlamaCppPeer, check_tokenization, onnxruntime_threads, wait_policy
 from runtime.prompts import PromptItem, load_prompts
 from runtime.verify import DecodingOptions
 from trees.atomic import write_atomic
 
-PEERS = ("hf-generate", "hf-prompt-lookup", "ortgenai")
 HF_PROMPT_LOOKUP_TOKENS = 10
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     prompts: str = "mtbench"
-    methods: tuple[str, ...] = ("vanilla", "ngram")
+    methods: tuple[str, ...] = ("vanilla", "ngram")     # run labels, `method` or `method@variant`
     backend: str = DEFAULT_BACKEND
     device: str = "cpu"
     dtype: str = DEFAULT_DTYPE                           # torch backend precision (fp16 / bf16 on GPUs)
@@ -47,14 +53,23 @@ class BenchConfig:
     def decoding(self) -> DecodingOptions:
         return DecodingOptions(self.temperature, self.top_p, self.top_k, self.seed)
 
+    @property
+    def runs(self) -> tuple[RunLabel, ...]:
+        return parse_labels(self.methods)
+
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS and m not in PEERS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join((*METHODS, *PEERS))}")
+        runs = self.runs  # ValueError naming a bad label and the choices
         if self.repeats < 1:
             raise ValueError("repeats must be >= 1")
-        if not self.decoding.greedy and "ortgenai" in self.methods:
-            raise ValueError("the ortgenai peer runs greedy only: drop it, or benchmark with --temperature 0")
+        for run in runs:
+            if not self.decoding.greedy and run.method in GREEDY_ONLY_PEERS:
+                raise ValueError(f"the {run.method} peer runs greedy only: drop {run.label!r}, or benchmark with "
+                                 "--temperature 0")
+            if run.ours and run.variant != DEFAULT_VARIANT and self.backend != "onnxruntime":
+                raise ValueError(f"bench run {run.label!r}: the {run.variant} variant is an onnxruntime engine; "
+                                 f"use --backend onnxruntime (this run is on {self.backend})")
+            if run.method == LLAMACPP and self.device != "cpu":
+                raise ValueError(f"bench run {run.label!r}: the llama.cpp peer is built for the CPU only; use --device cpu")
 
 
 @dataclass
@@ -104,27 +119,33 @@ def hf_runner(model, max_new_tokens: int, eos_token_id: int, prompt_lookup: bool
 
 
 def make_runners(cfg: BenchConfig, decoding: DecodingOptions) -> tuple[dict[str, Runner], Generator]:
+    """{label: runner} in the order listed, and the first generator (its tokenizer encodes the prompts)."""
     runners: dict[str, Runner] = {}
     first: Generator | None = None
-    for method in cfg.methods:
-        if method in METHODS:
-            gen = Generator.from_pretrained(cfg.model_dir, method=method, backend=cfg.backend, device=cfg.device,
-                                            dtype=cfg.dtype, **cfg.method_options.get(method, {}))
+    for run in cfg.runs:
+        if run.ours:
+            # variant= only off the default, so backends that predate variants still load fp32.
+            variant = {} if run.variant == DEFAULT_VARIANT else {"variant": run.variant}
+            gen = Generator.from_pretrained(cfg.model_dir, method=run.method, backend=cfg.backend, device=cfg.device,
+                                            dtype=cfg.dtype, **variant, **cfg.method_options.get(run.method, {}))
             first = first or gen
-            runners[method] = generator_runner(gen, cfg.max_new_tokens, decoding)
+            runners[run.label] = generator_runner(gen, cfg.max_new_tokens, decoding)
     if first is None:  # peers only: a vanilla generator still provides the tokenizer
         first = Generator.from_pretrained(cfg.model_dir, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype)
-    if "ortgenai" in cfg.methods:
-        runners["ortgenai"] = ortgenai_bench_runner(cfg)
-    if any(m in ("hf-generate", "hf-prompt-lookup") for m in cfg.methods):
-        from transformers import LlamaForCausalLM
+    hf = None
+    for run in cfg.runs:
+        if run.method == "ortgenai":
+            runners[run.label] = ortgenai_bench_runner(cfg)
+        elif run.method == LLAMACPP:
+            runners[run.label] = LlamaCppBenchRunner.load(cfg, run.variant, first.eos_token_ids)
+        elif run.method.startswith("hf-"):
+            if hf is None:
+                from transformers import LlamaForCausalLM
 
-        hf = LlamaForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(cfg.device).eval()
-        eos = first.tokenizer.eos_token_id
-        for method in cfg.methods:
-            if method.startswith("hf-"):
-                runners[method] = hf_runner(hf, cfg.max_new_tokens, eos, method == "hf-prompt-lookup", decoding)
-    return runners, first
+                hf = LlamaForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(cfg.device).eval()
+            runners[run.label] = hf_runner(hf, cfg.max_new_tokens, first.tokenizer.eos_token_id,
+                                           run.method == "hf-prompt-lookup", decoding)
+    return {run.label: runners[run.label] for run in cfg.runs}, first
 
 
 def ortgenai_bench_runner(cfg: BenchConfig) -> Runner:
@@ -141,11 +162,51 @@ def ortgenai_bench_runner(cfg: BenchConfig) -> Runner:
     return bench_run
 
 
+@dataclass
+class LlamaCppBenchRunner:
+    """llama.cpp greedy on one GGUF type of the model, with our thread count, context and EOS ids."""
+
+    peer: LlamaCppPeer
+    gguf_type: str
+    max_new_tokens: int
+
+    @classmethod
+    def load(cls, cfg: BenchConfig, gguf_type: str, eos_token_ids: Iterable[int]) -> "LlamaCppBenchRunner":
+        require_llama_cpp()  # before any conversion: the error names `make peers`
+        threads = bench_threads(cfg.backend)
+        path = ensure_gguf(cfg.model_dir, gguf_type, threads)
+        return cls(LlamaCppPeer(path, threads, DEFAULT_MAX_CONTEXT, eos_token_ids), gguf_type, cfg.max_new_tokens)
+
+    def check_prompts(self, texts: list[str], encoded: list[list[int]], names: list[str]) -> None:
+        check_tokenization(self.peer.tokenize, texts, encoded, names)
+
+    def __call__(self, prompt_ids: list[int]) -> PromptRun:
+        tokens, seconds = self.peer.generate(prompt_ids, self.max_new_tokens)
+        return PromptRun(tokens, len(tokens), seconds)  # one token per forward, the prefill's included
+
+
+def bench_threads(backend: str) -> int:
+    """The compute threads of our backend, which llama.cpp is given too: onnxruntime's intra-op pool (one per
+    physical core, OrtOptions' default), torch's intra-op threads."""
+    return onnxruntime_threads() if backend == "onnxruntime" else torch.get_num_threads()
+
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    """The text Generator.encode tokenizes for a string prompt: one user turn in the chat template. (The
+    llama.cpp check compares its ids of this text with Generator.encode's, so a drift here fails loudly.)"""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     items: list[PromptItem] = load_prompts(cfg.prompts, cfg.limit)
     decoding = cfg.decoding.with_seed()
     runners, gen = make_runners(cfg, decoding)
     encoded = [gen.encode(item.prompt) for item in items]
+    for runner in runners.values():
+        if isinstance(runner, LlamaCppBenchRunner):  # its own tokenizer must give our ids, before any timing
+            runner.check_prompts([prompt_text(gen.tokenizer, item.prompt) for item in items], encoded,
+                                 [item.id for item in items])
     results = run_interleaved(runners, encoded, cfg.repeats, show_progress=show_progress)
     report = {
         "model": cfg.model_dir,
@@ -156,8 +217,13 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "repeats": cfg.repeats,
         "decoding": dataclasses.asdict(decoding),
-        "runs": [summarise(method, items, reps) for method, reps in results.items()],
+        "runs": [summarise(run, items, results[run.label]) for run in cfg.runs],
     }
+    peers = {label: r for label, r in runners.items() if isinstance(r, LlamaCppBenchRunner)}
+    if peers:
+        report["llamacpp"] = {"version": LLAMACPP_VERSION, "threads": bench_threads(cfg.backend),
+                              "omp_wait_policy": wait_policy(),
+                              "gguf": {label: str(r.peer.gguf_path) for label, r in peers.items()}}
     add_comparisons(report)
     return report
 
@@ -190,13 +256,15 @@ def median_tokens_per_s(reps: list[list[PromptRun]]) -> float:
     return statistics.median(tokens_per_s_per_repeat(reps))
 
 
-def summarise(method: str, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:
+def summarise(run: RunLabel, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:
     per_repeat = tokens_per_s_per_repeat(reps)
     first = reps[0]
     steps = [r.steps for r in first]
     mean_accepted = None if None in steps else sum(len(r.token_ids) for r in first) / sum(steps)
     return {
-        "method": method,
+        "label": run.label,
+        "method": run.method,
+        "variant": run.variant,
         "tokens_per_s": statistics.median(per_repeat),
         "tokens_per_s_repeats": per_repeat,
         "mean_accepted": mean_accepted,
@@ -210,14 +278,22 @@ def summarise(method: str, items: list[PromptItem], reps: list[list[PromptRun]])
 
 
 def add_comparisons(report: dict) -> None:
-    """Speedup and token agreement against `vanilla` (same backend, same run), when it ran."""
-    base = next((r for r in report["runs"] if r["method"] == "vanilla"), None)
-    for run in report["runs"]:
-        if base is None:
-            run["speedup_vs_vanilla"] = run["matches_vanilla"] = None
+    """Per run: speedup_vs_vanilla against the first vanilla listed; matches_vanilla (prompts with identical
+    tokens) against matches_vanilla_of, the vanilla of the run's own precision when it ran, else the first
+    vanilla (runtime/bench_labels.py). All None without a vanilla in the run."""
+    by_label = {r["label"]: r for r in report["runs"]}
+    labels = [RunLabel(r["label"], r["method"], r["variant"]) for r in report["runs"]]
+    speed = speed_baseline(labels)
+    for label in labels:
+        run = by_label[label.label]
+        tokens = token_baseline(label, labels)
+        if speed is None or tokens is None:
+            run["speedup_vs_vanilla"] = run["matches_vanilla"] = run["matches_vanilla_of"] = None
             continue
-        run["speedup_vs_vanilla"] = run["tokens_per_s"] / base["tokens_per_s"]
+        run["speedup_vs_vanilla"] = run["tokens_per_s"] / by_label[speed.label]["tokens_per_s"]
+        base = by_label[tokens.label]
         run["matches_vanilla"] = sum(a["token_ids"] == b["token_ids"] for a, b in zip(run["prompts"], base["prompts"]))
+        run["matches_vanilla_of"] = tokens.label
 
 
 def format_table(report: dict) -> str:
@@ -225,14 +301,16 @@ def format_table(report: dict) -> str:
     d = report.get("decoding") or {}
     mode = "greedy" if not d.get("temperature") else (f"sampling (temperature {d['temperature']}, top-p {d['top_p']}, "
                                                      f"top-k {d['top_k']}, seed {d['seed']})")
+    threads = f", llama.cpp on {report['llamacpp']['threads']} threads" if "llamacpp" in report else ""
+    speed_base = next((r.get("label", "vanilla") for r in report["runs"] if r["method"] == "vanilla"), "vanilla")
     lines = [f"{report['prompts']} x {n} prompts, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
-             f"{report['device']}, {mode}, median of {report['repeats']} repeats",
-             f"{'method':<18}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'same as vanilla':>17}"]
-    for r in report["runs"]:
+             f"{report['device']}{threads}, {mode}, median of {report['repeats']} repeats; speedup vs {speed_base}",
+             f"{'run':<20}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'same tokens as':>26}"]
+    for r in report["runs"]:  # reports written before labels (gpu_check reads old ones) have method only
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
         speed = "-" if r["speedup_vs_vanilla"] is None else f"{r['speedup_vs_vanilla']:.2f}x"
-        same = "-" if r["matches_vanilla"] is None else f"{r['matches_vanilla']}/{n}"
-        lines.append(f"{r['method']:<18}{r['tokens_per_s']:>10.1f}{acc:>15}{speed:>9}{same:>17}")
+        same = "-" if r["matches_vanilla"] is None else f"{r.get('matches_vanilla_of', 'vanilla')} {r['matches_vanilla']}/{n}"
+        lines.append(f"{r.get('label', r['method']):<20}{r['tokens_per_s']:>10.1f}{acc:>15}{speed:>9}{same:>26}")
     return "\n".join(lines)
 
 

@@ -14,12 +14,13 @@ from export.checkpoint import check_model_dir
 from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
 from export.paths import DEFAULT_MODEL_DIR
 from export.methods import method_spec
+from export.quantize import DEFAULT_VARIANT, check_engine_variant, check_variant
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, backend_spec, engine_method, make_backend
 from runtime.detokenize import IncrementalDetokenizer, first_stop
 from runtime.draft import Draft
 from runtime.methods import build_method
 from runtime.proposers import Proposer
-from runtime.readout import StepReadout, read_step
+from runtime.readout import StepReadout, read_step, torch_threads
 from runtime.verify import DecodingOptions, Verifier, make_verifier, walk
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -85,29 +86,35 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, method: str = DEFAULT_METHOD, backend: str = DEFAULT_BACKEND,
                         device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, dtype: str = DEFAULT_DTYPE,
-                        **method_options) -> "Generator":
+                        variant: str = DEFAULT_VARIANT, **method_options) -> "Generator":
         """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`); `dtype` (fp32,
-        fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs)."""
+        fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs); `variant` (fp32, int8, int4)
+        the onnxruntime engine's weight-only quantization (export/quantize.py)."""
         backend_spec(backend)
         method_spec(method)
+        check_variant(variant)
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
         model_dir = check_model_dir(DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir))
         config = AutoConfig.from_pretrained(model_dir)
         built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
                              **method_options)
-        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context, dtype=dtype)
+        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context, dtype=dtype,
+                                         variant=variant)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
-                    max_context: int | None = None, **method_options) -> "Generator":
+                    max_context: int | None = None, variant: str | None = None, **method_options) -> "Generator":
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
         TensorRT engine dir (engine.json) on device="cuda", on TensorRT. The method defaults to the one
-        it was exported for; vanilla and ngram run on any engine."""
+        it was exported for; vanilla and ngram run on any engine. `variant` (fp32, int8, int4), when
+        given, must be the one the dir holds (default: whichever it holds)."""
         from runtime.backends import open_engine
 
         manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
+        if variant is not None:
+            check_engine_variant(manifest, variant)
         built = engine_method(manifest, method, device=device, **method_options)
         runner = open_engine(manifest, device, max_context)
         tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
@@ -148,7 +155,9 @@ class Generator:
         """One forward pass over `draft` at the committed length, and its one readout (which
         synchronises the device, so the timing is the step's)."""
         start = time.perf_counter()
-        readout = read_step(self.backend.step(draft), draft, verifier)
+        output = self.backend.step(draft)
+        with torch_threads(self.backend.info.readout_threads):
+            readout = read_step(output, draft, verifier)
         stats.forward_seconds += time.perf_counter() - start
         stats.steps += 1
         return readout

@@ -101,7 +101,8 @@ def build_hybrid(spec: MethodSpec, options: HybridOptions, context: BuildContext
     depth, count = DEFAULT_HYBRID_NGRAM
     source = NgramSource(searched.get("ngram_depth", depth) if options.ngram_depth is None else options.ngram_depth,
                          searched.get("ngram_prompt_tokens", count) if options.ngram_prompt_tokens is None
-                         else options.ngram_prompt_tokens, options.max_ngram, options.min_ngram)
+                         else options.ngram_prompt_tokens, options.max_ngram,
+                         searched.get("min_ngram", 1) if options.min_ngram is None else options.min_ngram)
     return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, source), extras)
 
 

@@ -24,6 +24,10 @@ from runtime.proposers.hybrid import NgramSource, ngram_path
 from trees.ngram_stats import NgramStats
 
 
+# The shortest suffix n-gram lengths the statistics are collected for (the hybrid search picks one).
+MIN_NGRAMS = (1, 2, 3)
+
+
 @dataclass(frozen=True)
 class NgramStatsConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)
@@ -69,17 +73,20 @@ def count_matches(sequence: list[int], first: int, source: NgramSource) -> tuple
 
 
 def collect_ngram_stats(config: NgramStatsConfig, prompts: Sequence[Prompt], calibration: str,
-                        max_ngram: int = NgramSource.max_ngram, min_ngram: int = NgramSource.min_ngram,
-                        show_progress: bool = True) -> NgramStats:
-    """Greedy-decode the first `config.num_prompts` prompts that fit and count the n-gram source's hits."""
-    source = NgramSource(config.max_depth, 0, max_ngram, min_ngram)
+                        max_ngram: int = NgramSource.max_ngram, min_ngrams: Sequence[int] = MIN_NGRAMS,
+                        show_progress: bool = True) -> tuple[NgramStats, ...]:
+    """Greedy-decode the first `config.num_prompts` prompts that fit and count the n-gram source's hits,
+    for each shortest n-gram length in `min_ngrams` (one decode, replayed once per source)."""
+    sources = [NgramSource(config.max_depth, 0, max_ngram, n) for n in min_ngrams]
     gen = Generator.from_pretrained(config.model_dir, backend=config.backend, device=config.device)
-    positions, counts = 0, [0] * (config.max_depth + 1)
+    positions = [0] * len(sources)
+    counts = [[0] * (config.max_depth + 1) for _ in sources]
     for ids in calibration_prompt_ids(gen, prompts, config.num_prompts, config.max_prompt_tokens,
                                       config.max_new_tokens, "ngram stats", show_progress):
         generated = gen.generate(ids, max_new_tokens=config.max_new_tokens).token_ids
-        n, found = count_matches(ids + generated, len(ids), source)
-        positions, counts = positions + n, [a + b for a, b in zip(counts, found)]
-    used = config.num_prompts
-    return NgramStats(config.max_depth, positions, tuple(counts), model_fingerprint(config.model_dir), calibration,
-                      used)
+        for i, source in enumerate(sources):
+            n, found = count_matches(ids + generated, len(ids), source)
+            positions[i], counts[i] = positions[i] + n, [a + b for a, b in zip(counts[i], found)]
+    fingerprint = model_fingerprint(config.model_dir)
+    return tuple(NgramStats(config.max_depth, positions[i], tuple(counts[i]), fingerprint, calibration,
+                            config.num_prompts, source.min_ngram) for i, source in enumerate(sources))

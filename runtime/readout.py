@@ -10,6 +10,8 @@ synchronises the device (so a step timed up to here is timed right on CUDA).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,3 +51,18 @@ def read_step(output: StepOutput, draft: Draft, verifier: Verifier) -> StepReado
     host = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu().numpy()
     n = c - first
     return StepReadout(chosen=host[:n], predictions=host[n:].reshape(g, top if g else 0), first=first)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block and restored after it (None:
+    unchanged); see ModelInfo.readout_threads."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

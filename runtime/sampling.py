@@ -64,16 +64,18 @@ def _gumbel(seed: int, positions: torch.Tensor, keys: torch.Tensor) -> torch.Ten
 
 def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """[N, 1] the probability of each row's crossing token: the smallest set of most likely tokens
-    whose mass reaches top_p ends with it. Searched among the RACE most likely tokens; rows whose
-    nucleus is larger are sorted in full."""
+    whose mass reaches top_p ends with it. Searched among the RACE most likely tokens; a row whose
+    nucleus is larger sorts only its tokens of probability >= (1 - top_p) / V: all the others together
+    weigh less than 1 - top_p, so the crossing token is among them."""
     top = torch.topk(probs, min(RACE, probs.shape[-1]), dim=-1).values
     found = torch.cumsum(top.double(), dim=-1) >= top_p
     floor = top.gather(-1, found.int().argmax(dim=-1, keepdim=True))   # first index reaching top_p
-    wide = ~found[:, -1]
-    if bool(wide.any()):
-        ranked = torch.sort(probs[wide], dim=-1, descending=True).values
-        reach = (torch.cumsum(ranked.double(), dim=-1) >= top_p).int().argmax(dim=-1, keepdim=True)
-        floor[wide] = ranked.gather(-1, reach)
+    for row in torch.nonzero(~found[:, -1]).flatten().tolist():
+        row_probs = probs[row]
+        ranked = torch.sort(row_probs[row_probs >= (1.0 - top_p) / row_probs.numel()], descending=True).values
+        reach = torch.cumsum(ranked.double(), dim=0) >= top_p
+        # (rounding can leave the whole set just short of top_p: then it is all kept)
+        floor[row, 0] = ranked[int(reach.int().argmax()) if bool(reach.any()) else -1]
     return floor
 
 
@@ -111,11 +113,10 @@ def draw(probs: torch.Tensor, seed: int, positions: torch.Tensor, race: int = RA
     keys = torch.cat([ids, torch.full((rows, 1), vocab, device=probs.device)], dim=-1)
     winner = (scores + _gumbel(seed, positions, keys)).argmax(dim=-1, keepdim=True)
     tokens = keys.gather(-1, winner).squeeze(-1)
-    lost_to_rest = tokens == vocab
-    if bool(lost_to_rest.any()):
-        every = torch.arange(vocab, device=probs.device).expand(int(lost_to_rest.sum()), vocab)
-        noisy = rest[lost_to_rest].double().log() + _gumbel(seed, positions[lost_to_rest], every)
-        tokens[lost_to_rest] = noisy.argmax(dim=-1)
+    for row in torch.nonzero(tokens == vocab).flatten().tolist():   # the rest won: race its kept tokens
+        kept = torch.nonzero(rest[row]).flatten()
+        noisy = rest[row, kept].double().log() + _gumbel(seed, positions[row: row + 1], kept.unsqueeze(0))[0]
+        tokens[row] = kept[noisy.argmax()]
     return tokens
 
 

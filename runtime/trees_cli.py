@@ -59,7 +59,7 @@ from trees.config_args import add_config_command, config_from_args, exit_code_of
 from trees.devices import DeviceMismatchError, device_key, profile_filename, tree_filename
 from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
-from trees.ngram_stats import NgramStatsError
+from trees.ngram_stats import NgramStatsError, save_ngram_stats
 from trees.stats import DEFAULT_SHRINKAGE, StatsError
 
 PROG = "python -m runtime trees"
@@ -218,13 +218,13 @@ def cmd_ngram_stats(cfg: NgramStatsCommand, argv: list[str]) -> int:
     from runtime.ngram_acceptance import collect_ngram_stats
 
     config = NgramStatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(NgramStatsConfig)})
-    stats = collect_ngram_stats(config, calibration_prompts(), CALIBRATION)
+    sources = collect_ngram_stats(config, calibration_prompts(), CALIBRATION)
     out = Path(cfg.out) if cfg.out else Path(METHODS["hybrid"].default_checkpoint).parent / NGRAM_STATS_FILE
-    stats.save(out)
-    print(f"wrote {out}: {stats.positions} positions over {stats.num_prompts} prompts, a proposal at "
-          f"{stats.match_rate:.1%} of them")
-    for d in range(1, stats.max_depth + 1):
-        print(f"  first {d} right: {stats.at_least(d):.3f} of proposals")
+    save_ngram_stats(out, sources)
+    print(f"wrote {out}: {sources[0].positions} positions over {sources[0].num_prompts} prompts")
+    for stats in sources:
+        print(f"  n-grams down to {stats.min_ngram}: a proposal at {stats.match_rate:.1%} of positions; first d right: "
+              + ", ".join(f"{stats.at_least(d):.3f}" for d in range(1, stats.max_depth + 1)))
     return 0
 
 
@@ -337,7 +337,8 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
           f"{expected.mean_accepted:.3f} tokens/step, {expected.speedup:.3f}x over vanilla")
     if hybrid is not None:
-        print(f"  n-gram part: {hybrid.ngram_depth} tokens, {hybrid.ngram_prompt_tokens} prompt tokens each "
+        print(f"  n-gram part: {hybrid.ngram_depth} tokens (n-grams down to {hybrid.min_ngram}), "
+              f"{hybrid.ngram_prompt_tokens} prompt tokens each "
               f"(the PPD part alone: {hybrid.ppd.mean_accepted:.3f} tokens/step)")
     print("  per m: expected / replayed on the calibration records tokens per step: " + ", ".join(
         f"m={m} {r:.3f} / {'-' if x is None else f'{x:.3f}'}" for m, (r, x) in enumerate(zip(chosen.tokens_per_step,
@@ -455,8 +456,9 @@ def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, con
     from trees.ngram_stats import load_ngram_stats
 
     ngram = load_ngram_stats(_ngram_stats_path(cfg))
-    if ngram.model_fingerprint != fingerprint:
-        raise NgramStatsError(f"{_ngram_stats_path(cfg)} was collected for model {ngram.model_fingerprint}, not "
+    stale = next((s.model_fingerprint for s in ngram if s.model_fingerprint != fingerprint), None)
+    if stale is not None:
+        raise NgramStatsError(f"{_ngram_stats_path(cfg)} was collected for model {stale}, not "
                               f"{fingerprint}: run `{PROG} ngram-stats` for this model")
     budget = max(b for b in config.budgets if b <= profile.max_tokens)
     return search_hybrid(model, ngram, profile.latency, budget, config)

@@ -2,7 +2,9 @@
 
 At every step of greedy decodes of held-out prompts (replayed as an n-gram decode steps through
 them), the n-gram source (the continuation after the most recent earlier occurrence of the longest
-matching suffix n-gram) is compared with the tokens that actually follow.
+matching suffix n-gram, n from 3 down to `min_ngram`) is compared with the tokens that actually
+follow. One file holds the statistics of every `min_ngram` collected (a shorter match proposes more
+often and is right less often; the hybrid search picks the best):
 
     positions         steps looked at
     match_rate        share of steps where the source proposes anything
@@ -12,6 +14,7 @@ matching suffix n-gram) is compared with the tokens that actually follow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ class NgramStats:
     model_fingerprint: str
     calibration: str = ""
     num_prompts: int = 0
+    min_ngram: int = 1              # shortest suffix n-gram the source looks up
 
     def __post_init__(self) -> None:
         if len(self.depth_counts) != self.max_depth + 1 or min(self.depth_counts, default=0) < 0:
@@ -59,7 +63,7 @@ class NgramStats:
                 "match_rate": round(self.match_rate, 4), "depth_counts": list(self.depth_counts),
                 "at_least": [round(self.at_least(d), 4) for d in range(1, self.max_depth + 1)],
                 "model_fingerprint": self.model_fingerprint, "calibration": self.calibration,
-                "num_prompts": self.num_prompts}
+                "num_prompts": self.num_prompts, "min_ngram": self.min_ngram}
 
     @classmethod
     def from_json(cls, data: dict) -> "NgramStats":
@@ -67,11 +71,21 @@ class NgramStats:
         with fields_of(NgramStatsError, "n-gram statistics JSON is missing or has a bad field"):
             return cls(int(data["max_depth"]), int(data["positions"]), tuple(int(c) for c in data["depth_counts"]),
                        str(data["model_fingerprint"]), str(data.get("calibration", "")),
-                       int(data.get("num_prompts", 0)))
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_json())
+                       int(data.get("num_prompts", 0)), int(data.get("min_ngram", 1)))
 
 
-def load_ngram_stats(path: str | Path) -> NgramStats:
-    return NgramStats.from_json(read_json_file(path, NgramStatsError, "n-gram statistics file", FIX))
+def save_ngram_stats(path: str | Path, stats: Sequence[NgramStats]) -> Path:
+    """One file for the statistics of several min_ngram: {"format", "sources": [one per min_ngram]}."""
+    if not stats or len({s.min_ngram for s in stats}) != len(stats):
+        raise NgramStatsError("save n-gram statistics of one or more distinct min_ngram values")
+    return write_json(path, {"format": NGRAM_STATS_FORMAT, "sources": [s.to_json() for s in stats]})
+
+
+def load_ngram_stats(path: str | Path) -> tuple[NgramStats, ...]:
+    """The statistics per min_ngram in the file (a file of one source, min_ngram 1, reads as one)."""
+    data = read_json_file(path, NgramStatsError, "n-gram statistics file", FIX)
+    check_format(data, NGRAM_STATS_FORMAT, NgramStatsError, "an n-gram statistics file", FIX)
+    sources = data.get("sources", [data])
+    if not isinstance(sources, list) or not sources:
+        raise NgramStatsError(f"{path} lists no n-gram sources; {FIX}")
+    return tuple(NgramStats.from_json(source) for source in sources)

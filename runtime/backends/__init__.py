@@ -2,7 +2,8 @@
 backend and its tokenizer. `torch` is the reference; `onnxruntime` runs the exported engine dir
 that export/ prepares (artifacts/engines/<model>/<cpu|cuda>/<graph>/, re-exported when stale);
 `tensorrt` runs the TensorRT engine `make engine GPU=<gpu>` built on this GPU (found by its engine.json
-key, never built here).
+key, never built here). `variant` (export/quantize.py: fp32, int8, int4) picks a weight-only quantized
+onnxruntime engine dir (<graph>-<variant>/); torch and tensorrt run fp32 weights (or their dtype) only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends.base import MANIFEST_TORCH_DTYPES, Backend, DeviceLayout, ModelInfo, StepOutput
 
 if TYPE_CHECKING:
@@ -36,11 +38,20 @@ def torch_dtype(name: str):
     return table[name]
 
 
-def load_torch(model_dir: Path, method: "Method", device: str, max_context: int, dtype: str = DEFAULT_DTYPE) -> Loaded:
+def refuse_variant(backend: str, variant: str) -> None:
+    """The quantized variants are onnxruntime engines (MatMulNBits); other backends refuse them up front."""
+    if check_variant(variant) != DEFAULT_VARIANT:
+        raise ValueError(f"the {backend} backend has no {variant} variant: weight-only {variant} is an onnxruntime "
+                         f"engine (backend='onnxruntime', variant={variant!r}; `make engine GPU=cpu QUANT={variant}`)")
+
+
+def load_torch(model_dir: Path, method: "Method", device: str, max_context: int, dtype: str = DEFAULT_DTYPE,
+               variant: str = DEFAULT_VARIANT) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
     from runtime.backends.torch_backend import TorchBackend
 
+    refuse_variant("torch", variant)
     hf_model, tokenizer = load_checkpoint(model_dir, dtype=torch_dtype(dtype))
     step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
     del hf_model
@@ -48,11 +59,12 @@ def load_torch(model_dir: Path, method: "Method", device: str, max_context: int,
 
 
 def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int,
-                     dtype: str = DEFAULT_DTYPE) -> Loaded:
+                     dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     import torch
     from transformers import AutoTokenizer
 
     from export.engine import prepare_engine
+    from export.quantize import check_engine_variant
     from runtime.backends.ort_backend import OrtBackend
 
     if dtype != DEFAULT_DTYPE:
@@ -61,16 +73,18 @@ def load_onnxruntime(model_dir: Path, method: "Method", device: str, max_context
                          f"Generator.from_engine(DIR)")
 
     manifest = prepare_engine(model_dir, method.spec.graph, method.extras, torch.device(device).type, max_context,
-                              method.proposer.max_draft_tokens)
+                              method.proposer.max_draft_tokens, variant)
+    check_engine_variant(manifest, variant)
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     return OrtBackend(manifest, device, max_context), AutoTokenizer.from_pretrained(manifest.dir)
 
 
 def load_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int,
-                  dtype: str = DEFAULT_DTYPE) -> Loaded:
+                  dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
     engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
     than the default must name it."""
+    refuse_variant("tensorrt", variant)
     from transformers import AutoTokenizer
 
     from export.trt.host import import_tensorrt
@@ -105,7 +119,7 @@ def open_engine(manifest: "Manifest", device: str, max_context: int | None = Non
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    load: Callable[..., Loaded]   # (model_dir, method, device, max_context, dtype=DEFAULT_DTYPE)
+    load: Callable[..., Loaded]   # (model_dir, method, device, max_context, dtype=..., variant=...)
     exported: bool          # runs an exported engine dir (Generator.from_engine)
 
 
@@ -123,14 +137,17 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def make_backend(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
-                 max_context: int | None = None, dtype: str = DEFAULT_DTYPE) -> Loaded:
-    """The backend `name` for `model_dir` running `method` (its trained tensors included), and the tokenizer."""
+                 max_context: int | None = None, dtype: str = DEFAULT_DTYPE,
+                 variant: str = DEFAULT_VARIANT) -> Loaded:
+    """The backend `name` for `model_dir` running `method` (its trained tensors included), and the
+    tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
     spec = backend_spec(name)
     torch_dtype(dtype)  # a bad name fails before any loading
+    check_variant(variant)
     return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context,
-                     dtype=dtype)
+                     dtype=dtype, variant=variant)
 
 
 def engine_method(manifest: "Manifest", name: str | None = None, device: str = "cpu", **options) -> "Method":

@@ -40,6 +40,10 @@ class ModelInfo:
     max_context: int
     device: torch.device
     dtype: torch.dtype
+    # torch threads for the host-side readout of a step (argmax / sampling over [C, V]); None = torch's
+    # own setting. An engine computing outside torch on the CPU sets 1: after a parallel op torch's
+    # OpenMP workers spin-wait, and they steal the cores from the engine's threads in the next step.
+    readout_threads: int | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ class NgramSource:
     max_ngram: int = 3
     min_ngram: int = 1
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"the n-gram source needs 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
+                             f"{self.max_ngram}: pass max_ngram >= {self.min_ngram} or a smaller min_ngram")
+
 
 def ngram_path(history: np.ndarray, source: NgramSource) -> np.ndarray:
     """The continuation after the most recent earlier occurrence of the longest matching suffix n-gram."""

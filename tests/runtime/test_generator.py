@@ -129,3 +129,36 @@ def test_incremental_detokenizer_matches_a_full_decode_on_multibyte_text(gen):
     truncated = gen.tokenizer("🚀", add_special_tokens=False).input_ids[:-1]  # ends inside a character
     detok = IncrementalDetokenizer(gen.tokenizer)
     assert "".join(detok.add(t) for t in truncated) + detok.flush() == gen.tokenizer.decode(truncated)
+
+
+def test_the_readout_runs_on_the_backends_readout_threads():
+    """A backend computing outside torch asks for one torch thread in the readout (ModelInfo.readout_threads):
+    the verifier runs with it, and torch's setting is restored after every step."""
+    import dataclasses
+
+    import torch
+
+    from runtime.generator import GenerationStats
+    from runtime.verify import GreedyVerifier
+    from tests.runtime.toy_backend import FanProposer, ToyBackend
+
+    class RecordingVerifier(GreedyVerifier):
+        seen: list[int] = []
+
+        def choose(self, logits, positions):
+            self.seen.append(torch.get_num_threads())
+            return super().choose(logits, positions)
+
+    backend = ToyBackend()
+    backend.info = dataclasses.replace(backend.info, readout_threads=1)
+    gen = Generator(backend, tokenizer=None, proposer=FanProposer(), eos_token_ids=[])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        verifier = RecordingVerifier()
+        steps = gen.decode_steps([1, 3, 0, 2], GenerationStats(), verifier)
+        for _, _ in zip(range(3), steps):
+            assert torch.get_num_threads() == 2
+        assert verifier.seen == [1, 1, 1]
+    finally:
+        torch.set_num_threads(before)

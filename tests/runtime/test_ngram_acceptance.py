@@ -19,7 +19,11 @@ def test_count_matches_on_a_repeating_sequence():
 
 
 def test_collect_on_the_tiny_model(tiny_model_dir):
+    """One decode, replayed per min_ngram: a shorter shortest n-gram proposes at least as often."""
     config = NgramStatsConfig(model_dir=str(tiny_model_dir), num_prompts=2, max_new_tokens=16, max_depth=3)
-    stats = collect_ngram_stats(config, ["1 2 3 1 2 3 1 2", "Hello there"], "test prompts", show_progress=False)
-    assert stats.num_prompts == 2 and 2 <= stats.positions <= 2 * (16 - 3)
-    assert 0 <= stats.match_rate <= 1 and len(stats.depth_counts) == 4
+    sources = collect_ngram_stats(config, ["1 2 3 1 2 3 1 2", "Hello there"], "test prompts", show_progress=False)
+    assert [s.min_ngram for s in sources] == [1, 2, 3]
+    for stats in sources:
+        assert stats.num_prompts == 2 and 2 <= stats.positions <= 2 * (16 - 3)
+        assert 0 <= stats.match_rate <= 1 and len(stats.depth_counts) == 4
+    assert sources[0].proposals >= sources[2].proposals or sources[0].positions != sources[2].positions

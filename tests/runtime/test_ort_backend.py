@@ -80,6 +80,11 @@ def test_decode_outputs_live_in_preallocated_buffers(engine):
     assert second.layout is backend.step(Draft(np.arange(3) + 1, binary_tree(3))).layout   # built once, reused
 
 
+def test_cpu_readout_runs_on_one_torch_thread(engine):
+    """onnxruntime computes the step with its own threads: torch's readout takes one (ModelInfo.readout_threads)."""
+    assert OrtBackend(engine.dir, max_context=MAX_CONTEXT).info.readout_threads == 1
+
+
 def test_backend_never_writes_the_engine_dir(engine, tmp_path):
     """Loading a dir without its optimised graph optimises in memory: the files stay as they are."""
     copy = shutil.copytree(engine.dir, tmp_path / "copy")

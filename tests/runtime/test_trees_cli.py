@@ -127,14 +127,16 @@ def test_hybrid_build_splits_the_budget_with_the_ngram_source(ppd_dir, tmp_path,
     """build --method hybrid reads ppd's statistics and the n-gram statistics, and records the n-gram
     budget it chose in the tree file, where the runtime's hybrid picks it up."""
     from runtime import Generator
-    from trees.ngram_stats import NgramStats
+    from trees.ngram_stats import NgramStats, save_ngram_stats
 
     model_dir, checkpoint, stats, rows = ppd_dir
     args = ["build", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
             str(checkpoint), "--budgets", "4,8,16"]
     assert main(args) == 2 and "ngram-stats" in capsys.readouterr().err       # no n-gram statistics yet
-    NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), model_fingerprint(model_dir)).save(
-        tmp_path / "ngram-acceptance.json")
+    fingerprint = model_fingerprint(model_dir)
+    save_ngram_stats(tmp_path / "ngram-acceptance.json",
+                     [NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), fingerprint),
+                      NgramStats(8, 1000, (20, 20, 20, 20, 100, 50, 50, 50, 300), fingerprint, min_ngram=2)])
     assert main(args) == 0, capsys.readouterr().err
     trees = load_ppd_trees(generated_dir(tmp_path) / "hybrid-tree-cpu-torch.json")
     hybrid = trees.metadata["hybrid"]
@@ -143,6 +145,7 @@ def test_hybrid_build_splits_the_budget_with_the_ngram_source(ppd_dir, tmp_path,
     gen = Generator.from_pretrained(model_dir, method="hybrid", checkpoint=str(checkpoint),
                                     tree=str(generated_dir(tmp_path) / "hybrid-tree-cpu-torch.json"), max_context=256)
     assert gen.proposer.source.depth == hybrid["ngram_depth"]
+    assert hybrid["min_ngram"] == 2 == gen.proposer.source.min_ngram   # the source right more often per proposal
     assert main(["sweep", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
                  str(checkpoint)]) == 2
     assert "bench" in capsys.readouterr().err

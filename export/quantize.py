@@ -1,0 +1,219 @@
+"""Weight-only quantized engine variants (issue 15): the names every layer uses, and making them.
+
+fp32 is the exported graph as is; int8 / int4 quantize the weights of the linear layers and the LM
+head with onnxruntime's MatMulNBits (block-wise, weight only: a node's logits never depend on the
+other nodes of its step, DESIGN.md "Row independence").
+
+    quantize_export(fp32 manifest, out_dir, "int8")
+        model.onnx (fp32) -> MatMulNBitsQuantizer (every MatMul with a constant [K, N] weight: q/k/v/o,
+        gate/up/down, LM head) -> model.onnx + .data in a temp dir -> manifest (with `quantization`)
+        -> renamed onto out_dir
+
+What stays fp32: the embedding Gather (it reads the LM head's [H, V] columns, export/onnx_export.py
+dedupe_tied_embedding; T columns per step, so quantizing it would shrink the file, not the step),
+the norms, rotary and attention.
+
+accuracy_level is 1 (fp32 compute on dequantized weight blocks), not 4 (int8 activations): measured
+on this CPU (onnxruntime 1.31 MLAS, x86), level 4 is *not* row independent. A node's logits differ by
+0.3-0.8 between a T=15 tree step and its own path alone (a row's result depends on which rows share
+its kernel tile; rows 0 and 1 of T=2 and T=15 agree, row 2 does not), so greedy tree verification
+would stop matching one-token decoding. Levels 0-1 agree to ~3e-5 (fp32 reordering). Every build
+re-checks this (export/row_independence.py) and refuses a graph that fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from export.manifest import Manifest
+
+VARIANTS = ("fp32", "int8", "int4")
+DEFAULT_VARIANT = "fp32"
+# llama.cpp's GGUF type at the same weight precision (the peer each variant is compared with).
+LLAMACPP_PEER_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_1"}
+
+SCHEME = "MatMulNBits"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one variant quantizes (MatMulNBits attributes). Asymmetric (a zero point per block) is
+    onnxruntime's default and the closer to llama.cpp's q4_1."""
+
+    bits: int
+    block_size: int = 32          # weights per scale along K (llama.cpp's q8_0 / q4_1 use 32 too)
+    accuracy_level: int = 1       # 1 = fp32 compute; 4 (int8 activations) breaks row independence here
+    symmetric: bool = False
+
+    def record(self) -> dict:
+        """The manifest fields that key an engine dir's staleness."""
+        return {"scheme": SCHEME, "bits": self.bits, "block_size": self.block_size,
+                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric}
+
+
+SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4)}
+# The build's own row-independence check: a binary tree of this many nodes after this many prefix tokens.
+CHECK_TREE, CHECK_PREFIX = 7, 16
+
+
+class VariantError(ValueError):
+    """A variant name this build does not know, or an engine dir of another variant than asked for."""
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise VariantError(f"unknown engine variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def engine_variant(manifest: "Manifest") -> str:
+    """The variant an engine dir holds: its manifest's quantization record, fp32 when it has none."""
+    record = manifest.quantization
+    return DEFAULT_VARIANT if record is None else record["variant"]
+
+
+def check_engine_variant(manifest: "Manifest", variant: str) -> None:
+    """Refuse an engine dir whose graph is another variant than the one asked for (a runtime never
+    mixes variants: its trees, profiles and figures are per variant)."""
+    have = engine_variant(manifest)
+    if have != check_variant(variant):
+        quantize = "" if variant == DEFAULT_VARIANT else f" --quantize {variant}"
+        raise VariantError(f"{manifest.dir} holds the {have} variant of its graph, not {variant}: load it with "
+                           f"variant={have!r}, or build the {variant} engine (`python -m export engine --method "
+                           f"{manifest.method.name}{quantize}`)")
+
+
+def quantization_stale_reason(manifest: "Manifest", variant: str) -> str | None:
+    """Why the quantization in `manifest` is not what `variant` asks for (None when it is)."""
+    have = engine_variant(manifest)
+    if have != variant:
+        return f"variant is {have!r}, wanted {variant!r}"
+    if variant == DEFAULT_VARIANT:
+        return None
+    recorded = {key: manifest.quantization.get(key) for key in SCHEMES[variant].record()}
+    if recorded != SCHEMES[variant].record():
+        return f"quantization is {recorded}, wanted {SCHEMES[variant].record()}"
+    return None
+
+
+# --- making a variant -----------------------------------------------------------------------------
+def quantize_graph(source: Path, target: Path, scheme: QuantScheme) -> int:
+    """Write `target` (+ `target.data`): the graph at `source` with every MatMul whose weight is a
+    constant 2-D initializer replaced by MatMulNBits. Returns how many were replaced."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from tqdm import tqdm
+
+    from export.onnx_export import save_with_external_data
+
+    model = onnx.load(str(source))   # with its external data
+    constant = {init.name for init in model.graph.initializer}
+    targets = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constant)
+    quantizer = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size,
+                                     is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
+                                     op_types_to_quantize=("MatMul",))
+    node_quantize = quantizer.node_quantizer.quantize
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)   # it logs two INFO lines per node
+    with tqdm(total=targets, desc=f"int{scheme.bits} MatMulNBits", unit="weight", leave=False) as progress:
+        def quantize_node(node, graph_stack):
+            progress.update(node.input[1] in constant)
+            return node_quantize(node, graph_stack)
+
+        quantizer.node_quantizer.quantize = quantize_node   # only to count progress
+        try:
+            quantizer.process()
+        finally:
+            logger.setLevel(level)
+    quantized = quantizer.model.model
+    replaced = sum(1 for n in quantized.graph.node if n.op_type == SCHEME)
+    save_with_external_data(quantized, target)
+    return replaced
+
+
+def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callable[[str], None] = print) -> "Manifest":
+    """The `variant` engine dir of the fp32 export `source`: its graph quantized, the tokenizer files
+    copied, the manifest extended with the quantization record. Written into a temp dir beside
+    `out_dir` and renamed onto it, so a reader never sees a half-written dir."""
+    import onnxruntime as ort
+
+    from export.manifest import ONNX_NAME, Manifest, ManifestError, sha256_file
+    from export.onnx_export import DATA_SUFFIX, check_replaceable, file_record, swap_in
+
+    scheme = SCHEMES.get(check_variant(variant))
+    if scheme is None:
+        raise VariantError(f"{variant} is the exported graph itself; quantize to one of {', '.join(SCHEMES)}")
+    if engine_variant(source) != DEFAULT_VARIANT or source.dtype != "float32":
+        raise ManifestError(f"{source.dir} is a {engine_variant(source)} {source.dtype} graph; quantize the fp32 "
+                            f"export (`python -m export engine --method {source.method.name}`)")
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    work.chmod(0o755)
+    try:
+        log(f"quantizing {source.onnx_path} -> {out_dir} ({variant}: {SCHEME} {scheme.bits}-bit, block "
+            f"{scheme.block_size}, accuracy level {scheme.accuracy_level})")
+        replaced = quantize_graph(source.onnx_path, work / ONNX_NAME, scheme)
+        skip = {source.onnx.file, *(r.file for r in source.external_data), "manifest.json"}
+        for path in source.dir.iterdir():   # tokenizer files (trees and optimised graphs are per variant)
+            if path.is_file() and path.name not in skip and not path.name.startswith("model.") \
+                    and not path.name.endswith("-tree.json"):
+                shutil.copy(path, work / path.name)
+        record = {"variant": variant, **scheme.record(), "quantized_matmuls": replaced,
+                  "quantized_sha256": sha256_file(work / ONNX_NAME), "source_sha256": source.onnx.sha256,
+                  "onnxruntime": ort.__version__, "embedding": "float32"}
+        manifest = dataclasses.replace(
+            source, dir=work, onnx=file_record(work, ONNX_NAME),
+            external_data=(file_record(work, ONNX_NAME + DATA_SUFFIX),), ir_version=_ir_version(work / ONNX_NAME),
+            validation=(), ort_optimized=None, quantization=record)
+        report = build_row_check(manifest, variant)
+        log(report.summary())
+        if not report.ok:
+            raise ManifestError(f"the {variant} graph of {source.dir} is not row independent (DESIGN.md): "
+                                + "; ".join(report.failures()[:3]) + f"; keep accuracy_level {scheme.accuracy_level}"
+                                f" or pick another scheme in export/quantize.py SCHEMES")
+        manifest = dataclasses.replace(manifest, quantization={**record, "row_independence": {
+            k: v for k, v in report.to_json().items() if k != "rows"}})
+        manifest.write()
+        for path in work.iterdir():
+            path.chmod(0o644)
+        swap_in(work, out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    log(f"{variant}: {replaced} MatMul weights quantized, "
+        f"{sum(r.size for r in manifest.external_data) / 1e6:.0f} MB of weights")
+    return Manifest.load(out_dir)
+
+
+def build_row_check(manifest: "Manifest", variant: str):
+    """Row independence of the graph in `manifest` (a fixed pseudo-random prefix and binary tree)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.row_independence import ROW_TOLERANCES, binary_tree_parents, check_row_independence
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(manifest.onnx_path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    vocab = manifest.model.vocab_size
+    return check_row_independence(session, manifest, rng.integers(0, vocab, CHECK_PREFIX).tolist(),
+                                  rng.integers(0, vocab, CHECK_TREE).tolist(), binary_tree_parents(CHECK_TREE),
+                                  ROW_TOLERANCES[variant])
+
+
+def _ir_version(path: Path) -> int:
+    import onnx
+
+    return int(onnx.load(str(path), load_external_data=False).ir_version)

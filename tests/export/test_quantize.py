@@ -1,0 +1,131 @@
+"""Weight-only quantized engine variants (export/quantize.py) on a tiny random Llama: the manifest
+records, engine dirs per variant, staleness, refusing mixed variants, the CLI, row independence."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import export.engine
+from export.__main__ import main as export_main
+from export.engine import engine_dir, prepare_engine, stale_reason
+from export.manifest import Manifest
+from export.methods import MethodExtras
+from export.onnx_export import ExportConfig
+from export.quantize import SCHEMES, VariantError, engine_variant
+from export.row_independence import ROW_TOLERANCES, binary_tree_parents, check_row_independence
+from runtime import Generator
+from runtime.backends.ort_backend import OrtBackend
+from tests.export.tiny_llama import make_tiny_llama
+
+MAX_CONTEXT, MAX_TREE = 256, 16
+CONTEXT_FLAGS = ["--max-context", str(MAX_CONTEXT), "--max-tree", str(MAX_TREE)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, real_model_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(tiny_dir, tmp_path_factory) -> Manifest:
+    """`python -m export onnx --quantize int8`: the fp32 export is made in a temp dir and removed."""
+    out = tmp_path_factory.mktemp("onnx") / "int8"
+    assert export_main(["onnx", "--model", str(tiny_dir), "--out", str(out), "--quantize", "int8", *CONTEXT_FLAGS]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int8"]   # no temp dir left behind
+    return Manifest.load(out)
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(export.engine, "ARTIFACTS_DIR", tmp_path / "artifacts")
+    return tmp_path / "artifacts"
+
+
+def test_manifest_records_the_quantization(int8_onnx):
+    record = int8_onnx.quantization
+    scheme = SCHEMES["int8"]
+    assert engine_variant(int8_onnx) == "int8"
+    assert {k: record[k] for k in ("variant", "scheme", "bits", "block_size", "accuracy_level")} == {
+        "variant": "int8", "scheme": "MatMulNBits", "bits": 8, "block_size": scheme.block_size,
+        "accuracy_level": scheme.accuracy_level}
+    assert record["quantized_sha256"] == int8_onnx.onnx.sha256 and record["source_sha256"] != int8_onnx.onnx.sha256
+    assert record["row_independence"]["ok"]
+    graph = onnx.load(str(int8_onnx.onnx_path), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in graph.graph.node)
+    # 2 layers x (qkv, o, gate_up, down) + the LM head; the embedding Gather keeps the fp32 [H, V] table.
+    assert record["quantized_matmuls"] == ops["MatMulNBits"] == 9
+    assert any(n.op_type == "Gather" and n.input[0] == "step.lm_head_t" for n in graph.graph.node)
+    assert (int8_onnx.dir / "tokenizer.json").is_file()
+
+
+def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
+    int4 = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                          variant="int4")
+    fp32_dir = engine_dir(tiny_dir, "cpu", "vanilla")
+    assert int4.dir == fp32_dir.with_name("vanilla-int4") and engine_variant(int4) == "int4"
+    assert engine_variant(Manifest.load(fp32_dir)) == "fp32"            # the source stays, as the fp32 engine
+    assert int4.ort_optimized is not None and int4.quantization["source_sha256"] == Manifest.load(fp32_dir).onnx.sha256
+
+    config = ExportConfig(tiny_dir, int4.dir, max_context=MAX_CONTEXT, max_tree=MAX_TREE, variant="int4")
+    assert stale_reason(int4.dir, config, MethodExtras()) is None
+    assert stale_reason(int4.dir, ExportConfig(tiny_dir, int4.dir, max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                                               variant="int8"), MethodExtras()) == "variant is 'int4', wanted 'int8'"
+    assert "variant is 'fp32'" in stale_reason(fp32_dir, config, MethodExtras())
+    data = json.loads((int4.dir / "manifest.json").read_text())
+    data["quantization"]["block_size"] = 128                             # as if made by another scheme
+    (int4.dir / "manifest.json").write_text(json.dumps(data))
+    assert stale_reason(int4.dir, config, MethodExtras()).startswith("quantization is")
+    again = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                           variant="int4")
+    assert again.quantization["block_size"] == SCHEMES["int4"].block_size
+
+
+def test_a_variant_mismatch_is_refused(int8_onnx, tiny_dir):
+    with pytest.raises(VariantError, match="holds the int8 variant of its graph, not fp32"):
+        Generator.from_engine(int8_onnx.dir, variant="fp32")
+    assert Generator.from_engine(int8_onnx.dir, variant="int8").backend.manifest.quantization is not None
+    with pytest.raises(ValueError, match="torch backend has no int8 variant.*backend='onnxruntime'"):
+        Generator.from_pretrained(tiny_dir, variant="int8")
+    with pytest.raises(VariantError, match="unknown engine variant 'int3'"):
+        Generator.from_pretrained(tiny_dir, backend="onnxruntime", variant="int3")
+
+
+def test_cli_refuses_bad_quantize_values(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["onnx", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--quantize", "int3"])
+    assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    assert export_main(["engine", "--model", str(tiny_dir), "--target", "h100", "--quantize", "int8"]) == 2
+    assert "--quantize int8 makes an onnxruntime engine" in capsys.readouterr().err
+    assert export_main(["onnx", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--quantize", "int8",
+                        "--dtype", "fp16"]) == 2
+    assert "quantizes the fp32 graph" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_tree_rows_match_their_paths_alone(variant, tiny_dir, artifacts):
+    """What the backend runs (the saved optimised graph): a T=15 tree step vs each node's own path alone."""
+    manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                              variant=variant)
+    session = OrtBackend(manifest.dir).session
+    rng = np.random.default_rng(1)
+    vocab = manifest.model.vocab_size
+    report = check_row_independence(session, manifest, rng.integers(0, vocab, 20).tolist(),
+                                    rng.integers(0, vocab, 15).tolist(), binary_tree_parents(15),
+                                    ROW_TOLERANCES[variant])
+    assert report.ok, report.failures()
+
+
+def test_tiny_variant_is_lossless_against_its_own_vanilla(tiny_dir, artifacts):
+    vanilla = Generator.from_pretrained(tiny_dir, backend="onnxruntime", variant="int8", max_context=512)
+    ngram = Generator.from_pretrained(tiny_dir, method="ngram", backend="onnxruntime", variant="int8", max_context=512)
+    assert vanilla.backend.manifest.dir == ngram.backend.manifest.dir
+    for prompt in ["Hello", "1 2 3 4 5 6 1 2 3 4 5 6"]:
+        want = vanilla.generate(prompt, max_new_tokens=24).token_ids
+        assert len(set(want)) > 3
+        assert ngram.generate(prompt, max_new_tokens=24).token_ids == want
