@@ -11,6 +11,9 @@ GPU ?= cpu
 # Backend whose step latency the tree is searched for: on cpu our onnxruntime engine; on a GPU the torch
 # CUDA step (measured before any TensorRT engine exists; the engine's decode profile is tuned for that tree).
 TREE_BACKEND ?= $(if $(filter cpu,$(GPU)),onnxruntime,torch)
+# Engine variant of `make engine` / `make tree` (GPU=cpu): fp32, or the weight-only quantized int8 / int4
+# (export/quantize.py), whose engines, statistics, latency profile and trees are their own.
+QUANT ?= fp32
 
 .PHONY: setup model demo serve serve-ray-deps test test-slow bench bench-ort peers train engine tree gpu-check latency-test latency-baseline clean
 
@@ -85,24 +88,24 @@ bench-ort: peers
 # onnxruntime-optimised graph, and the ppd / ht trees searched for the device). A GPU target, run on that
 # GPU, is an fp16 export plus a TensorRT engine (pip install .[tensorrt]); elsewhere it stops before
 # writing anything, naming what is missing. QUANT=int8|int4 (GPU=cpu): the weight-only quantized engines
-# in <method>-<QUANT>/ beside the fp32 ones (made from them; export/quantize.py).
-QUANT ?= fp32
+# in <method>-<QUANT>/ beside the fp32 ones (made from them; export/quantize.py), with that variant's trees.
 engine: setup
 	$(PY) -m export engine --target $(GPU) --method vanilla --quantize $(QUANT)
-	$(MAKE) tree GPU=$(GPU)
+	$(MAKE) tree GPU=$(GPU) QUANT=$(QUANT)
 	$(PY) -m export engine --target $(GPU) --method ppd --quantize $(QUANT)
 	$(PY) -m export engine --target $(GPU) --method ht --quantize $(QUANT)
 
-# The hardware-aware ppd, ht and hybrid trees for a device: latency profile (measured when missing, shared
-# by both methods; modelled from the GPU's datasheet when that GPU is not here: a provisional tree), then
-# the searches. Written to artifacts/trees/<model>/, nothing when the tree there or the committed one was
-# searched from the same inputs; UPDATE_COMMITTED=1 writes the committed files next to the checkpoint.
-TREE_FLAGS = --gpu $(GPU) --backend $(TREE_BACKEND) $(if $(UPDATE_COMMITTED),--update-committed)
+# The hardware-aware ppd, ht and hybrid trees for a device and engine variant (QUANT): latency profile
+# (measured when missing, shared by the methods; modelled from the GPU's datasheet when that GPU is not
+# here: a provisional tree), acceptance and n-gram statistics of the variant (collected when missing, next
+# to the checkpoint), then the searches. Written to artifacts/trees/<model>/, nothing when the tree there
+# or the committed one was searched from the same inputs; UPDATE_COMMITTED=1 writes the committed files
+# next to the checkpoint.
+TREE_FLAGS = --gpu $(GPU) --backend $(TREE_BACKEND) --variant $(QUANT) --stats-if-missing $(if $(UPDATE_COMMITTED),--update-committed)
 
 tree: setup
 	$(PY) -m runtime trees build --method ppd $(TREE_FLAGS) --profile-if-missing
 	$(PY) -m runtime trees build --method ht $(TREE_FLAGS)
-	test -f checkpoints/smollm2-135m-instruct/ngram-acceptance.json || $(PY) -m runtime trees ngram-stats --backend $(TREE_BACKEND)
 	$(PY) -m runtime trees build --method hybrid $(TREE_FLAGS)
 
 # Latency regression test of the device present against its committed baseline (exit 1 listing every

@@ -144,16 +144,19 @@ def cmd_engine(cfg: EngineCommand) -> int:
 
 
 def install_trees(manifest: Manifest, device: str, backend: str) -> None:
-    """The trees searched for this device travel with the engine (Generator.from_engine uses them): the
-    graph's own method's, and those of the other tree methods it serves (a ppd engine serves hybrid)."""
+    """The trees searched for this device (and the engine's variant, else fp32's) travel with the engine
+    (Generator.from_engine uses them): the graph's own method's, and those of the other tree methods it
+    serves (a ppd engine serves hybrid)."""
     from export.engine import install_tree
+    from export.quantize import engine_variant
     from runtime.devices import default_tree
 
+    variant = engine_variant(manifest)
     for spec in (s for s in METHODS.values() if s.tree_set and s.graph == manifest.method.name):
         record = manifest.method.checkpoint
         checkpoint = record.file if record else spec.default_checkpoint
-        fallback = default_tree(spec.graph, device, backend, checkpoint, spec.hand_picked_tree)
-        source = default_tree(spec.name, device, backend, checkpoint, fallback)
+        fallback = default_tree(spec.graph, device, backend, checkpoint, spec.hand_picked_tree, variant)
+        source = default_tree(spec.name, device, backend, checkpoint, fallback, variant)
         tree = install_tree(manifest, source, spec.name)
         print(f"{spec.name} tree: {tree.name} (from {source.resolve()})")
 

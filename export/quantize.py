@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trees.devices import DEFAULT_VARIANT   # fp32: its home is with the file names it keeps unchanged
+
 if TYPE_CHECKING:
     from export.manifest import Manifest
 
-VARIANTS = ("fp32", "int8", "int4")
-DEFAULT_VARIANT = "fp32"
+VARIANTS = (DEFAULT_VARIANT, "int8", "int4")
 # llama.cpp's GGUF type at the same weight precision (the peer each variant is compared with).
 LLAMACPP_PEER_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_1"}
 

@@ -1,12 +1,14 @@
-"""python -m runtime {generate,demo,bench,memory,trees,serve,latency-test,latency-baseline}: a thin CLI over
-runtime.Generator, runtime.bench, runtime.memory, the tree search (`python -m runtime trees --help`,
-runtime/trees_cli.py), the OpenAI-compatible server (`python -m runtime serve --help`, runtime/serving/cli.py)
-and the latency regression test per device (runtime/latency_cli.py).
+"""python -m runtime {generate,demo,bench,memory,quality,trees,serve,latency-test,latency-baseline}: a thin CLI
+over runtime.Generator, runtime.bench, runtime.memory, runtime.quality (the quantized engines against fp32),
+the tree search (`python -m runtime trees --help`, runtime/trees_cli.py), the OpenAI-compatible server
+(`python -m runtime serve --help`, runtime/serving/cli.py) and the latency regression test per device
+(runtime/latency_cli.py).
 
 Each command's flags are the fields of its config dataclass below (trees/config_args.py), and every
 default is read from the library: the model dir from export.paths, the backend from runtime.backends,
 the budgets from runtime.generator and export.manifest, the decoding options from
-runtime.verify.DecodingOptions, the benchmark's from runtime.bench.BenchConfig.
+runtime.verify.DecodingOptions, the benchmark's from runtime.bench.BenchConfig, the quality run's from
+runtime.quality.QualityConfig.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from runtime.bench_labels import label_choices
 from runtime.devices import device_name
 from runtime.latency_cli import LatencyBaselineCommand, LatencyTestCommand, cmd_latency_baseline, cmd_latency_test
 from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
+from runtime.quality import DEFAULT_REPORT, QualityConfig, measure_quality
+from runtime.quality import format_table as quality_table
 from runtime.recommended import FASTEST_BACKEND, FASTEST_METHOD
 from runtime.verify import DecodingOptions
+from trees._json import write_json
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain how it works."
@@ -131,6 +136,24 @@ class MemoryCommand(ModelOptions):
     limit: int = option(5, "first N prompts")
 
 
+@dataclass(frozen=True)
+class QualityCommand:
+    """runtime.quality.QualityConfig as flags (its defaults), plus where the report goes."""
+    variants: str = option(",".join(QualityConfig.variants), "comma list of engine variants of the vanilla engine; "
+                                                             "fp32 is the reference and must be one")
+    model_dir: str = option(str(QualityConfig.model_dir), "Llama checkpoint dir whose engine dirs are measured")
+    num_sequences: int = option(QualityConfig.num_sequences, "perplexity: first N ShareGPT validation conversations")
+    max_tokens: int = option(QualityConfig.max_tokens, "perplexity: each conversation cut to its first N tokens")
+    prompts: int = option(QualityConfig.prompts, "agreement: first N prompts of MT-Bench and of HumanEval each")
+    max_new_tokens: int = option(QualityConfig.max_new_tokens, "agreement: greedy new tokens per prompt")
+    out: str = option(str(DEFAULT_REPORT), "report JSON (written atomically)")
+
+    def quality_config(self) -> QualityConfig:
+        return QualityConfig(variants=tuple(v.strip() for v in self.variants.split(",") if v.strip()),
+                             model_dir=Path(self.model_dir), num_sequences=self.num_sequences,
+                             max_tokens=self.max_tokens, prompts=self.prompts, max_new_tokens=self.max_new_tokens)
+
+
 def parse_options(pairs: list[str]) -> dict:
     """--option key=value (value parsed as JSON when possible: numbers, booleans, lists)."""
     options = {}
@@ -221,6 +244,16 @@ def cmd_memory(cfg: MemoryCommand) -> int:
     return 0
 
 
+def cmd_quality(cfg: QualityCommand) -> int:
+    """Quality of the quantized engines against fp32: teacher-forced perplexity on ShareGPT validation and
+    identical greedy outputs on MT-Bench + HumanEval (runtime/quality.py); a markdown table and a JSON report"""
+    report = measure_quality(cfg.quality_config())
+    write_json(cfg.out, report.to_json())
+    print(quality_table(report))
+    print(f"wrote {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "demo", DemoCommand, cmd_demo)
     add_config_command(sub, "bench", BenchCommand, cmd_bench)
     add_config_command(sub, "memory", MemoryCommand, cmd_memory)
+    add_config_command(sub, "quality", QualityCommand, cmd_quality)
     add_config_command(sub, "latency-test", LatencyTestCommand, cmd_latency_test)
     add_config_command(sub, "latency-baseline", LatencyBaselineCommand, cmd_latency_baseline)
     return parser

@@ -25,6 +25,7 @@ from export.checkpoint import model_fingerprint
 from export.methods import METHODS, STATS_METHODS, TREE_SEARCH_METHODS, method_spec
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PPDConfig
+from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends import DEFAULT_BACKEND
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator, Prompt
 from trees import PPDStepTree, PPDTreeSet, Tree
@@ -38,6 +39,7 @@ class StatsConfig:
     checkpoint: str | None = None          # None: the committed checkpoint of `method`
     backend: str = DEFAULT_BACKEND
     device: str = "cpu"
+    variant: str = DEFAULT_VARIANT         # the onnxruntime engine's weights (export/quantize.py)
     num_prompts: int = 40                  # calibration prompts that are decoded
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     topk: int = 10                         # K: ranks recorded per prediction row
@@ -46,6 +48,7 @@ class StatsConfig:
     def __post_init__(self) -> None:
         if self.method not in STATS_METHODS:
             raise ValueError(f"acceptance statistics are for {' or '.join(STATS_METHODS)}, not {self.method!r}")
+        check_variant(self.variant)
         for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -142,7 +145,8 @@ def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibrati
         tree_file = Path(tmp) / "collection-tree.json"
         tree_file.write_text(json.dumps(collection_trees(n, config.topk).to_json()))
         gen = Generator.from_pretrained(config.model_dir, method=config.method, backend=config.backend,
-                                        device=config.device, checkpoint=str(checkpoint), tree=str(tree_file))
+                                        device=config.device, variant=config.variant, checkpoint=str(checkpoint),
+                                        tree=str(tree_file))
     records: list[tuple[int, ...]] = []
     for ids in calibration_prompt_ids(gen, prompts, config.num_prompts, config.max_prompt_tokens,
                                       config.max_new_tokens, "acceptance", show_progress):
@@ -152,4 +156,4 @@ def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibrati
                            steps=tuple(records), model_fingerprint=identity.model_fingerprint,
                            checkpoint_sha256=identity.checkpoint_sha256, calibration=calibration,
                            num_prompts=used, max_new_tokens=config.max_new_tokens, backend=config.backend,
-                           device=config.device)
+                           device=config.device, variant=config.variant)

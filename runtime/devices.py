@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from runtime.tree_store import search_dirs
-from trees.devices import DeviceMismatchError, device_key, find_device_tree
+from trees.devices import DEFAULT_VARIANT, DeviceMismatchError, device_key, find_device_tree
 
 
 def device_name(device: str) -> str:
@@ -40,10 +40,13 @@ def present_device(device: str) -> tuple[str, str]:
     return dev.type, device_name(device)
 
 
-def default_tree(method: str, device: str, backend: str, checkpoint: str | Path, fallback: str | Path) -> Path:
-    """The `method` (ppd, ht) tree searched for this device and backend (<method>-tree-<device
-    key>-<backend>.json: the one `make tree` wrote on this machine under artifacts/trees/, else the
-    committed one next to the method's checkpoint; runtime/tree_store.py), else one for this device
-    on another backend, else `fallback`."""
+def default_tree(method: str, device: str, backend: str, checkpoint: str | Path, fallback: str | Path,
+                 variant: str = DEFAULT_VARIANT) -> Path:
+    """The `method` (ppd, ht) tree searched for this device, backend and engine variant
+    (<method>-tree-<device key>-<backend>[-<variant>].json: the one `make tree` wrote on this machine
+    under artifacts/trees/, else the committed one next to the method's checkpoint;
+    runtime/tree_store.py), else fp32's for this device and backend, else fp32's for this device on
+    another backend, else `fallback` (trees/devices.py find_device_tree)."""
     kind, name = present_device(device)
-    return find_device_tree(search_dirs(Path(checkpoint).parent), device_key(kind, name), backend, method, fallback)
+    return find_device_tree(search_dirs(Path(checkpoint).parent), device_key(kind, name), backend, method, fallback,
+                            variant)

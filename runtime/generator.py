@@ -14,7 +14,7 @@ from export.checkpoint import check_model_dir
 from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
 from export.paths import DEFAULT_MODEL_DIR
 from export.methods import method_spec
-from export.quantize import DEFAULT_VARIANT, check_engine_variant, check_variant
+from export.quantize import DEFAULT_VARIANT, check_engine_variant, check_variant, engine_variant
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, backend_spec, engine_method, make_backend
 from runtime.detokenize import IncrementalDetokenizer, first_stop
 from runtime.draft import Draft
@@ -89,7 +89,8 @@ class Generator:
                         variant: str = DEFAULT_VARIANT, **method_options) -> "Generator":
         """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`); `dtype` (fp32,
         fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs); `variant` (fp32, int8, int4)
-        the onnxruntime engine's weight-only quantization (export/quantize.py)."""
+        the onnxruntime engine's weight-only quantization (export/quantize.py), whose searched tree a
+        tree method takes by default (else fp32's)."""
         backend_spec(backend)
         method_spec(method)
         check_variant(variant)
@@ -98,7 +99,7 @@ class Generator:
         model_dir = check_model_dir(DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir))
         config = AutoConfig.from_pretrained(model_dir)
         built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
-                             **method_options)
+                             variant=variant, **method_options)
         runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context, dtype=dtype,
                                          variant=variant)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
@@ -109,13 +110,15 @@ class Generator:
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
         TensorRT engine dir (engine.json) on device="cuda", on TensorRT. The method defaults to the one
         it was exported for; vanilla and ngram run on any engine. `variant` (fp32, int8, int4), when
-        given, must be the one the dir holds (default: whichever it holds)."""
+        given, must be the one the dir holds (default: whichever it holds); a tree method takes the tree
+        installed in the dir, else the one searched for the dir's variant (else fp32's)."""
         from runtime.backends import open_engine
 
         manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
         if variant is not None:
             check_engine_variant(manifest, variant)
-        built = engine_method(manifest, method, device=device, **method_options)
+        # engine_method hands its options to build_method: `variant` picks the variant's searched tree.
+        built = engine_method(manifest, method, device=device, variant=engine_variant(manifest), **method_options)
         runner = open_engine(manifest, device, max_context)
         tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))

@@ -14,12 +14,13 @@ from export.checkpoint import model_fingerprint
 from export.methods import (DEFAULT_HYBRID_NGRAM, METHODS, HTOptions, HybridOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions,
                             PPDOptions, load_ht_extras, load_ppd_extras, method_spec)
 from export.ppd import PPDConfig
+from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends import DEFAULT_BACKEND
 from runtime.devices import default_tree
 from runtime.proposers import NgramProposer, Proposer, VanillaProposer
 from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
-from trees import check_tree_identity, load_ppd_trees
+from trees import TreeError, check_tree_identity, load_ppd_trees
 
 
 @dataclass
@@ -35,24 +36,28 @@ class Method:
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a builder may read: the checkpoint it is for, and where it will run (picks the tree)."""
+    """What a builder may read: the checkpoint it is for, and where it will run (device, backend and
+    engine variant pick the tree)."""
 
     model_dir: Path
     vocab_size: int
     hidden_size: int
     device: str = "cpu"
     backend: str = DEFAULT_BACKEND
+    variant: str = DEFAULT_VARIANT     # the engine's weights (export/quantize.py): fp32, int8, int4
 
 
 def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size: int, *, device: str = "cpu",
-                 backend: str = DEFAULT_BACKEND, **options) -> Method:
+                 backend: str = DEFAULT_BACKEND, variant: str = DEFAULT_VARIANT, **options) -> Method:
     """Build method `name` for the checkpoint in `model_dir` (trained tensors are checked against it).
-    `device` and `backend` only pick a tree method's default tree: the one searched for them."""
+    `device`, `backend` and `variant` (the engine's weight quantization) only pick a tree method's
+    default tree, the one searched for them, and which searched trees it accepts (fp32's, or the
+    variant's own)."""
     spec = method_spec(name)
     module, _, function = spec.builder.partition(":")
     builder = getattr(importlib.import_module(module), function)
     return builder(spec, spec.make_options(options), BuildContext(Path(model_dir), vocab_size, hidden_size, device,
-                                                                  backend))
+                                                                  backend, check_variant(variant)))
 
 
 def build_vanilla(spec: MethodSpec, options: NoOptions, context: BuildContext) -> Method:
@@ -65,14 +70,19 @@ def build_ngram(spec: MethodSpec, options: NgramOptions, context: BuildContext) 
 
 def _tree_set(spec: MethodSpec, tree: str | None, checkpoint: str, context: BuildContext, fingerprint: str,
               weights_sha256: str):
-    """`tree`, else the tree searched for this method on the device, else (a method riding another's
-    graph, like hybrid on ppd's) the graph's tree for the device, else the hand-picked one."""
+    """`tree`, else the tree searched for this method on the device (the engine variant's, else
+    fp32's), else (a method riding another's graph, like hybrid on ppd's) the graph's tree for the
+    device, else the hand-picked one."""
+    where = (context.device, context.backend, checkpoint)
     fallback = spec.hand_picked_tree
     if spec.graph != spec.name:
-        fallback = default_tree(spec.graph, context.device, context.backend, checkpoint, fallback)
-    path = tree or default_tree(spec.name, context.device, context.backend, checkpoint, fallback)
+        fallback = default_tree(spec.graph, *where, fallback, context.variant)
+    path = tree or default_tree(spec.name, *where, fallback, context.variant)
     trees = load_ppd_trees(path)
-    check_tree_identity(trees, fingerprint, weights_sha256)
+    try:
+        check_tree_identity(trees, fingerprint, weights_sha256, context.variant)
+    except TreeError as exc:
+        raise TreeError(f"{path}: {exc}") from exc   # which file: a default tree is not named by the caller
     return trees
 
 

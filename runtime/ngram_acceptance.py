@@ -17,6 +17,7 @@ import numpy as np
 
 from export.checkpoint import model_fingerprint
 from export.paths import DEFAULT_MODEL_DIR
+from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.acceptance import calibration_prompt_ids
 from runtime.backends import DEFAULT_BACKEND
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator, Prompt
@@ -33,12 +34,14 @@ class NgramStatsConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)
     backend: str = DEFAULT_BACKEND
     device: str = "cpu"
+    variant: str = DEFAULT_VARIANT         # the onnxruntime engine's weights (export/quantize.py)
     num_prompts: int = 40                  # calibration prompts decoded
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_depth: int = 8                     # proposal tokens compared per position
     max_prompt_tokens: int = 1024          # longer prompts are skipped
 
     def __post_init__(self) -> None:
+        check_variant(self.variant)
         for name in ("num_prompts", "max_new_tokens", "max_depth", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NgramStatsConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -78,7 +81,8 @@ def collect_ngram_stats(config: NgramStatsConfig, prompts: Sequence[Prompt], cal
     """Greedy-decode the first `config.num_prompts` prompts that fit and count the n-gram source's hits,
     for each shortest n-gram length in `min_ngrams` (one decode, replayed once per source)."""
     sources = [NgramSource(config.max_depth, 0, max_ngram, n) for n in min_ngrams]
-    gen = Generator.from_pretrained(config.model_dir, backend=config.backend, device=config.device)
+    gen = Generator.from_pretrained(config.model_dir, backend=config.backend, device=config.device,
+                                    variant=config.variant)
     positions = [0] * len(sources)
     counts = [[0] * (config.max_depth + 1) for _ in sources]
     for ids in calibration_prompt_ids(gen, prompts, config.num_prompts, config.max_prompt_tokens,
@@ -89,4 +93,4 @@ def collect_ngram_stats(config: NgramStatsConfig, prompts: Sequence[Prompt], cal
             positions[i], counts[i] = positions[i] + n, [a + b for a, b in zip(counts[i], found)]
     fingerprint = model_fingerprint(config.model_dir)
     return tuple(NgramStats(config.max_depth, positions[i], tuple(counts[i]), fingerprint, calibration,
-                            config.num_prompts, source.min_ngram) for i, source in enumerate(sources))
+                            config.num_prompts, source.min_ngram, config.variant) for i, source in enumerate(sources))

@@ -1,6 +1,6 @@
 """The inputs of the tree search for `python -m runtime trees` (runtime/trees_cli.py): the device
 present checked against --gpu, the statistics and latency profile next to the method's checkpoint,
-and the check that both were made for the model and checkpoint loaded now."""
+and the check that both were made for the model, checkpoint and engine variant loaded now."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.acceptance import CheckpointIdentity, checkpoint_identity
-from trees.devices import DeviceMismatchError, check_device, profile_filename
+from trees.devices import DEFAULT_VARIANT, DeviceMismatchError, check_device, profile_filename, variant_suffix
 from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.stats import AcceptanceStats, load_stats
 
@@ -33,8 +33,27 @@ def present(gpu: str, device: str | None) -> tuple[str, str, str]:
     return device, kind, name
 
 
-def stats_filename(method: str) -> str:
-    return f"{method}-acceptance.json"
+# The backend whose engines come in weight-only quantized variants (export/quantize.py: MatMulNBits).
+QUANTIZED_BACKEND = "onnxruntime"
+
+
+def check_variant_backend(backend: str, variant: str) -> None:
+    """--variant other than fp32 names a quantized onnxruntime engine: refused for the other backends,
+    before anything is loaded."""
+    if variant != DEFAULT_VARIANT and backend != QUANTIZED_BACKEND:
+        raise ValueError(f"--variant {variant} is a weight-only quantized {QUANTIZED_BACKEND} engine "
+                         f"(export/quantize.py); the {backend} backend runs {DEFAULT_VARIANT} weights only: add "
+                         f"--backend {QUANTIZED_BACKEND}, or leave --variant at {DEFAULT_VARIANT}")
+
+
+def stats_filename(method: str, variant: str = DEFAULT_VARIANT) -> str:
+    """<graph>-acceptance[-<variant>].json: acceptance statistics of ppd or ht on one engine variant."""
+    return f"{method}-acceptance{variant_suffix(variant)}.json"
+
+
+def ngram_stats_filename(variant: str = DEFAULT_VARIANT) -> str:
+    """ngram-acceptance[-<variant>].json: the n-gram source's statistics on one engine variant."""
+    return f"ngram-acceptance{variant_suffix(variant)}.json"
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:
@@ -63,15 +82,16 @@ def package_versions(backend: str, device_type: str) -> dict[str, str]:
     return versions
 
 
-def find_profile(directories: Path | Sequence[Path], gpu: str, backend: str) -> Path | None:
-    """The profile for `backend` whose recorded device matches --gpu: a measured one before a
-    modelled (roofline) one, and within each, the first of `directories` that has one (this
-    machine's generated dir, then the committed one: runtime/tree_store.py search_dirs)."""
+def find_profile(directories: Path | Sequence[Path], gpu: str, backend: str,
+                 variant: str = DEFAULT_VARIANT) -> Path | None:
+    """The profile for `backend` and engine `variant` whose recorded device matches --gpu: a measured
+    one before a modelled (roofline) one, and within each, the first of `directories` that has one
+    (this machine's generated dir, then the committed one: runtime/tree_store.py search_dirs)."""
     dirs = [directories] if isinstance(directories, Path) else list(directories)
     found: dict[str, list[Path]] = {MEASURED: [], ROOFLINE: []}
     for directory in dirs:
         matches = []
-        for path in sorted(Path(directory).glob(profile_filename("*", backend))):
+        for path in sorted(Path(directory).glob(profile_filename("*", backend, variant))):
             profile = load_profile(path)
             kind = "cpu" if profile.device_key == "cpu" else "cuda"
             try:
@@ -88,14 +108,16 @@ def find_profile(directories: Path | Sequence[Path], gpu: str, backend: str) -> 
     return next(iter(found[MEASURED] + found[ROOFLINE]), None)
 
 
-def search_inputs(model_dir: str, checkpoint: Path, method: str, stats_path: Path,
-                  profile_path: Path) -> tuple[CheckpointIdentity, AcceptanceStats, LatencyProfile]:
+def search_inputs(model_dir: str, checkpoint: Path, method: str, stats_path: Path, profile_path: Path,
+                  variant: str = DEFAULT_VARIANT) -> tuple[CheckpointIdentity, AcceptanceStats, LatencyProfile]:
     """Identity of the model and checkpoint loaded now, and the statistics and profile, both checked
-    against it."""
+    against it and against the engine `variant` searched for."""
     identity = checkpoint_identity(model_dir, checkpoint, method)
     stats = load_stats(stats_path)
     stats.check_identity(identity.model_fingerprint, identity.checkpoint_sha256)
+    stats.check_variant(variant, stats_path)
     profile = load_profile(profile_path)
+    profile.check_variant(variant, profile_path)
     if profile.model_fingerprint != identity.model_fingerprint:
         raise ProfileError(f"{profile_path} was measured for model {profile.model_fingerprint}, not "
                            f"{identity.model_fingerprint}: re-measure it with `python -m runtime trees profile`")

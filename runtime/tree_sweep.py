@@ -8,6 +8,7 @@ from pathlib import Path
 from runtime.bench import PromptRun, generator_runner, median_tokens_per_s, run_interleaved
 from export.methods import METHODS
 from trees import PPDTreeSet, check_tree_identity, load_ppd_trees
+from trees.devices import DEFAULT_VARIANT
 from trees.latency import LatencyProfile
 from trees.search import AcceptanceModel, Evaluation, SearchConfig, evaluate, search_curve
 
@@ -24,11 +25,12 @@ def reference_evaluations(method: str, model: AcceptanceModel, profile: LatencyP
 
 
 def sweep_variants(method: str, tree_path: Path, identity, model: AcceptanceModel, profile: LatencyProfile,
-                   budgets: tuple[int, ...]) -> dict[str, PPDTreeSet | None]:
+                   budgets: tuple[int, ...], engine_variant: str = DEFAULT_VARIANT) -> dict[str, PPDTreeSet | None]:
     """{label: trees}: vanilla (None), the chosen tree, the hand-picked tree (same N only), the best tree
-    per fixed budget. `identity` is the runtime.acceptance.CheckpointIdentity the chosen tree must match."""
+    per fixed budget. `identity` is the runtime.acceptance.CheckpointIdentity the chosen tree must match,
+    `engine_variant` the quantized engine variant it runs on (export/quantize.py)."""
     chosen = load_ppd_trees(tree_path)
-    check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256)
+    check_tree_identity(chosen, identity.model_fingerprint, identity.checkpoint_sha256, engine_variant)
     variants: dict[str, PPDTreeSet | None] = {VANILLA: None, f"chosen ({tree_path.name})": chosen}
     hand_picked = load_ppd_trees(METHODS[method].hand_picked_tree)
     if hand_picked.num_prompt_tokens == identity.config.num_prompt_tokens:

@@ -21,8 +21,16 @@ and does nothing when the tree there or the committed one was searched from the 
 (runtime/tree_store.py). On a machine without the GPU named, --profile-if-missing models the profile
 from the GPU's datasheet (trees/roofline.py) and the tree records that it is provisional.
 
+--variant int8|int4 (with --backend onnxruntime) runs every command on that weight-only quantized
+engine (export/quantize.py): its files add the variant to the name (ppd-acceptance-int4.json,
+ngram-acceptance-int4.json, latency-cpu-onnxruntime-int4.json, ppd-tree-cpu-onnxruntime-int4.json),
+record it, and are refused for another variant; fp32 keeps the names above. `build` also draws the
+latency curves of every variant profiled for the device (latency-<key>-<backend>-variants.png).
+
     python -m runtime trees roofline --gpu h200 [--compare PROFILE]
                                                    the modelled step curve (against a measured one)
+    python -m runtime trees plot-latency --gpu cpu --backend onnxruntime
+                                                   the latency curves of the device's engine variants
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE
 from export.methods import METHODS, STATS_METHODS, TREE_SEARCH_METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PromptTokenError
+from export.quantize import DEFAULT_VARIANT, VARIANTS
 from runtime.acceptance import StatsConfig, method_checkpoint
 from runtime.ngram_acceptance import NgramStatsConfig
 from runtime.backends import BACKENDS
@@ -47,8 +56,8 @@ from runtime.bench import BenchConfig
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
 from runtime.latency import DEFAULT_CONTEXT, DEFAULT_REPEATS
 from runtime.roofline import RooflineCommand, cmd_roofline, modelled_profile
-from runtime.tree_files import (find_profile, package_versions, parse_budgets, present, search_inputs,
-                                stats_filename)
+from runtime.tree_files import (check_variant_backend, find_profile, ngram_stats_filename, package_versions,
+                                parse_budgets, present, run_device, search_inputs, stats_filename)
 from runtime.tree_store import (INPUTS_FIELD, generated_dir, recorded_inputs_sha256, search_dirs,
                                 search_inputs_sha256, tree_pictures)
 from runtime.tree_sweep import reference_evaluations
@@ -56,19 +65,21 @@ from trees import PPDTreeSet, TreeError
 from trees._json import write_json
 from trees.atomic import write_atomic
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
-from trees.devices import DeviceMismatchError, device_key, profile_filename, tree_filename
+from trees.devices import (DeviceMismatchError, device_key, engine_label, profile_filename, tree_filename,
+                           variant_latencies_filename)
 from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
 from trees.ngram_stats import NgramStatsError, save_ngram_stats
 from trees.stats import DEFAULT_SHRINKAGE, StatsError
 
 PROG = "python -m runtime trees"
-NGRAM_STATS_FILE = "ngram-acceptance.json"
 CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
+VARIANT_HELP = (f"the engine's weights: {', '.join(VARIANTS)} (a quantized variant: --backend onnxruntime, "
+                f"export/quantize.py); its files are its own")
 TREE_FORMAT = "ppdeploy-ppd-tree"
 # Part of a tree's inputs hash: bump when the search (trees/search.py, trees/hybrid_search.py) finds
 # other trees for the same inputs, so that `build` stops calling the old ones current.
-TREE_SEARCH_REVISION = 1
+TREE_SEARCH_REVISION = 2
 CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
                "trained on), first user turn, in file order")
 BACKEND_CHOICES = tuple(BACKENDS)
@@ -85,11 +96,12 @@ class StatsCommand:
     checkpoint: str | None = option(StatsConfig.checkpoint, CHECKPOINT_HELP)
     backend: str = option(StatsConfig.backend, "backend that decodes", choices=BACKEND_CHOICES)
     device: str = option(StatsConfig.device, "cpu or cuda")
+    variant: str = option(StatsConfig.variant, VARIANT_HELP, choices=VARIANTS)
     num_prompts: int = option(StatsConfig.num_prompts, "calibration prompts to decode")
     max_new_tokens: int = option(StatsConfig.max_new_tokens, "tokens generated per prompt")
     topk: int = option(StatsConfig.topk, "ranks recorded per prediction row")
     max_prompt_tokens: int = option(StatsConfig.max_prompt_tokens, "skip longer calibration prompts")
-    out: str | None = option(None, "output JSON (default: <method>-acceptance.json next to the checkpoint)")
+    out: str | None = option(None, "output JSON (default: <method>-acceptance[-<variant>].json next to the checkpoint)")
 
 
 @dataclass(frozen=True)
@@ -97,17 +109,20 @@ class NgramStatsCommand:
     model_dir: str = option(NgramStatsConfig.model_dir, "model checkpoint dir")
     backend: str = option(NgramStatsConfig.backend, "backend that decodes (greedy vanilla)", choices=tuple(BACKENDS))
     device: str = option(NgramStatsConfig.device, "cpu or cuda")
+    variant: str = option(NgramStatsConfig.variant, VARIANT_HELP, choices=VARIANTS)
     num_prompts: int = option(NgramStatsConfig.num_prompts, "calibration prompts to decode")
     max_new_tokens: int = option(NgramStatsConfig.max_new_tokens, "tokens generated per prompt")
     max_depth: int = option(NgramStatsConfig.max_depth, "proposal tokens compared per position")
     max_prompt_tokens: int = option(NgramStatsConfig.max_prompt_tokens, "skip longer calibration prompts")
-    out: str | None = option(None, f"output JSON (default: {NGRAM_STATS_FILE} next to the ppd checkpoint)")
+    out: str | None = option(None, f"output JSON (default: {ngram_stats_filename()}, or "
+                                   f"{ngram_stats_filename('<variant>')}, next to the ppd checkpoint)")
 
 
 @dataclass(frozen=True)
 class ProfileCommand:
     gpu: str = option(help="the device present: 'cpu', or part of the GPU's name (e.g. h100)")
     backend: str = option(DEFAULT_BACKEND, "backend to time", choices=BACKEND_CHOICES)
+    variant: str = option(DEFAULT_VARIANT, VARIANT_HELP, choices=VARIANTS)
     device: str | None = option(None, "cpu or cuda (default: cpu for --gpu cpu, else cuda)")
     model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir")
     checkpoint: str = option(str(METHODS["ppd"].default_checkpoint), "PPD prompt-token checkpoint")
@@ -118,7 +133,8 @@ class ProfileCommand:
     context: int = option(DEFAULT_CONTEXT, "committed cache entries while timing")
     repeats: int = option(DEFAULT_REPEATS, "timed steps per size (median), spread over rounds")
     rounds: int = option(5, "sweeps over all sizes, so that load changes on a shared machine hit every size alike")
-    out: str | None = option(None, "output JSON (default: latency-<device>-<backend>.json next to the checkpoint)")
+    out: str | None = option(None, "output JSON (default: latency-<device>-<backend>[-<variant>].json next to the "
+                                   "checkpoint)")
     force: bool = option(False, "write the profile even when the machine was busy (load, spread of the repeats: "
                                 "trees/quiet.py); the profile then says so")
 
@@ -129,15 +145,16 @@ class SearchRun:
     gpu: str = option(help="device the tree is for: 'cpu' or part of the GPU's name; matched against the "
                            "device present and the profile's recorded one")
     backend: str = option(DEFAULT_BACKEND, "backend", choices=BACKEND_CHOICES)
+    variant: str = option(DEFAULT_VARIANT, VARIANT_HELP, choices=VARIANTS)
     device: str | None = option(None, "cpu or cuda (default: from --gpu)")
     model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir")
     method: str = option(DEFAULT_METHOD, "method whose trees these are", choices=TREE_SEARCH_METHODS)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
-    stats: str | None = option(None, "acceptance statistics (default: next to the checkpoint)")
-    profile: str | None = option(None, "latency profile (default: the one next to the checkpoint whose device "
+    stats: str | None = option(None, "acceptance statistics (default: the variant's next to the checkpoint)")
+    profile: str | None = option(None, "latency profile (default: the variant's next to the checkpoint whose device "
                                        "matches --gpu)")
-    ngram_stats: str | None = option(None, f"hybrid: n-gram statistics (default: {NGRAM_STATS_FILE} next to the "
-                                           "checkpoint)")
+    ngram_stats: str | None = option(None, f"hybrid: n-gram statistics (default: {ngram_stats_filename()}, or "
+                                           f"{ngram_stats_filename('<variant>')}, next to the checkpoint)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,10 +162,13 @@ class BuildCommand(SearchRun):
     profile_if_missing: bool = option(False, "measure the profile first when there is no measured one; on a machine "
                                              "without that GPU, model it (roofline of the GPU's datasheet: a "
                                              "provisional tree)")
+    stats_if_missing: bool = option(False, "collect the statistics the search reads first when their file is missing "
+                                           "(`stats`, and `ngram-stats` for hybrid, on this run's model, checkpoint, "
+                                           "backend, device and variant; their other settings the defaults)")
     update_committed: bool = option(False, "write the tree (and the profile it used) next to the checkpoint, the "
                                            "committed files, instead of artifacts/trees/<model>/")
-    out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>.json in artifacts/trees/"
-                                   "<model>/, or next to the checkpoint with --update-committed)")
+    out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>[-<variant>].json in "
+                                   "artifacts/trees/<model>/, or next to the checkpoint with --update-committed)")
     budgets: str = option(",".join(map(str, DEFAULT_BUDGETS)),
                           "fixed budgets of the curve; the largest caps the chosen tree")
     topk: int = option(SearchConfig.topk, "ranks considered per depth")
@@ -175,12 +195,18 @@ def _checkpoint(cfg) -> Path:
 
 
 def _stats_path(cfg) -> Path:
-    return Path(cfg.stats) if cfg.stats else _checkpoint(cfg).parent / stats_filename(METHODS[cfg.method].graph)
+    return (Path(cfg.stats) if cfg.stats
+            else _checkpoint(cfg).parent / stats_filename(METHODS[cfg.method].graph, cfg.variant))
 
 
 def _search_inputs(cfg, profile_path: Path):
-    """Statistics and profile, both checked against the model and checkpoint loaded now."""
-    return search_inputs(cfg.model_dir, _checkpoint(cfg), cfg.method, _stats_path(cfg), profile_path)
+    """Statistics and profile, both checked against the model, checkpoint and engine variant loaded now."""
+    return search_inputs(cfg.model_dir, _checkpoint(cfg), cfg.method, _stats_path(cfg), profile_path, cfg.variant)
+
+
+def _variant_flag(cfg) -> str:
+    """The --variant flag that repeats this run's variant in a suggested command ('' for fp32)."""
+    return "" if cfg.variant == DEFAULT_VARIANT else f" --variant {cfg.variant}"
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -202,12 +228,13 @@ def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:
     """Acceptance statistics of PPD or HT on held-out ShareGPT prompts (never an evaluation set)."""
     from runtime.acceptance import collect_acceptance
 
+    check_variant_backend(cfg.backend, cfg.variant)
     config = StatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StatsConfig)})
     stats = collect_acceptance(config, calibration_prompts(), CALIBRATION)
-    out = Path(cfg.out) if cfg.out else _checkpoint(cfg).parent / stats_filename(cfg.method)
+    out = Path(cfg.out) if cfg.out else _checkpoint(cfg).parent / stats_filename(cfg.method, cfg.variant)
     stats.save(out)
     top1, topk = stats.accuracy()
-    print(f"wrote {out}: {len(stats.steps)} steps over {stats.num_prompts} prompts")
+    print(f"wrote {out}: {len(stats.steps)} steps over {stats.num_prompts} prompts ({cfg.backend} {cfg.variant})")
     for d, (a, b) in enumerate(zip(top1, topk), 1):
         print(f"  depth {d}: top-1 {a:.3f}  top-{stats.topk} {b:.3f}")
     return 0
@@ -217,11 +244,14 @@ def cmd_ngram_stats(cfg: NgramStatsCommand, argv: list[str]) -> int:
     """How often the n-gram source's proposal is right, per depth, on held-out ShareGPT prompts (for hybrid)."""
     from runtime.ngram_acceptance import collect_ngram_stats
 
+    check_variant_backend(cfg.backend, cfg.variant)
     config = NgramStatsConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(NgramStatsConfig)})
     sources = collect_ngram_stats(config, calibration_prompts(), CALIBRATION)
-    out = Path(cfg.out) if cfg.out else Path(METHODS["hybrid"].default_checkpoint).parent / NGRAM_STATS_FILE
+    out = (Path(cfg.out) if cfg.out
+           else Path(METHODS["hybrid"].default_checkpoint).parent / ngram_stats_filename(cfg.variant))
     save_ngram_stats(out, sources)
-    print(f"wrote {out}: {sources[0].positions} positions over {sources[0].num_prompts} prompts")
+    print(f"wrote {out}: {sources[0].positions} positions over {sources[0].num_prompts} prompts ({cfg.backend} "
+          f"{cfg.variant})")
     for stats in sources:
         print(f"  n-grams down to {stats.min_ngram}: a proposal at {stats.match_rate:.1%} of positions; first d right: "
               + ", ".join(f"{stats.at_least(d):.3f}" for d in range(1, stats.max_depth + 1)))
@@ -236,17 +266,19 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     from runtime.methods import build_method
     from trees.quiet import Quietness, load_per_core, refuse_busy_start
 
+    check_variant_backend(cfg.backend, cfg.variant)
     device, kind, name = present(cfg.gpu, cfg.device)
     if cfg.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
-    command = f"{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}"
+    command = f"{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}{_variant_flag(cfg)}"
     refuse_busy_start("the latency profile", cfg.force, command)
     model_config = AutoConfig.from_pretrained(cfg.model_dir)
     ppd = METHODS["ppd"]
     options = {"checkpoint": cfg.checkpoint, "tree": str(ppd.hand_picked_tree)} if cfg.method == ppd.name else {}
-    method = build_method(cfg.method, cfg.model_dir, model_config.vocab_size, model_config.hidden_size, **options)
+    method = build_method(cfg.method, cfg.model_dir, model_config.vocab_size, model_config.hidden_size,
+                          backend=cfg.backend, variant=cfg.variant, **options)
     backend, _ = make_backend(cfg.backend, cfg.model_dir, method, device=device,
-                              max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens))
+                              max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens), variant=cfg.variant)
     if cfg.rounds < 1 or cfg.repeats < 1:
         raise ValueError("--repeats and --rounds must be >= 1")
     sizes = tuple(range(1, cfg.max_tokens + 1))
@@ -259,11 +291,12 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     profile = LatencyProfile(device_key=key, device_name=name, backend=cfg.backend, sizes=sizes,
                              seconds=seconds, repeats=per_round * cfg.rounds, context=cfg.context,
                              model_fingerprint=model_fingerprint(cfg.model_dir),
-                             versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet)
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend)
+                             versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet,
+                             variant=cfg.variant)
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend, cfg.variant)
     profile.save(out)
-    print(f"wrote {out}: {name}, {cfg.backend}: T=1 {1e3 * profile.latency(1):.1f} ms, "
-          + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (8, 16, 32, 64) if t <= cfg.max_tokens)
+    print(f"wrote {out}: {name}, {profile.engine}: T=1 {1e3 * profile.latency(1):.1f} ms, "
+          + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (2, 8, 16, 32, 64) if t <= cfg.max_tokens)
           + f"; machine {quiet.summary()}")
     return out
 
@@ -276,14 +309,18 @@ def cmd_profile(cfg: ProfileCommand, argv: list[str]) -> int:
 
 
 def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
-    """Search the PPD, hybrid or HT tree set with the most expected tokens per second on a profiled device."""
+    """Search the PPD, hybrid or HT tree set with the most expected tokens per second on a profiled device
+    (and engine variant)."""
+    check_variant_backend(cfg.backend, cfg.variant)
     directory = _checkpoint(cfg).parent
     profile_path = build_profile(cfg, directory)
+    if cfg.stats_if_missing:
+        collect_missing_stats(cfg)
     identity, stats, profile = _search_inputs(cfg, profile_path)
     config = SearchConfig(budgets=parse_budgets(cfg.budgets), topk=min(cfg.topk, stats.topk),
                           candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage)
     out = Path(cfg.out) if cfg.out else _output_dir(cfg, directory) / tree_filename(profile.device_key, cfg.backend,
-                                                                                   cfg.method)
+                                                                                   cfg.method, cfg.variant)
     inputs = _inputs_sha256(cfg, identity, profile_path, config)
     if _current_tree(cfg, directory, out, inputs):
         return 0
@@ -308,6 +345,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "device": profile.device_name,
         "device_key": profile.device_key,
         "backend": profile.backend,
+        "variant": profile.variant,                           # the engine whose latency and statistics these are
         "profile_source": profile.source,                     # measured, or roofline: a provisional tree
         **({"roofline": dict(profile.roofline)} if profile.source == ROOFLINE else {}),
         INPUTS_FIELD: inputs,                                 # build does nothing while this matches
@@ -332,7 +370,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         print(f"  provisional: searched on the roofline model of {profile.device_name} ({profile_path.name}), not a "
               f"measured profile; run `make tree GPU={cfg.gpu}` on that GPU to replace it", file=sys.stderr)
     references = reference_evaluations(cfg.method, model, profile, stats.num_prompt_tokens)
-    title = f"{cfg.method} · {profile.device_name} · {profile.backend} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
+    title = f"{cfg.method} · {profile.device_name} · {profile.engine} · N={stats.num_prompt_tokens}, k={stats.ensemble}"
     print(f"  {title}")
     print(f"  chosen: budget {chosen.budget} tokens (per m: {list(chosen.num_tokens)}), expected "
           f"{expected.mean_accepted:.3f} tokens/step, {expected.speedup:.3f}x over vanilla")
@@ -346,13 +384,30 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     for label, e in [(f"fixed budget {b:>3}", e) for b, _, e in result.curve] + references:
         print(f"  {label}: {e.mean_accepted:.3f} tokens/step, {e.speedup:.3f}x")
     if expected.speedup < 1.0:
-        print(f"  warning: {cfg.method} is predicted to be slower than vanilla on {profile.device_name} with "
-              f"{profile.backend}",
+        print(slower_than_vanilla(cfg.method, expected.mean_accepted, expected.tokens_per_second, profile),
               file=sys.stderr)
-    if cfg.plots and hybrid is None:   # the pictures draw PPD's search curve, not the hybrid budget split
-        pictures = write_pictures(out, result, trees, model, profile, title, references)
-        print("  pictures: " + ", ".join(str(p) for p in pictures))
+    if cfg.plots:
+        pictures = []
+        if hybrid is None:   # the pictures draw PPD's search curve, not the hybrid budget split
+            pictures += write_pictures(out, result, trees, model, profile, title, references)
+        profiles = variant_profiles(directory, cfg.gpu, cfg.backend, {profile.variant: profile})
+        if len(profiles) > 1:
+            pictures.append(write_variant_latencies(profiles, out.parent / variant_latencies_filename(
+                profile.device_key, profile.backend)))
+        if pictures:
+            print("  pictures: " + ", ".join(str(p) for p in pictures))
     return 0
+
+
+def slower_than_vanilla(method: str, mean_accepted: float, tokens_per_second: float, profile: LatencyProfile) -> str:
+    """What build says when the best tree it found is predicted slower than vanilla (the tree is still
+    written as searched: the search does not hide it, and the figures in the file say so)."""
+    vanilla, step = profile.latency(1), mean_accepted / tokens_per_second
+    return (f"  SLOWER THAN VANILLA: {method}'s best tree on {profile.device_name} · {profile.engine} is predicted "
+            f"at {tokens_per_second * vanilla:.2f}x vanilla: its mean step costs {1e3 * step:.1f} ms, "
+            f"{step / vanilla:.2f}x vanilla's one-token step ({1e3 * vanilla:.1f} ms), for {mean_accepted:.2f} tokens "
+            f"(T=2 already costs {profile.latency(2) / vanilla:.2f}x T=1 on this engine). Decode with vanilla on it; "
+            f"the tree file records expected_speedup {tokens_per_second * vanilla:.3f}")
 
 
 def _output_dir(cfg: BuildCommand, directory: Path) -> Path:
@@ -380,20 +435,26 @@ def build_profile(cfg: BuildCommand, directory: Path) -> Path:
     measured profile always wins over a modelled one)."""
     if cfg.profile:
         return Path(cfg.profile)
-    found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend)
+    found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend, cfg.variant)
     if found is not None and (not cfg.profile_if_missing or load_profile(found).source == MEASURED):
         return found
+    engine = engine_label(cfg.backend, cfg.variant)
     if not cfg.profile_if_missing:
-        raise ProfileError(f"no {cfg.backend} latency profile for --gpu {cfg.gpu} in {generated_dir(directory)} or "
-                           f"{directory}: measure one with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}` "
-                           f"on that device, or pass --profile-if-missing (measured here, or modelled for a GPU "
-                           f"this machine does not have)")
+        raise ProfileError(f"no {engine} latency profile for --gpu {cfg.gpu} in {generated_dir(directory)} or "
+                           f"{directory}: measure one with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}"
+                           f"{_variant_flag(cfg)}` on that device, or pass --profile-if-missing (measured here, or "
+                           f"modelled for a GPU this machine does not have)")
     target = _output_dir(cfg, directory)
     if _device_present(cfg):
         _, kind, name = present(cfg.gpu, cfg.device)
-        return measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, device=cfg.device,
-                                              model_dir=cfg.model_dir,
-                                              out=str(target / profile_filename(device_key(kind, name), cfg.backend))))
+        return measure_profile(ProfileCommand(gpu=cfg.gpu, backend=cfg.backend, variant=cfg.variant, device=cfg.device,
+                                              model_dir=cfg.model_dir, out=str(target / profile_filename(
+                                                  device_key(kind, name), cfg.backend, cfg.variant))))
+    if cfg.variant != DEFAULT_VARIANT:
+        raise ProfileError(f"no measured {engine} latency profile for --gpu {cfg.gpu}, and that device is not here: "
+                           f"the roofline model is of {DEFAULT_VARIANT} and fp16 weights, not {cfg.variant}; measure "
+                           f"it on that device (`{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}"
+                           f"{_variant_flag(cfg)}`)")
     modelled = modelled_profile(cfg.gpu, cfg.backend, cfg.model_dir)
     if found is not None and load_profile(found).to_json() == modelled.to_json():
         return found
@@ -435,7 +496,7 @@ def _current_tree(cfg: BuildCommand, directory: Path, out: Path, inputs: str) ->
 
 def _commit_profile(directory: Path, profile_path: Path, profile: LatencyProfile) -> Path:
     """--update-committed: the profile the tree is searched with goes next to the checkpoint too."""
-    committed = directory / profile_filename(profile.device_key, profile.backend)
+    committed = directory / profile_filename(profile.device_key, profile.backend, profile.variant)
     if profile_path.resolve() != committed.resolve():
         write_atomic(committed, profile_path.read_bytes())
         print(f"wrote {committed} (from {profile_path})")
@@ -443,7 +504,23 @@ def _commit_profile(directory: Path, profile_path: Path, profile: LatencyProfile
 
 
 def _ngram_stats_path(cfg) -> Path:
-    return Path(cfg.ngram_stats) if cfg.ngram_stats else _checkpoint(cfg).parent / NGRAM_STATS_FILE
+    return Path(cfg.ngram_stats) if cfg.ngram_stats else _checkpoint(cfg).parent / ngram_stats_filename(cfg.variant)
+
+
+def collect_missing_stats(cfg: BuildCommand) -> None:
+    """--stats-if-missing: collect the statistics this search reads whose file is not there yet, on this
+    run's model, checkpoint, backend, device and engine variant (the other settings: the commands'
+    defaults). build calls it after finding or measuring the profile, so that a profile is timed
+    before this decoding loads the machine."""
+    device = run_device(cfg.gpu, cfg.device)
+    if not _stats_path(cfg).is_file():
+        print(f"no statistics at {_stats_path(cfg)}: collecting them")
+        cmd_stats(StatsCommand(model_dir=cfg.model_dir, method=METHODS[cfg.method].graph, checkpoint=cfg.checkpoint,
+                               backend=cfg.backend, device=device, variant=cfg.variant, out=str(_stats_path(cfg))), [])
+    if METHODS[cfg.method].ngram_candidates and not _ngram_stats_path(cfg).is_file():
+        print(f"no n-gram statistics at {_ngram_stats_path(cfg)}: collecting them")
+        cmd_ngram_stats(NgramStatsCommand(model_dir=cfg.model_dir, backend=cfg.backend, device=device,
+                                          variant=cfg.variant, out=str(_ngram_stats_path(cfg))), [])
 
 
 def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, config: SearchConfig,
@@ -460,6 +537,11 @@ def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, con
     if stale is not None:
         raise NgramStatsError(f"{_ngram_stats_path(cfg)} was collected for model {stale}, not "
                               f"{fingerprint}: run `{PROG} ngram-stats` for this model")
+    other = next((s.variant for s in ngram if s.variant != cfg.variant), None)
+    if other is not None:
+        raise NgramStatsError(f"{_ngram_stats_path(cfg)} was collected on the {other} engine, not {cfg.variant}: run "
+                              f"`{PROG} ngram-stats --backend {cfg.backend}{_variant_flag(cfg)}`, or pass --ngram-stats "
+                              f"of that variant")
     budget = max(b for b in config.budgets if b <= profile.max_tokens)
     return search_hybrid(model, ngram, profile.latency, budget, config)
 
@@ -476,6 +558,55 @@ def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel,
                        f"(budget {chosen.budget})\n{title}")]
 
 
+def variant_profiles(directory: Path, gpu: str, backend: str,
+                     known: dict[str, LatencyProfile] | None = None) -> list[LatencyProfile]:
+    """The latency profile of each engine variant for --gpu and `backend` that has one (find_profile:
+    this machine's generated dir, then the committed one), in VARIANTS order; `known` holds the
+    profiles a caller already uses (build: the one it searched with), by variant."""
+    known = dict(known or {})
+    profiles = []
+    for variant in VARIANTS:
+        path = None if variant in known else find_profile(search_dirs(directory), gpu, backend, variant)
+        if path is not None:
+            known[variant] = load_profile(path)
+            known[variant].check_variant(variant, path)
+        if variant in known:
+            profiles.append(known[variant])
+    return profiles
+
+
+def write_variant_latencies(profiles: list[LatencyProfile], out: Path) -> Path:
+    from trees.plots import plot_variant_latencies
+
+    return plot_variant_latencies(profiles, out)
+
+
+@dataclass(frozen=True)
+class PlotLatencyCommand:
+    gpu: str = option(help="the device whose profiles are drawn: 'cpu', or part of the GPU's name")
+    backend: str = option(DEFAULT_BACKEND, "backend", choices=BACKEND_CHOICES)
+    checkpoint: str = option(str(METHODS["ppd"].default_checkpoint), "the checkpoint whose dir holds the profiles "
+                                                                     "(and artifacts/trees/<its dir>/)")
+    out: str | None = option(None, "PNG (default: latency-<device>-<backend>-variants.png in artifacts/trees/<model>/)")
+
+
+def cmd_plot_latency(cfg: PlotLatencyCommand, argv: list[str]) -> int:
+    """The step latency curves of every engine variant (fp32, int8, int4) profiled for a device and
+    backend, on one picture (absolute, and relative to each variant's own one-token step)."""
+    directory = Path(cfg.checkpoint).parent
+    profiles = variant_profiles(directory, cfg.gpu, cfg.backend)
+    if not profiles:
+        raise ProfileError(f"no {cfg.backend} latency profile for --gpu {cfg.gpu} in {generated_dir(directory)} or "
+                           f"{directory}: measure them with `{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend} "
+                           f"--variant ...`")
+    first = profiles[0]
+    out = write_variant_latencies(profiles, Path(cfg.out) if cfg.out else generated_dir(directory) /
+                                  variant_latencies_filename(first.device_key, first.backend))
+    print(f"wrote {out}: " + "; ".join(f"{p.variant} T=1 {1e3 * p.latency(1):.1f} ms, T=2 "
+                                       f"{p.latency(min(2, p.max_tokens)) / p.latency(1):.2f}x" for p in profiles))
+    return 0
+
+
 def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
     """Measured tokens/s and accepted tokens of the chosen tree, the best tree of each fixed budget,
     the hand-picked tree and vanilla, on one backend in one run (repeats interleaved)."""
@@ -487,26 +618,31 @@ def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
     if METHODS[cfg.method].ngram_candidates:
         raise ValueError(f"the sweep compares PPD tree sets; for {cfg.method} measure with `python -m runtime bench "
                          f"--methods vanilla,ppd,ngram,{cfg.method}`")
+    check_variant_backend(cfg.backend, cfg.variant)
     device, kind, name = present(cfg.gpu, cfg.device)
     directory, key = _checkpoint(cfg).parent, device_key(kind, name)
-    tree_path = Path(cfg.tree) if cfg.tree else _first_existing(directory, tree_filename(key, cfg.backend, cfg.method))
-    profile_path = Path(cfg.profile) if cfg.profile else _first_existing(directory, profile_filename(key, cfg.backend))
+    tree_path = Path(cfg.tree) if cfg.tree else _first_existing(directory, tree_filename(key, cfg.backend, cfg.method,
+                                                                                          cfg.variant))
+    profile_path = Path(cfg.profile) if cfg.profile else _first_existing(directory, profile_filename(
+        key, cfg.backend, cfg.variant))
     identity, stats, profile = _search_inputs(cfg, profile_path)
     model = AcceptanceModel.from_stats(stats, min(SearchConfig.topk, stats.topk))
-    variants = sweep_variants(cfg.method, tree_path, identity, model, profile, parse_budgets(cfg.budgets))
+    variants = sweep_variants(cfg.method, tree_path, identity, model, profile, parse_budgets(cfg.budgets),
+                              cfg.variant)
     base = Generator.from_pretrained(cfg.model_dir, method=cfg.method, backend=cfg.backend, device=device,
-                                     checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
+                                     variant=cfg.variant, checkpoint=str(_checkpoint(cfg)), tree=str(tree_path))
     generators = sweep_generators(base, identity.config, variants)
     items = load_prompts(cfg.prompts, cfg.limit)
     encoded = [base.encode(item.prompt) for item in items]
     runs = run_sweep(generators, encoded, cfg.max_new_tokens, cfg.repeats)
     rows = sweep_rows(runs, variants, model, profile, identity.config.ensemble)
-    print(f"{cfg.prompts} x {len(items)} prompts, {cfg.max_new_tokens} new tokens, {cfg.backend} on {name}, "
+    print(f"{cfg.prompts} x {len(items)} prompts, {cfg.max_new_tokens} new tokens, {profile.engine} on {name}, "
           f"median of {cfg.repeats} repeat(s); accepted = tokens per decode step (prefill left out)")
     print(format_sweep(rows, len(items)))
     if cfg.out:
         write_report({"prompts": cfg.prompts, "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens,
-                      "backend": cfg.backend, "device": name, "repeats": cfg.repeats, "rows": rows}, cfg.out)
+                      "backend": cfg.backend, "variant": cfg.variant, "device": name, "repeats": cfg.repeats,
+                      "rows": rows}, cfg.out)
         print(f"wrote {cfg.out}")
     return 0 if all(r["matches_vanilla"] == len(items) for r in rows) else 1
 
@@ -520,7 +656,8 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("ngram-stats", NgramStatsCommand, cmd_ngram_stats),
                                ("profile", ProfileCommand, cmd_profile), ("build", BuildCommand, cmd_build),
-                               ("sweep", SweepCommand, cmd_sweep), ("roofline", RooflineCommand, cmd_roofline)):
+                               ("sweep", SweepCommand, cmd_sweep), ("roofline", RooflineCommand, cmd_roofline),
+                               ("plot-latency", PlotLatencyCommand, cmd_plot_latency)):
         add_config_command(sub, name, cls, handler)
     args = parser.parse_args(argv)
     errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, NgramStatsError,

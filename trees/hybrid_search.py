@@ -35,7 +35,6 @@ from trees.ppd_tree import PPDTreeSet
 from trees.search import AcceptanceModel, Evaluation, LatencyFn, SearchConfig, evaluate, search
 from trees.tree import TreeError
 
-DEFAULT_NGRAM_DEPTHS = (0, 1, 2, 3, 4, 5, 6)
 DEFAULT_NGRAM_PROMPT_TOKENS = (0, 1)
 
 
@@ -88,10 +87,13 @@ def evaluate_hybrid(trees: PPDTreeSet, model: AcceptanceModel, ngram: NgramStats
 
 
 def search_hybrid(model: AcceptanceModel, ngram: Sequence[NgramStats], latency: LatencyFn, budget: int,
-                  config: SearchConfig = SearchConfig(), depths: tuple[int, ...] = DEFAULT_NGRAM_DEPTHS,
+                  config: SearchConfig = SearchConfig(), depths: Sequence[int] | None = None,
                   prompt_tokens: tuple[int, ...] = DEFAULT_NGRAM_PROMPT_TOKENS) -> HybridChoice:
     """The n-gram source (one of `ngram`, by min_ngram), (D, c) and PPD trees with the most expected
-    tokens per second within `budget` tokens."""
+    tokens per second within `budget` tokens; D from `depths`, by default every depth the statistics
+    measured (0 .. their max_depth)."""
+    if depths is None:
+        depths = range(max(source.max_depth for source in ngram) + 1)
     best: HybridChoice | None = None
     for depth in depths:
         for count in (prompt_tokens if depth else (0,)):

@@ -8,6 +8,10 @@ busy machine single medians jitter) and interpolates linearly between measured s
 A profile is "measured" (on the device it names), or "roofline": modelled from a GPU's datasheet by
 trees/roofline.py for a GPU this machine does not have, with the table row used in `roofline`.
 A measured profile always wins over a modelled one (runtime/tree_files.py find_profile).
+
+`variant` is the engine's weight quantization (export/quantize.py: fp32, int8, int4): a quantized
+onnxruntime engine steps at another cost per tree size, so each variant has its own profile; a
+profile that records none was measured on fp32 weights.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trees._json import check_format, fields_of, read_json_file, write_json
+from trees.devices import DEFAULT_VARIANT, engine_label
 from trees.quiet import Quietness
 
 PROFILE_FORMAT = "ppdeploy-latency-profile"
@@ -54,6 +59,7 @@ class LatencyProfile:
     roofline: tuple[tuple[str, str | float], ...] = ()   # a modelled profile's GPU row and model terms
     quiet: Quietness | None = None               # how quiet its machine was (trees/quiet.py); None: not
                                                  # recorded (profiles from before the field, modelled ones)
+    variant: str = DEFAULT_VARIANT               # the engine's weights (export/quantize.py VARIANTS)
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +87,19 @@ class LatencyProfile:
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
+    @property
+    def engine(self) -> str:
+        """The backend, with the variant when it is not fp32 ("onnxruntime int4"): for titles."""
+        return engine_label(self.backend, self.variant)
+
+    def check_variant(self, variant: str, path: str | Path) -> None:
+        """Refuse this profile (read from `path`) for an engine of another variant: its step costs are
+        another engine's."""
+        if self.variant != variant:
+            raise ProfileError(f"{path} was measured on the {self.variant} engine, not {variant}: its step costs are "
+                               f"another engine's. Measure the {variant} one with `python -m runtime trees profile "
+                               f"--gpu ... --backend {self.backend} --variant {variant}` (or pass --profile of it)")
+
     def latency(self, tokens: int) -> float:
         """Seconds of one step with `tokens` tokens (monotone fit, linear between measured sizes)."""
         if not 1 <= tokens <= self.max_tokens:
@@ -94,6 +113,7 @@ class LatencyProfile:
             "device_key": self.device_key,
             "device_name": self.device_name,
             "backend": self.backend,
+            "variant": self.variant,
             "source": self.source,
             **({"roofline": dict(self.roofline)} if self.roofline else {}),
             "versions": dict(self.versions),
@@ -117,7 +137,8 @@ class LatencyProfile:
                        versions=tuple(dict(data.get("versions", {})).items()),
                        source=str(data.get("source", MEASURED)),   # profiles before the field were measured
                        roofline=tuple(dict(data.get("roofline", {})).items()),
-                       quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None)
+                       quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None,
+                       variant=str(data.get("variant", DEFAULT_VARIANT)))   # profiles before the field: fp32
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trees._json import check_format, fields_of, read_json_file, write_json
+from trees.devices import DEFAULT_VARIANT
 
 NGRAM_STATS_FORMAT = "ppdeploy-ngram-acceptance"
 FIX = "collect them with `python -m runtime trees ngram-stats`"
@@ -37,6 +38,7 @@ class NgramStats:
     calibration: str = ""
     num_prompts: int = 0
     min_ngram: int = 1              # shortest suffix n-gram the source looks up
+    variant: str = DEFAULT_VARIANT  # the engine variant whose greedy decodes were replayed
 
     def __post_init__(self) -> None:
         if len(self.depth_counts) != self.max_depth + 1 or min(self.depth_counts, default=0) < 0:
@@ -63,7 +65,7 @@ class NgramStats:
                 "match_rate": round(self.match_rate, 4), "depth_counts": list(self.depth_counts),
                 "at_least": [round(self.at_least(d), 4) for d in range(1, self.max_depth + 1)],
                 "model_fingerprint": self.model_fingerprint, "calibration": self.calibration,
-                "num_prompts": self.num_prompts, "min_ngram": self.min_ngram}
+                "num_prompts": self.num_prompts, "min_ngram": self.min_ngram, "variant": self.variant}
 
     @classmethod
     def from_json(cls, data: dict) -> "NgramStats":
@@ -71,7 +73,8 @@ class NgramStats:
         with fields_of(NgramStatsError, "n-gram statistics JSON is missing or has a bad field"):
             return cls(int(data["max_depth"]), int(data["positions"]), tuple(int(c) for c in data["depth_counts"]),
                        str(data["model_fingerprint"]), str(data.get("calibration", "")),
-                       int(data.get("num_prompts", 0)), int(data.get("min_ngram", 1)))
+                       int(data.get("num_prompts", 0)), int(data.get("min_ngram", 1)),
+                       str(data.get("variant", DEFAULT_VARIANT)))
 
 
 def save_ngram_stats(path: str | Path, stats: Sequence[NgramStats]) -> Path:

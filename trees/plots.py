@@ -1,5 +1,6 @@
 """Pictures of a tree search (matplotlib, Agg): the latency curve, expected accepted tokens and
-speedup against tree size, and the chosen trees drawn. Written as PNGs next to the tree file."""
+speedup against tree size, and the chosen trees drawn. Written as PNGs next to the tree file. And
+the latency curves of a device's engine variants (fp32, int8, int4) on one picture."""
 
 from __future__ import annotations
 
@@ -45,11 +46,40 @@ def plot_latency(profile: LatencyProfile, chosen: Evaluation, path: str | Path) 
             label="chosen trees: " + ", ".join(f"m={m} T={t} ({share:.0%} of steps)" for m, t, share in used))
     ax.set_xlabel("tokens per step T (candidates + prompt tokens)")
     ax.set_ylabel("step latency (ms)")
-    ax.set_title(f"{profile.device_name} · {profile.backend} · context {profile.context}", fontsize=9)
+    ax.set_title(f"{profile.device_name} · {profile.engine} · context {profile.context}", fontsize=9)
     ax.set_xlim(0, sizes[-1] + 1)
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_variant_latencies(profiles: Sequence[LatencyProfile], path: str | Path) -> Path:
+    """The step latency of each engine variant against tree size (left, ms) and relative to its own
+    one-token step (right: what the tree search trades against accepted tokens)."""
+    if not profiles:
+        raise ValueError("no latency profiles to draw: measure one with `python -m runtime trees profile`")
+    plt = _pyplot()
+    fig, (absolute, relative) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    for profile in profiles:
+        sizes = np.asarray(profile.sizes)
+        line, = absolute.plot(sizes, 1e3 * profile.fitted, "-", lw=1.8,
+                              label=f"{profile.variant}: T=1 {1e3 * profile.latency(1):.1f} ms")
+        absolute.plot(sizes, 1e3 * np.asarray(profile.seconds), "o", ms=2.5, color=line.get_color(), alpha=0.6)
+        relative.plot(sizes, profile.fitted / profile.latency(1), "-", lw=1.8, color=line.get_color(),
+                      label=profile.variant)
+    relative.axhline(1.0, ls=":", color="0.4", lw=1)
+    absolute.set_ylabel("step latency (ms; dots: medians, line: monotone fit)")
+    relative.set_ylabel("step latency / the variant's own T=1 step")
+    for ax in (absolute, relative):
+        ax.set_xlabel("tokens per step T (candidates + prompt tokens)")
+        ax.set_xlim(0, None)
+        ax.set_ylim(0, None)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    first = profiles[0]
+    fig.suptitle(f"{first.device_name} · {first.backend} · context {first.context} · engine variants", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from trees._json import fields_of, read_json_file
+from trees.devices import DEFAULT_VARIANT
 from trees.tree import Tree, TreeError
 
 _TREE_KEYS = ("num_prompt_tokens", "topk", "trees")
@@ -111,11 +112,27 @@ def prompt_tokens_sha256(embeddings: Any) -> str:
     return hashlib.sha256(array.tobytes()).hexdigest()
 
 
-def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sha256: str) -> None:
+def tree_variant(trees: PPDTreeSet) -> str:
+    """The engine variant a tree was searched for (fp32 when it records none: hand-picked trees, trees
+    searched before variants)."""
+    return str(trees.metadata.get("variant", DEFAULT_VARIANT))
+
+
+def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sha256: str,
+                        variant: str = DEFAULT_VARIANT) -> None:
     """Refuse a searched tree built for another model or another checkpoint (ppd prompt tokens or
-    ht transfer maps, by the hash of their tensors).
+    ht transfer maps, by the hash of their tensors), or searched for another quantized engine
+    variant than `variant`, the engine it will run on: a variant's tree was searched on that
+    engine's latency curve. fp32's trees run on every variant (a variant without its own tree
+    falls back to them).
 
     Trees without a recorded identity (hand-picked ones) are accepted for any model."""
+    searched = tree_variant(trees)
+    if searched not in (variant, DEFAULT_VARIANT):
+        raise TreeError(f"this tree was searched for the {searched} engine (on its latency curve), but the engine "
+                        f"loaded is {variant}: use the {variant} engine's tree (`python -m runtime trees build "
+                        f"--backend onnxruntime --variant {variant}`, or `make tree QUANT={variant}`) or fp32's, "
+                        f"or leave the tree to the default")
     built_model = trees.metadata.get("model_fingerprint")
     built_checkpoint = trees.metadata.get("checkpoint_sha256")
     if built_model is not None and built_model != model_fingerprint:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from trees._json import check_format, fields_of, read_json_file, write_json
+from trees.devices import DEFAULT_VARIANT
 
 STATS_FORMAT = "ppdeploy-ppd-acceptance"
 DEFAULT_SHRINKAGE = 20.0
@@ -51,6 +52,8 @@ class AcceptanceStats:
     max_new_tokens: int = 0
     backend: str = ""
     device: str = ""
+    variant: str = DEFAULT_VARIANT         # the engine variant decoded (export/quantize.py); its outputs,
+                                           # hence the predictions' ranks, differ slightly per variant
 
     def __post_init__(self) -> None:
         n, k = self.num_prompt_tokens, self.topk
@@ -120,6 +123,7 @@ class AcceptanceStats:
             "max_new_tokens": self.max_new_tokens,
             "backend": self.backend,
             "device": self.device,
+            "variant": self.variant,
             # For people; recomputed from `steps` on load, never read back.
             "summary": {"steps": len(self.steps), "steps_per_m": np.bincount(
                             [s[0] for s in self.steps], minlength=self.num_prompt_tokens + 1).tolist(),
@@ -140,7 +144,7 @@ class AcceptanceStats:
                 model_fingerprint=str(data["model_fingerprint"]), checkpoint_sha256=str(data["checkpoint_sha256"]),
                 calibration=str(data.get("calibration", "")), num_prompts=int(data.get("num_prompts", 0)),
                 max_new_tokens=int(data.get("max_new_tokens", 0)), backend=str(data.get("backend", "")),
-                device=str(data.get("device", "")))
+                device=str(data.get("device", "")), variant=str(data.get("variant", DEFAULT_VARIANT)))
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically, one step record per line (diffable; a few thousand lines)."""
@@ -156,6 +160,14 @@ class AcceptanceStats:
                              f"{self.checkpoint_sha256[:16]}, not the checkpoint now loaded "
                              f"({checkpoint_sha256[:16]}): the prompt tokens were retrained, rerun "
                              f"`python -m runtime trees stats`")
+
+
+    def check_variant(self, variant: str, path: str | Path) -> None:
+        """Refuse statistics (read from `path`) decoded on another engine variant than the search is for."""
+        if self.variant != variant:
+            raise StatsError(f"{path} was collected on the {self.variant} engine, not {variant}: collect the {variant} "
+                             f"engine's with `python -m runtime trees stats --backend onnxruntime --variant {variant}` "
+                             f"(--method ppd|ht), or pass --stats of that variant")
 
 
 def load_stats(path: str | Path) -> AcceptanceStats:

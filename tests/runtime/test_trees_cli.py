@@ -1,6 +1,8 @@
 """python -m runtime trees: device checks, and build from statistics + profile to a tree the runtime accepts."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +151,224 @@ def test_hybrid_build_splits_the_budget_with_the_ngram_source(ppd_dir, tmp_path,
     assert main(["sweep", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
                  str(checkpoint)]) == 2
     assert "bench" in capsys.readouterr().err
+
+
+# --- engine variants (--variant; export/quantize.py) ------------------------------------------------
+
+def test_variant_file_names_of_the_statistics():
+    from runtime.tree_files import ngram_stats_filename, stats_filename
+
+    assert (stats_filename("ppd"), ngram_stats_filename()) == ("ppd-acceptance.json", "ngram-acceptance.json")
+    assert stats_filename("ht", "fp32") == "ht-acceptance.json"
+    assert (stats_filename("ppd", "int4"), ngram_stats_filename("int4")) == ("ppd-acceptance-int4.json",
+                                                                             "ngram-acceptance-int4.json")
+
+
+@pytest.mark.parametrize("argv", [["profile", "--gpu", "cpu"], ["stats"], ["ngram-stats"], ["build", "--gpu", "cpu"],
+                                  ["sweep", "--gpu", "cpu"], ["profile", "--gpu", "cpu", "--backend", "tensorrt"]])
+def test_a_quantized_variant_needs_the_onnxruntime_backend(argv, capsys):
+    assert main([*argv, "--variant", "int4"]) == 2             # the default backend is torch
+    err = capsys.readouterr().err
+    assert "--variant int4 is a weight-only quantized onnxruntime engine" in err and "add --backend onnxruntime" in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--variant", "int3"])                     # not a variant at all: argparse's choices
+
+
+INT4_SECONDS = {1: 0.0098, 2: 0.0199, 5: 0.0217, 11: 0.0262, 16: 0.030}   # measured shape of int4 (README)
+
+
+def _int4_like(fingerprint: str, variant: str = "int4") -> LatencyProfile:
+    """The shape of the measured int4 curve: T=2 costs twice T=1 (GEMV for one row, SGEMM for more)."""
+    sizes = tuple(range(1, 17))
+    seconds = tuple(float(np.interp(s, list(INT4_SECONDS), list(INT4_SECONDS.values()))) for s in sizes)
+    return LatencyProfile("cpu", "cpu: test", "onnxruntime", sizes, seconds, 3, 300, fingerprint, variant=variant)
+
+
+def _fp32_like(fingerprint: str) -> LatencyProfile:
+    sizes = tuple(range(1, 17))
+    return LatencyProfile("cpu", "cpu: test", "onnxruntime", sizes, tuple(0.018 + 0.001 * s for s in sizes), 3, 300,
+                          fingerprint)
+
+
+def test_build_per_variant_refuses_other_variants_inputs_and_says_when_slower(ppd_dir, tmp_path, capsys):
+    """build --variant int4 reads the int4 profile and statistics (refusing fp32's under that name or
+    passed explicitly), writes ppd-tree-cpu-onnxruntime-int4.json with its own PNGs and the picture of
+    every variant's latency curve, and says plainly that the tree is predicted slower than vanilla."""
+    model_dir, checkpoint, stats, rows = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    _fp32_like(fingerprint).save(tmp_path / "latency-cpu-onnxruntime.json")
+    stats.save(tmp_path / "ppd-acceptance-int4.json")                         # fp32's statistics, int4's name
+    _int4_like(fingerprint, variant="fp32").save(tmp_path / "latency-cpu-onnxruntime-int4.json")   # likewise
+    args = ["build", "--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(model_dir),
+            "--checkpoint", str(checkpoint), "--budgets", "4,8,16"]
+    assert main(args) == 2
+    assert "ppd-acceptance-int4.json was collected on the fp32 engine, not int4" in capsys.readouterr().err
+    dataclasses.replace(stats, variant="int4").save(tmp_path / "ppd-acceptance-int4.json")
+    assert main(args) == 2
+    assert "latency-cpu-onnxruntime-int4.json was measured on the fp32 engine, not int4" in capsys.readouterr().err
+    _int4_like(fingerprint).save(tmp_path / "latency-cpu-onnxruntime-int4.json")
+    assert main([*args, "--profile", str(tmp_path / "latency-cpu-onnxruntime.json")]) == 2
+    assert "measured on the fp32 engine, not int4" in capsys.readouterr().err
+    assert not generated_dir(tmp_path).exists()                              # nothing written by a refusal
+    assert main(args) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    generated = generated_dir(tmp_path)
+    trees = load_ppd_trees(generated / "ppd-tree-cpu-onnxruntime-int4.json")
+    meta = trees.metadata
+    assert (meta["variant"], meta["backend"]) == ("int4", "onnxruntime")
+    assert meta["search"]["statistics"] == "ppd-acceptance-int4.json"
+    assert meta["search"]["profile"] == "latency-cpu-onnxruntime-int4.json"
+    assert meta["expected_speedup"] < 1                                       # no gain is faked ...
+    assert "SLOWER THAN VANILLA" in err and "T=2 already costs 2.03x T=1" in err   # ... and it is said
+    for suffix in ("latency", "search", "trees"):
+        assert (generated / f"ppd-tree-cpu-onnxruntime-int4-{suffix}.png").is_file()
+    assert (generated / "latency-cpu-onnxruntime-variants.png").stat().st_size > 10_000
+    assert not (generated / "ppd-tree-cpu-onnxruntime.json").exists()         # fp32's tree is another build
+    # fp32's build on the same dir reads fp32's files, and its tree keeps fp32's name.
+    assert main(["build", "--gpu", "cpu", "--backend", "onnxruntime", "--model-dir", str(model_dir), "--checkpoint",
+                 str(checkpoint), "--budgets", "4,8,16", "--no-plots"]) == 0
+    fp32 = load_ppd_trees(generated / "ppd-tree-cpu-onnxruntime.json").metadata
+    assert fp32["variant"] == "fp32" and fp32["search"]["statistics"] == "ppd-acceptance.json"
+    assert fp32["expected_speedup"] > 1
+    # The variants' curves alone (python -m runtime trees plot-latency).
+    capsys.readouterr()
+    plot = ["plot-latency", "--gpu", "cpu", "--checkpoint", str(checkpoint)]
+    assert main([*plot, "--backend", "onnxruntime", "--out", str(tmp_path / "curves.png")]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 T=1 19.0 ms, T=2 1.05x; int4 T=1 9.8 ms, T=2 2.03x" in out
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert main([*plot, "--backend", "tensorrt"]) == 2
+    assert "no tensorrt latency profile for --gpu cpu" in capsys.readouterr().err
+
+
+def test_hybrid_build_refuses_ngram_statistics_of_another_variant(ppd_dir, tmp_path, capsys):
+    from trees.ngram_stats import NgramStats, save_ngram_stats
+
+    model_dir, checkpoint, stats, _ = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    _int4_like(fingerprint).save(tmp_path / "latency-cpu-onnxruntime-int4.json")
+    dataclasses.replace(stats, variant="int4").save(tmp_path / "ppd-acceptance-int4.json")
+    counts = (100, 50, 50, 50, 100, 50, 50, 50, 300)
+    save_ngram_stats(tmp_path / "ngram-acceptance-int4.json", [NgramStats(8, 1000, counts, fingerprint)])
+    args = ["build", "--gpu", "cpu", "--method", "hybrid", "--backend", "onnxruntime", "--variant", "int4",
+            "--model-dir", str(model_dir), "--checkpoint", str(checkpoint), "--budgets", "4,8"]
+    assert main(args) == 2
+    assert "ngram-acceptance-int4.json was collected on the fp32 engine, not int4" in capsys.readouterr().err
+    save_ngram_stats(tmp_path / "ngram-acceptance-int4.json",
+                     [NgramStats(8, 1000, counts, fingerprint, variant="int4")])
+    assert main(args) == 0, capsys.readouterr().err
+    assert load_ppd_trees(generated_dir(tmp_path) / "hybrid-tree-cpu-onnxruntime-int4.json").metadata["variant"] == "int4"
+
+
+def _tree_file(path, variant: str | None, fingerprint: str, rows, budget: int) -> None:
+    """A valid N=2 tree file for the tiny checkpoint; `budget` tells files apart."""
+    from trees.search import AcceptanceModel, SearchConfig, search
+
+    steps = [(2, 0, 0), (2, 0, 1), (1, 0), (0,)] * 20
+    model = AcceptanceModel.from_stats(AcceptanceStats(2, 1, 4, tuple(steps), fingerprint,
+                                                       prompt_tokens_sha256(rows)), 4)
+    trees, _ = search(model, lambda t: 1.0, budget, SearchConfig(budgets=(budget,), topk=4))
+    meta = {"model_fingerprint": fingerprint, "checkpoint_sha256": prompt_tokens_sha256(rows), "budget": budget,
+            **({} if variant is None else {"variant": variant})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.replace(trees, metadata=meta).to_json()))
+
+
+def test_the_runtime_takes_the_variants_tree_then_fp32s(ppd_dir, tmp_path):
+    """build_method (what Generator.from_pretrained / from_engine call) for onnxruntime int4: the int4
+    tree, else fp32's for the backend (the whole order: tests/trees test_tree_lookup_per_variant...);
+    another variant's tree is refused."""
+    from runtime.methods import build_method
+
+    model_dir, checkpoint, _, rows = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+
+    def tree_budget(variant="int4", **options):
+        method = build_method("ppd", model_dir, 49152, 64, backend="onnxruntime", variant=variant,
+                              checkpoint=str(checkpoint), **options)
+        return method.proposer.trees.metadata.get("budget")
+
+    _tree_file(tmp_path / "ppd-tree-cpu-onnxruntime.json", None, fingerprint, rows, 4)          # fp32's
+    assert tree_budget() == 4 == tree_budget("fp32")
+    _tree_file(generated_dir(tmp_path) / "ppd-tree-cpu-onnxruntime-int4.json", "int4", fingerprint, rows, 6)
+    assert tree_budget() == 6 and tree_budget("fp32") == 4 and tree_budget("int8") == 4
+    _tree_file(tmp_path / "int8-tree.json", "int8", fingerprint, rows, 8)
+    with pytest.raises(TreeError, match="int8-tree.json: this tree was searched for the int8 engine.*loaded is int4"):
+        tree_budget(tree=str(tmp_path / "int8-tree.json"))
+    assert tree_budget("int8", tree=str(tmp_path / "int8-tree.json")) == 8
+
+
+def test_int4_profile_build_and_runtime_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """On the tiny model: `profile --variant int4` times the int4 engine (made on demand from the fp32
+    export), `build --variant int4` searches on it, and Generator.from_pretrained(variant="int4"),
+    Generator.from_engine(<ppd-int4 dir>) and `export engine`'s tree install all take that tree."""
+    import export.engine
+    from export.__main__ import install_trees
+    from export.engine import engine_tree_path
+    from runtime import Generator
+
+    monkeypatch.setattr(export.engine, "ARTIFACTS_DIR", tmp_path / "artifacts")
+    fingerprint = model_fingerprint(tiny_model_dir)
+    rows = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 0.02
+    checkpoint = save_prompt_tokens(tmp_path / "ppd.safetensors", rows, PPDConfig(3, 1), fingerprint,
+                                    dtype=torch.float32)          # N = 3: the hand-picked tree the profile runs
+    rng = np.random.default_rng(0)
+    steps = [(3, *[int(r) for r in rng.choice([0, 0, 0, 1, 2, 4], size=3)]) for _ in range(300)]
+    AcceptanceStats(3, 1, 4, tuple(steps), fingerprint, prompt_tokens_sha256(rows), variant="int4").save(
+        tmp_path / "ppd-acceptance-int4.json")
+    common = ["--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(tiny_model_dir),
+              "--checkpoint", str(checkpoint)]
+    assert main(["profile", *common, "--force", "--max-tokens", "4", "--context", "16", "--repeats", "2",
+                 "--rounds", "1"]) == 0, capsys.readouterr().err
+    profile = tmp_path / "latency-cpu-onnxruntime-int4.json"
+    assert json.loads(profile.read_text())["variant"] == "int4"
+    assert main(["build", *common, "--budgets", "2,4", "--no-plots"]) == 0, capsys.readouterr().err
+    tree = generated_dir(tmp_path) / "ppd-tree-cpu-onnxruntime-int4.json"
+    searched = load_ppd_trees(tree)
+    assert searched.metadata["variant"] == "int4" and searched.metadata["search"]["profile"] == profile.name
+
+    gen = Generator.from_pretrained(tiny_model_dir, method="ppd", backend="onnxruntime", variant="int4",
+                                    checkpoint=str(checkpoint), max_context=256)
+    assert gen.proposer.trees == searched and gen.backend.manifest.dir.name == "ppd-int4"
+    engine = gen.backend.manifest
+    assert not engine_tree_path(engine).exists()                # a runtime-made dir has no installed tree:
+    assert Generator.from_engine(engine.dir).proposer.trees == searched     # the variant's searched one
+    install_trees(engine, "cpu", "onnxruntime")                 # what `make engine QUANT=int4` installs
+    assert load_ppd_trees(engine_tree_path(engine)) == searched
+    assert len(gen.generate("Tell me about the sea.", max_new_tokens=8).token_ids) == 8
+
+
+def test_build_collects_missing_statistics_of_its_variant(ppd_dir, tmp_path, monkeypatch, capsys):
+    """--stats-if-missing (`make tree`): the variant's acceptance and n-gram statistics are collected
+    with the build's model, checkpoint, backend and variant when their files are missing, and not again
+    (the collection itself is faked here; `stats`/`ngram-stats` run the real decode)."""
+    from runtime import trees_cli
+    from trees.ngram_stats import NgramStats, save_ngram_stats
+
+    model_dir, checkpoint, stats, _ = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    _int4_like(fingerprint).save(tmp_path / "latency-cpu-onnxruntime-int4.json")
+    calls = []
+
+    def fake_stats(cfg, argv):
+        calls.append(("stats", cfg.method, cfg.backend, cfg.variant, cfg.checkpoint, Path(cfg.out).name))
+        dataclasses.replace(stats, variant=cfg.variant).save(cfg.out)
+        return 0
+
+    def fake_ngram_stats(cfg, argv):
+        calls.append(("ngram-stats", cfg.backend, cfg.variant, Path(cfg.out).name))
+        save_ngram_stats(cfg.out, [NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), fingerprint,
+                                              variant=cfg.variant)])
+        return 0
+
+    monkeypatch.setattr(trees_cli, "cmd_stats", fake_stats)
+    monkeypatch.setattr(trees_cli, "cmd_ngram_stats", fake_ngram_stats)
+    args = ["build", "--gpu", "cpu", "--method", "hybrid", "--backend", "onnxruntime", "--variant", "int4",
+            "--model-dir", str(model_dir), "--checkpoint", str(checkpoint), "--budgets", "4,8", "--no-plots"]
+    assert main(args) == 2 and "ppd-acceptance-int4.json does not exist" in capsys.readouterr().err
+    assert calls == []                                                   # only when asked to
+    assert main([*args, "--stats-if-missing"]) == 0, capsys.readouterr().err
+    assert calls == [("stats", "ppd", "onnxruntime", "int4", str(checkpoint), "ppd-acceptance-int4.json"),
+                     ("ngram-stats", "onnxruntime", "int4", "ngram-acceptance-int4.json")]
+    assert main([*args, "--stats-if-missing"]) == 0 and len(calls) == 2   # there now: not collected again
+    assert "nothing to do" in capsys.readouterr().out

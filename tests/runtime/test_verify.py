@@ -90,3 +90,14 @@ def test_options_pick_the_verifier():
         make_verifier(DecodingOptions(temperature=0.7))
     seeded = DecodingOptions(temperature=0.7).with_seed()
     assert seeded.seed is not None and DecodingOptions().with_seed().seed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_choice_is_torch_argmax_first_maximum_on_ties(dtype):
+    # float32 on the CPU takes numpy's argmax; the others torch's: both must pick the first maximum.
+    logits = torch.randn(7, 49152, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[3, [17, 40000]] = 50.0          # a tie: the first index wins
+    logits[5, :] = 0.0                      # all equal: index 0
+    chosen = GreedyVerifier().choose(logits, torch.arange(7))
+    assert chosen.dtype == torch.int64 and chosen.tolist() == logits.argmax(dim=-1).tolist()
+    assert chosen[3] == 17 and chosen[5] == 0

@@ -150,3 +150,95 @@ def test_device_keys_and_tree_lookup(tmp_path):
     assert find_device_tree(tmp_path, "cpu", "torch", "ht", fallback) == fallback
     (tmp_path / tree_filename("cpu", "torch", "ht")).write_text("{}")
     assert find_device_tree(tmp_path, "cpu", "onnxruntime", "ht", fallback).name == "ht-tree-cpu-torch.json"
+
+
+# --- engine variants (export/quantize.py): names, records, refusals ---------------------------------
+
+def test_file_names_per_variant_keep_fp32_names():
+    from trees.devices import profile_filename, variant_latencies_filename
+
+    assert profile_filename("cpu", "onnxruntime") == "latency-cpu-onnxruntime.json"          # committed names
+    assert profile_filename("cpu", "onnxruntime", "fp32") == "latency-cpu-onnxruntime.json"
+    assert tree_filename("cpu", "onnxruntime", "ppd", "fp32") == "ppd-tree-cpu-onnxruntime.json"
+    assert profile_filename("cpu", "onnxruntime", "int4") == "latency-cpu-onnxruntime-int4.json"
+    assert tree_filename("cpu", "onnxruntime", "hybrid", "int8") == "hybrid-tree-cpu-onnxruntime-int8.json"
+    assert variant_latencies_filename("cpu", "onnxruntime") == "latency-cpu-onnxruntime-variants.png"
+
+
+def _profile(variant: str | None = None, **extra) -> LatencyProfile:
+    kwargs = {} if variant is None else {"variant": variant}
+    return LatencyProfile("cpu", "cpu: x", "onnxruntime", (1, 2, 4), (0.010, 0.020, 0.022), 3, 300, "model-a",
+                          **kwargs, **extra)
+
+
+def test_profile_records_its_variant_and_is_refused_for_another(tmp_path):
+    int4 = _profile("int4")
+    path = int4.save(tmp_path / "latency-cpu-onnxruntime-int4.json")
+    assert json.loads(path.read_text())["variant"] == "int4" and load_profile(path) == int4
+    assert int4.engine == "onnxruntime int4" and _profile().engine == "onnxruntime"
+    load_profile(path).check_variant("int4", path)
+    with pytest.raises(ProfileError, match="measured on the int4 engine, not fp32.*--variant fp32"):
+        load_profile(path).check_variant("fp32", path)
+    # A profile from before the field was measured on fp32 weights.
+    old = {k: v for k, v in _profile().to_json().items() if k != "variant"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_profile(tmp_path / "old.json").variant == "fp32"
+    with pytest.raises(ProfileError, match="measured on the fp32 engine, not int4"):
+        load_profile(tmp_path / "old.json").check_variant("int4", tmp_path / "old.json")
+
+
+def test_statistics_record_their_variant_and_are_refused_for_another(tmp_path):
+    from trees.ngram_stats import NgramStats, load_ngram_stats, save_ngram_stats
+
+    stats = make_stats([(2, 0, 1), (1,)], variant="int4")
+    path = stats.save(tmp_path / "ppd-acceptance-int4.json")
+    assert load_stats(path).variant == "int4"
+    load_stats(path).check_variant("int4", path)
+    with pytest.raises(StatsError, match="collected on the int4 engine, not int8.*--variant int8"):
+        load_stats(path).check_variant("int8", path)
+    old = json.loads(path.read_text())
+    del old["variant"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_stats(tmp_path / "old.json").variant == "fp32"
+    ngram = save_ngram_stats(tmp_path / "ngram-acceptance-int4.json",
+                             [NgramStats(2, 10, (1, 2, 3), "model-a", variant="int4")])
+    assert [s.variant for s in load_ngram_stats(ngram)] == ["int4"]
+
+
+def test_tree_of_another_variant_is_refused_and_fp32_trees_run_on_every_variant():
+    int4 = PPDTreeSet.from_json({"model_fingerprint": "model-a", "checkpoint_sha256": "ckpt-a", "variant": "int4",
+                                 **TREE})
+    check_tree_identity(int4, "model-a", "ckpt-a", "int4")
+    for engine in ("fp32", "int8"):
+        with pytest.raises(TreeError, match=f"searched for the int4 engine.*loaded is {engine}"):
+            check_tree_identity(int4, "model-a", "ckpt-a", engine)
+    with pytest.raises(TreeError, match="searched for the int4 engine"):
+        check_tree_identity(int4, "model-a", "ckpt-a")          # the default engine is fp32
+    fp32 = PPDTreeSet.from_json({"model_fingerprint": "model-a", "checkpoint_sha256": "ckpt-a", **TREE})
+    for engine in ("fp32", "int8", "int4"):                      # no variant recorded: fp32's, the fallback
+        check_tree_identity(fp32, "model-a", "ckpt-a", engine)
+
+
+def test_tree_lookup_per_variant_falls_back_to_fp32(tmp_path):
+    generated, committed = tmp_path / "generated", tmp_path / "committed"
+    for d in (generated, committed):
+        d.mkdir()
+    dirs, fallback = (generated, committed), tmp_path / "hand-picked.json"
+
+    def find(backend="onnxruntime", variant="int4"):
+        return find_device_tree(dirs, "cpu", backend, "ppd", fallback, variant)
+
+    # A variant's tree never stands in for fp32, on its backend or another one.
+    (committed / tree_filename("cpu", "onnxruntime", "ppd", "int8")).write_text("{}")
+    assert find(variant="fp32") == fallback and find("torch", "fp32") == fallback and find() == fallback
+    (committed / tree_filename("cpu", "torch", "ppd")).write_text("{}")          # fp32, another backend
+    assert find() == committed / "ppd-tree-cpu-torch.json"
+    (generated / tree_filename("cpu", "onnxruntime", "ppd")).write_text("{}")    # fp32, this backend
+    assert find() == generated / "ppd-tree-cpu-onnxruntime.json"
+    (committed / tree_filename("cpu", "onnxruntime", "ppd", "int4")).write_text("{}")   # the variant's own wins
+    assert find() == committed / "ppd-tree-cpu-onnxruntime-int4.json"
+    (generated / tree_filename("cpu", "onnxruntime", "ppd", "int4")).write_text("{}")
+    assert find() == generated / "ppd-tree-cpu-onnxruntime-int4.json"
+    assert find(variant="int8") == committed / "ppd-tree-cpu-onnxruntime-int8.json"
+    assert find(variant="fp32") == generated / "ppd-tree-cpu-onnxruntime.json"
+    assert find("torch", "fp32") == committed / "ppd-tree-cpu-torch.json"
