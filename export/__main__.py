@@ -5,7 +5,8 @@
     python -m export engine [--target cpu|GPU]   the engine dir a runtime loads (what `make engine` runs);
                                                  a GPU target (e.g. h100) adds a TensorRT engine built there
         --quantize int8|int4                     (onnx, engine --target cpu) the weight-only quantized
-                                                 variant (MatMulNBits), made from the fp32 graph
+                                                 variant (MatMulNBits, int8 activations), made from
+                                                 an fp32 graph with fp64 attention (export/step_model.py)
     python -m export check ENGINE_DIR            parity of its runners on recorded real step inputs (Polygraphy)
 
 Each command's flags are the fields of its config dataclass below; the export defaults are read from
@@ -136,7 +137,8 @@ def cmd_engine(cfg: EngineCommand) -> int:
     out = Path(cfg.out) if cfg.out else engine_dir(cfg.model, cfg.target, cfg.method, cfg.quantize)
     if cfg.target != CPU_TARGET:
         return engine_gpu(cfg, out)
-    # A variant is made from the fp32 engine dir's export, which stays (the fp32 engine).
+    # A variant whose scheme needs no row-exact attention is made from the fp32 engine dir's export; the
+    # current schemes do need it, so their fp32 source is exported in a temp dir (export_variant).
     manifest = build_ort_engine(cfg.target_config(out), source_dir=engine_dir(cfg.model, cfg.target, cfg.method))
     install_trees(manifest, "cpu", "onnxruntime")
     print(f"engine ready: {manifest.dir}")

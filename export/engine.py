@@ -28,7 +28,7 @@ from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, Man
 from export.methods import METHODS, MethodExtras
 from export.onnx_export import DTYPES, ExportConfig, export_onnx, load_method_extras
 from export.paths import ARTIFACTS_DIR
-from export.quantize import DEFAULT_VARIANT, check_variant, quantization_stale_reason, quantize_export
+from export.quantize import DEFAULT_VARIANT, SCHEMES, check_variant, quantization_stale_reason, quantize_export
 from trees.atomic import write_atomic
 
 if TYPE_CHECKING:
@@ -113,19 +113,21 @@ def export_variant(config: ExportConfig, extras: MethodExtras | None = None, log
                    source_dir: Path | None = None) -> Manifest:
     """Export `config` (always, stale or not). fp32: export_onnx. A quantized variant: quantize the fp32
     export in `source_dir` (exported there first when stale: the engine paths keep it as the fp32
-    engine dir), or, without one, an fp32 export made in a temp dir beside the output and removed."""
+    engine dir), or, without one or when the scheme needs row-exact attention (which the fp32 engine
+    does not have), an fp32 export made in a temp dir beside the output and removed."""
     extras = load_method_extras(config) if extras is None else extras
     if config.variant == DEFAULT_VARIANT:
         return export_onnx(config, extras, log=log)
     out_dir = Path(config.out_dir)
-    if source_dir is not None:
+    row_exact = SCHEMES[config.variant].row_exact
+    if source_dir is not None and not row_exact:   # the fp32 engine's graph has the ordinary attention
         fp32 = dataclasses.replace(config, out_dir=Path(source_dir), variant=DEFAULT_VARIANT)
         source = ensure_export(fp32, extras, log, verify_files).manifest
         return quantize_export(source, out_dir, config.variant, log)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".fp32-", dir=out_dir.parent))
     try:
-        fp32 = dataclasses.replace(config, out_dir=temp / "fp32", variant=DEFAULT_VARIANT)
+        fp32 = dataclasses.replace(config, out_dir=temp / "fp32", variant=DEFAULT_VARIANT, row_exact=row_exact)
         return quantize_export(export_onnx(fp32, extras, log=log), out_dir, config.variant, log)
     finally:
         shutil.rmtree(temp)
@@ -155,8 +157,8 @@ def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, devi
     """The engine dir serving `graph` (vanilla, ppd, ht) with `extras` for `model_dir` on a device
     type: artifacts/engines/<model>/<cpu|cuda>/<graph>[-<variant>]/, exported (and validated) when
     missing or stale and optimised for onnxruntime, keyed by the trained tensors' hash; a quantized
-    variant is made from (and keeps) the fp32 dir's export. Progress goes to stderr (stdout is the
-    generated text)."""
+    variant is made from a row-exact fp32 export in a temp dir (export_variant). Progress goes to
+    stderr (stdout is the generated text)."""
     config = ExportConfig(Path(model_dir), engine_dir(model_dir, device_type, graph, variant), method=graph,
                           checkpoint=extras.checkpoint, max_context=max_context, max_tree=max(DEFAULT_MAX_TREE, max_tree),
                           variant=variant)

@@ -62,6 +62,9 @@ class ExportConfig:
     max_tree: int = DEFAULT_MAX_TREE
     validate: bool = True
     variant: str = DEFAULT_VARIANT            # fp32, or a weight-only quantized variant (export/quantize.py)
+    # Bitwise row-independent attention (StepModel row_exact). No CLI flag: a quantized variant whose
+    # scheme needs it (export/quantize.py QuantScheme.row_exact) asks for it on its fp32 source export.
+    row_exact: bool = False
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
@@ -250,7 +253,7 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
     hf_model, tokenizer = load_checkpoint(config.model_dir, dtype=dtype)
     embeddings = None if extras.embeddings is None else extras.embeddings.to(dtype)
     maps = None if extras.transfer_maps is None else extras.transfer_maps.to(dtype)
-    step = StepModel(hf_model, embeddings, maps).eval()
+    step = StepModel(hf_model, embeddings, maps, row_exact=config.row_exact).eval()
     del hf_model
     inputs, outputs = io_specs(step, dtype)
     out_dir = Path(config.out_dir)
@@ -305,7 +308,7 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
         inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),
-        exporter=exporter_versions(),
+        exporter={**exporter_versions(), **({"row_exact_attention": True} if config.row_exact else {})},
     )
 
 

@@ -13,12 +13,16 @@ What stays fp32: the embedding Gather (it reads the LM head's [H, V] columns, ex
 dedupe_tied_embedding; T columns per step, so quantizing it would shrink the file, not the step),
 the norms, rotary and attention.
 
-accuracy_level is 1 (fp32 compute on dequantized weight blocks), not 4 (int8 activations): measured
-on this CPU (onnxruntime 1.31 MLAS, x86), level 4 is *not* row independent. A node's logits differ by
-0.3-0.8 between a T=15 tree step and its own path alone (a row's result depends on which rows share
-its kernel tile; rows 0 and 1 of T=2 and T=15 agree, row 2 does not), so greedy tree verification
-would stop matching one-token decoding. Levels 0-1 agree to ~3e-5 (fp32 reordering). Every build
-re-checks this (export/row_independence.py) and refuses a graph that fails.
+accuracy_level is 4 (int8 activations, quantized per row and block of 32: onnxruntime's fast int8
+kernels), on a graph exported with row-exact attention (export/step_model.py `row_exact`). Measured on
+this CPU (onnxruntime 1.31 MLAS, x86): MatMulNBits at level 4 is itself exactly row independent, but
+it turns the ~1e-7 differences of the ordinary attention (whose sums depend on T) into 0.3-1.0 logit
+differences over 30 layers, because a 1e-7 change can flip an int8 rounding. With row-exact attention
+a node's logits in a tree step are bitwise those of its own path alone, so greedy tree verification
+matches one-token decoding exactly. Level 1 (fp32 compute on dequantized blocks) needs no special
+attention but runs a tree step as dequantize + SGEMM: T = 2 costs 2x T = 1 (int4) and int8 is ~10x
+slower than fp32. Every build re-checks row independence (export/row_independence.py) and refuses a
+graph that fails.
 """
 
 from __future__ import annotations
@@ -51,13 +55,19 @@ class QuantScheme:
 
     bits: int
     block_size: int = 32          # weights per scale along K (llama.cpp's q8_0 / q4_1 use 32 too)
-    accuracy_level: int = 1       # 1 = fp32 compute; 4 (int8 activations) breaks row independence here
+    accuracy_level: int = 4       # 4 = int8 activations (per row and block); 1 = fp32 compute
     symmetric: bool = False
+    row_exact: bool = True        # quantize a graph exported with row-exact attention (needed by level 4)
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level == 4 and not self.row_exact:
+            raise ValueError("accuracy level 4 quantizes activations per row: its graph needs row-exact attention "
+                             "(row_exact=True), or tree steps stop matching one-token decoding")
 
     def record(self) -> dict:
         """The manifest fields that key an engine dir's staleness."""
         return {"scheme": SCHEME, "bits": self.bits, "block_size": self.block_size,
-                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric}
+                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric, "row_exact": self.row_exact}
 
 
 SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4)}
@@ -156,6 +166,10 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
     if engine_variant(source) != DEFAULT_VARIANT or source.dtype != "float32":
         raise ManifestError(f"{source.dir} is a {engine_variant(source)} {source.dtype} graph; quantize the fp32 "
                             f"export (`python -m export engine --method {source.method.name}`)")
+    if scheme.row_exact and not source.exporter.get("row_exact_attention"):
+        raise ManifestError(f"the {variant} scheme (accuracy level {scheme.accuracy_level}) needs an fp32 graph "
+                            f"exported with row-exact attention, and {source.dir} has the ordinary one; make the "
+                            f"variant with export.engine.export_variant (`python -m export engine --quantize {variant}`)")
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,11 @@ import numpy as np
 from export.manifest import Manifest
 
 # Max |diff| allowed between a node's row in the tree step and the same node scored along its own path
-# alone: atol + rtol * max|logit| of that row (logits are O(10)). Measured on the 135M model, T=15 tree:
-# fp32 3.5e-5, int8 / int4 at accuracy level 1 3e-5 / 7e-5 (fp32 sums reordered); the int8-activation
-# kernels (accuracy level 4) differ by 0.3-0.8, which no tolerance here admits.
-ROW_TOLERANCES = {"fp32": (1e-4, 1e-4), "int8": (1e-4, 1e-4), "int4": (1e-4, 1e-4)}
+# alone: atol + rtol * max|logit| of that row (logits are O(10)). fp32 (ordinary attention, measured on the
+# 135M model, T=15 tree): 3.5e-5, fp32 sums reordered. The quantized variants (accuracy level 4 on
+# row-exact attention, export/quantize.py) must agree bitwise: their int8 activation rounding turns any
+# 1e-7 difference into 0.3-1.0 logits a few layers later, so no tolerance would be safe.
+ROW_TOLERANCES = {"fp32": (1e-4, 1e-4), "int8": (0.0, 0.0), "int4": (0.0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class RowReport:
                 for r in self.rows if not r.ok]
 
     def summary(self) -> str:
-        worst = max(self.rows, key=lambda r: r.max_abs_diff / r.tolerance)
+        worst = max(self.rows, key=lambda r: (r.max_abs_diff - r.tolerance, r.max_abs_diff))   # tolerance may be 0
         return (f"row independence over {len(self.rows)} tree nodes: {len(self.failures())} failures; max|diff| "
                 f"{self.max_abs_diff:.2e} (node {worst.node}, tol {worst.tolerance:.2e})")
 

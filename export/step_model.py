@@ -21,6 +21,17 @@ CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v an
 which makes MKL's small-M GEMMs of tree steps 1.5-2x faster than nn.Linear's [out, in] layout;
 and attention over past and new keys is one softmax over two score blocks, so the cache is never
 concatenated (no copy of the cache per layer per step).
+
+`row_exact=True` computes the same attention in float64 (scores, softmax and the sums over keys; the
+cache and every other op stay in the model's dtype). Then a node's attention output no longer depends
+on how the fp32 sums are ordered or grouped: not on T, not on where a tree put the node's ancestors,
+and not on which earlier tokens were committed by which step (the split between past and new keys).
+Graphs that quantize activations per row (MatMulNBits accuracy level 4, export/quantize.py) need
+this: an int8 rounding flipped by a 1e-7 difference grows to 0.3-1.0 logits over 30 layers, so with
+fp32 attention tree decoding stops matching one-token decoding (measured: a near-tie flips within
+32 tokens on HumanEval). Tried and refused (onnxruntime 1.31 MLAS, x86): fp32 attention with one
+M = 1 matmul per query row is bitwise independent of T but not of the past/new split, and fp32 scores
+with fp64 sums are not bitwise either. The fp64 attention costs ~1 ms at T = 1 with 300 cached tokens.
 """
 
 from __future__ import annotations
@@ -114,8 +125,9 @@ class HiddenTransfer(nn.Module):
 
 class StepModel(nn.Module):
     def __init__(self, hf_model: LlamaForCausalLM, extra_embeddings: torch.Tensor | None = None,
-                 transfer_maps: TransferMaps | None = None) -> None:
+                 transfer_maps: TransferMaps | None = None, row_exact: bool = False) -> None:
         super().__init__()
+        self.row_exact = row_exact
         if extra_embeddings is not None and transfer_maps is not None:
             raise ValueError("a step model takes PPD prompt-token rows or HT transfer maps, not both: "
                              "build it for one method")
@@ -192,6 +204,9 @@ class StepModel(nn.Module):
         qk = qk * cos + rotate_half(qk) * sin                                   # RoPE on q and k at once
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        if self.row_exact:
+            out = self.row_exact_attention(q, k, v, tree_mask, past_key, past_value, past_mask)
+            return out @ layer.o_t, k, v
         # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
         qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3)
         past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).unsqueeze(1))       # [Hkv, G, T, S]
@@ -204,6 +219,30 @@ class StepModel(nn.Module):
                + torch.matmul(probs[..., s:], v.permute(1, 0, 2).unsqueeze(1)))           # [Hkv, G, T, D]
         out = out.permute(2, 0, 1, 3).reshape(t, hq * d)
         return out @ layer.o_t, k, v
+
+    def row_exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
+                            past_key: torch.Tensor, past_value: torch.Tensor,
+                            past_mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention of `attention` computed in float64 (see the module docstring): q [T, Hq, D] after
+        RoPE, k, v [T, Hkv, D] -> [T, Hq D] in q's dtype. fp32 products are exact in fp64 and fp64 sums of
+        a few thousand terms are ~1e-16 off, so the fp32 result no longer depends on the order or the
+        grouping of the sums: not on T, on where the tree put a node's ancestors, or on which earlier
+        tokens were committed by which step (the past/new split of the keys)."""
+        t = q.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        group = hq // hkv
+        wide = torch.float64
+        # Transposes in the cache dtype first (half the bytes of fp64), then widened.
+        qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3).to(wide)              # [Hkv, G, T, D]
+        past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).to(wide).unsqueeze(1))       # [Hkv, G, T, S]
+        if past_mask is not None:
+            past_scores = past_scores + past_mask.to(wide)
+        new_scores = torch.matmul(qg, k.permute(1, 2, 0).to(wide).unsqueeze(1)) + tree_mask.to(wide)
+        probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1), dim=-1)
+        s = past_key.shape[0]
+        out = (torch.matmul(probs[..., :s], past_value.permute(1, 0, 2).to(wide).unsqueeze(1))
+               + torch.matmul(probs[..., s:], v.permute(1, 0, 2).to(wide).unsqueeze(1)))       # [Hkv, G, T, D]
+        return out.to(q.dtype).permute(2, 0, 1, 3).reshape(t, hq * d)
 
     def mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ layer.gate_up_t).chunk(2, dim=-1)

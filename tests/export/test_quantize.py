@@ -13,11 +13,11 @@ import pytest
 import export.engine
 from export.__main__ import main as export_main
 from export.engine import engine_dir, prepare_engine, stale_reason
-from export.manifest import Manifest
+from export.manifest import Manifest, ManifestError
 from export.methods import MethodExtras
 from export.onnx_export import ExportConfig
-from export.quantize import SCHEMES, VariantError, engine_variant
-from export.row_independence import ROW_TOLERANCES, binary_tree_parents, check_row_independence
+from export.quantize import SCHEMES, QuantScheme, VariantError, engine_variant, quantize_export
+from export.row_independence import ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, tree_mask
 from runtime import Generator
 from runtime.backends.ort_backend import OrtBackend
 from tests.export.tiny_llama import make_tiny_llama
@@ -68,8 +68,11 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
                           variant="int4")
     fp32_dir = engine_dir(tiny_dir, "cpu", "vanilla")
     assert int4.dir == fp32_dir.with_name("vanilla-int4") and engine_variant(int4) == "int4"
-    assert engine_variant(Manifest.load(fp32_dir)) == "fp32"            # the source stays, as the fp32 engine
-    assert int4.ort_optimized is not None and int4.quantization["source_sha256"] == Manifest.load(fp32_dir).onnx.sha256
+    # Its source is a row-exact fp32 export made in a temp dir (the fp32 engine keeps the ordinary attention).
+    assert int4.quantization["row_exact"] is True and int4.ort_optimized is not None
+    assert sorted(p.name for p in int4.dir.parent.iterdir()) == ["vanilla-int4"]
+    fp32 = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE)
+    assert "row_exact_attention" not in fp32.exporter and int4.quantization["source_sha256"] != fp32.onnx.sha256
 
     config = ExportConfig(tiny_dir, int4.dir, max_context=MAX_CONTEXT, max_tree=MAX_TREE, variant="int4")
     assert stale_reason(int4.dir, config, MethodExtras()) is None
@@ -83,6 +86,15 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
     again = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
                            variant="int4")
     assert again.quantization["block_size"] == SCHEMES["int4"].block_size
+
+
+def test_level_4_refuses_a_graph_without_row_exact_attention(tiny_dir, artifacts, tmp_path):
+    fp32 = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE)
+    with pytest.raises(ManifestError, match="needs an fp32 graph exported with row-exact attention"):
+        quantize_export(fp32, tmp_path / "int4", "int4", log=lambda _: None)
+    assert not (tmp_path / "int4").exists()
+    with pytest.raises(ValueError, match="needs row-exact attention"):
+        QuantScheme(4, accuracy_level=4, row_exact=False)
 
 
 def test_a_variant_mismatch_is_refused(int8_onnx, tiny_dir):
@@ -129,3 +141,26 @@ def test_tiny_variant_is_lossless_against_its_own_vanilla(tiny_dir, artifacts):
         want = vanilla.generate(prompt, max_new_tokens=24).token_ids
         assert len(set(want)) > 3
         assert ngram.generate(prompt, max_new_tokens=24).token_ids == want
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_committing_in_other_chunks_changes_no_bit(variant, tiny_dir, artifacts):
+    """Lossless against one-token decoding needs more than row independence within a step: a token
+    committed by a tree step was computed with its ancestors among the step's new keys, one-token
+    decoding had them in the cache. The quantized graphs (fp64 attention, export/step_model.py) give
+    bitwise the same logits and KV whichever way a prefix is split into steps."""
+    manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                              variant=variant)
+    runner = StepRunner(OrtBackend(manifest.dir).session, manifest)
+    ids = np.random.default_rng(2).integers(0, manifest.model.vocab_size, 24).tolist()
+    whole = runner.run(ids, range(24), tree_mask(list(range(-1, 23)), runner.dtype))
+    logits, keys, values = [], [], []
+    for start, stop in [(0, 9), (9, 10), (10, 17), (17, 24)]:          # a prefill, one token, two chains
+        n = stop - start
+        out = runner.run(ids[start:stop], range(start, stop), tree_mask(list(range(-1, n - 1)), runner.dtype))
+        for i in range(manifest.model.num_layers):
+            runner.past[f"past_key.{i}"] = np.concatenate([runner.past[f"past_key.{i}"], out[1][i]])
+            runner.past[f"past_value.{i}"] = np.concatenate([runner.past[f"past_value.{i}"], out[2][i]])
+        logits.append(out[0]), keys.append(out[1]), values.append(out[2])
+    assert np.array_equal(np.concatenate(logits), whole[0])
+    assert np.array_equal(np.concatenate(keys, axis=1), whole[1]) and np.array_equal(np.concatenate(values, axis=1), whole[2])

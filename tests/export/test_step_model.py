@@ -84,3 +84,25 @@ def test_unsupported_bias_is_refused(tiny_model_dir):
                       num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias"):
         StepModel(LlamaForCausalLM(cfg))
+
+
+def test_row_exact_attention_computes_the_same_step(tiny):
+    """row_exact only reorders the attention's arithmetic (export/step_model.py): same logits and KV,
+    with and without a committed prefix and with training's past_mask."""
+    hf, step = tiny
+    exact = StepModel(hf, row_exact=True)
+    prefix = torch.randint(0, step.vocab_size, (9,))
+    tokens = torch.randint(0, step.vocab_size, (5,))
+    mask = causal_mask(5)
+    past_mask = torch.zeros(5, 9)
+    past_mask[2:, :3] = lowest_mask_value(torch.float32)     # rows 2.. do not see the first 3 entries
+    with torch.inference_mode():
+        for model in (step, exact):
+            assert model.row_exact is (model is exact)
+        first = [m(prefix, torch.arange(9), causal_mask(9), *empty_past(m)) for m in (step, exact)]
+        for a, b in zip(*first):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        _, pk, pv = first[0]
+        steps = [m(tokens, 9 + torch.arange(5), mask, list(pk), list(pv), past_mask) for m in (step, exact)]
+        for a, b in zip(*steps):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

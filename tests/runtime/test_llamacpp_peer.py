@@ -52,6 +52,17 @@ def test_tokenization_mismatches_are_all_reported_with_their_position():
     assert "prompt short: first difference at position 2: llama.cpp [9] vs ours [] (3 vs 2 ids)" in message
 
 
+def test_a_late_whitespace_merge_is_reported_not_refused():
+    ours = {name: list(range(100)) for name in "abcde"}
+    theirs = {**ours, "c": list(range(79)) + [500] + list(range(81, 100))}    # one prompt, deep inside
+    late = check_tokenization(lambda text: theirs[text], list(ours), list(ours.values()), list(ours))
+    assert late == ["prompt c: first difference at position 79: llama.cpp [500, 81, 82, 83, 84] vs ours "
+                    "[79, 80, 81, 82, 83] (99 vs 100 ids)"]
+    theirs.update(a=theirs["c"], b=theirs["c"])                                # three of five: refused
+    with pytest.raises(TokenizationMismatch, match="prompt b"):
+        check_tokenization(lambda text: theirs[text], list(ours), list(ours.values()), list(ours))
+
+
 # --- real llama.cpp (after `make peers`) ----------------------------------------------------------------
 
 needs_llama_cpp = pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed: run `make peers` "
