@@ -46,7 +46,7 @@ def engines_root(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export.engine, "ARTIFACTS_DIR", root)
-        for variant in ("int8", "int4"):   # each variant also keeps (and first makes) the fp32 dir
+        for variant in ("fp32", "int8", "int4"):   # the variants come from a row-exact fp32 export of their own
             prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
                            variant=variant)
     return root
