@@ -38,7 +38,7 @@ from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, 
                              ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
 from export.methods import EXPORT_METHODS, METHODS, MethodExtras
-from export.quantize import DEFAULT_VARIANT, check_variant
+from export.quantize import DEFAULT_VARIANT, ROW_EXACT_ATTENTION, check_variant
 from export.step_model import StepModel
 
 OPSET = 17
@@ -308,7 +308,7 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
         inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),
-        exporter={**exporter_versions(), **({"row_exact_attention": True} if config.row_exact else {})},
+        exporter={**exporter_versions(), **({"row_exact_attention": ROW_EXACT_ATTENTION} if config.row_exact else {})},
     )
 
 

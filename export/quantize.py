@@ -46,6 +46,10 @@ VARIANTS = (DEFAULT_VARIANT, "int8", "int4")
 LLAMACPP_PEER_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_1"}
 
 SCHEME = "MatMulNBits"
+# The arithmetic of export/step_model.py row_exact_attention, recorded in the manifests (exporter and
+# quantization): a changed formulation makes older variant dirs stale, so they are rebuilt on first use.
+# (2026-12-01 "fp32-scores-fp64-sums" replaced True, the all-fp64 attention: same bits per row, ~25 % faster.)
+ROW_EXACT_ATTENTION = "fp32-scores-fp64-sums"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class QuantScheme:
     def record(self) -> dict:
         """The manifest fields that key an engine dir's staleness."""
         return {"scheme": SCHEME, "bits": self.bits, "block_size": self.block_size,
-                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric, "row_exact": self.row_exact}
+                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric,
+                "row_exact": ROW_EXACT_ATTENTION if self.row_exact else None}
 
 
 SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4)}
@@ -166,10 +171,13 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
     if engine_variant(source) != DEFAULT_VARIANT or source.dtype != "float32":
         raise ManifestError(f"{source.dir} is a {engine_variant(source)} {source.dtype} graph; quantize the fp32 "
                             f"export (`python -m export engine --method {source.method.name}`)")
-    if scheme.row_exact and not source.exporter.get("row_exact_attention"):
+    attention = source.exporter.get("row_exact_attention")
+    if scheme.row_exact and attention != ROW_EXACT_ATTENTION:
+        have = "the ordinary one" if not attention else f"the older {attention!r}"
         raise ManifestError(f"the {variant} scheme (accuracy level {scheme.accuracy_level}) needs an fp32 graph "
-                            f"exported with row-exact attention, and {source.dir} has the ordinary one; make the "
-                            f"variant with export.engine.export_variant (`python -m export engine --quantize {variant}`)")
+                            f"exported with row-exact attention {ROW_EXACT_ATTENTION!r}, and {source.dir} has {have}; "
+                            f"make the variant with export.engine.export_variant (`python -m export engine "
+                            f"--quantize {variant}`)")
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

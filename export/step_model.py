@@ -22,16 +22,23 @@ which makes MKL's small-M GEMMs of tree steps 1.5-2x faster than nn.Linear's [ou
 and attention over past and new keys is one softmax over two score blocks, so the cache is never
 concatenated (no copy of the cache per layer per step).
 
-`row_exact=True` computes the same attention in float64 (scores, softmax and the sums over keys; the
-cache and every other op stay in the model's dtype). Then a node's attention output no longer depends
-on how the fp32 sums are ordered or grouped: not on T, not on where a tree put the node's ancestors,
-and not on which earlier tokens were committed by which step (the split between past and new keys).
-Graphs that quantize activations per row (MatMulNBits accuracy level 4, export/quantize.py) need
-this: an int8 rounding flipped by a 1e-7 difference grows to 0.3-1.0 logits over 30 layers, so with
-fp32 attention tree decoding stops matching one-token decoding (measured: a near-tie flips within
-32 tokens on HumanEval). Tried and refused (onnxruntime 1.31 MLAS, x86): fp32 attention with one
-M = 1 matmul per query row is bitwise independent of T but not of the past/new split, and fp32 scores
-with fp64 sums are not bitwise either. The fp64 attention costs ~1 ms at T = 1 with 300 cached tokens.
+`row_exact=True` computes the same attention with every sum's bits independent of how the step was
+cut: not of T, of where a tree put a node's ancestors, or of which earlier tokens were committed by
+which step (the split between past and new keys). Each score is one dot over D by the same GEMM kernel
+(the query rows of a kv head stacked, M = G T, so never MLAS's M = 1 kernel when G > 1; past and new keys
+in one GEMM); the max, the subtraction and exp are per element; the softmax's sum and the sum over
+keys run in float64 (fp32 products are exact in fp64 and fp64 sums of a few thousand terms are ~1e-16
+off, so the fp32 result no longer depends on their order or grouping). Graphs that quantize activations
+per row (MatMulNBits accuracy level 4, export/quantize.py) need this: an int8 rounding flipped by a 1e-7
+difference grows to 0.3-1.0 logits over 30 layers, so with the ordinary attention tree decoding stops
+matching one-token decoding (measured: a near-tie flips within 32 tokens on HumanEval). Every quantized
+build checks it bitwise (export/row_independence.py). Measured (onnxruntime 1.31 MLAS, x86, int4, T = 1
+at 300 cached tokens, the graph alone, median of 7 interleaved): the all-fp64 attention it replaces
+8.6 ms, this formulation 6.5 ms (with fewer traced nodes: views by -1 and constant slices instead of
+traced shape arithmetic; it concatenates the cache, the ordinary attention does not). Tried and
+refused: one M = 1 matmul per query row (bitwise across T, not across the split); fp32 scores with
+fp64 sums while the score GEMM had M = T; onnxruntime's fp64 Softmax and Exp (scalar code, 3-5x
+slower than these ops).
 """
 
 from __future__ import annotations
@@ -49,8 +56,8 @@ def lowest_mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    # `half` = D / 2 passed in: x.shape[-1] // 2 would be traced as Shape/Gather/Div nodes per layer
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -78,6 +85,7 @@ class DecoderLayer(nn.Module):
         self.o_t = _frozen(attn.o_proj.weight.t())                                   # [Hq D, H]
         self.gate_up_t = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t())  # [H, 2I]
         self.down_t = _frozen(mlp.down_proj.weight.t())                             # [I, H]
+        self.intermediate = int(mlp.down_proj.weight.shape[1])   # I, a Python int: constant slices when traced
 
 
 class HiddenTransfer(nn.Module):
@@ -200,13 +208,12 @@ class StepModel(nn.Module):
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         group = hq // hkv
         qkv = x @ layer.qkv_t                                                   # [T, (Hq + 2 Hkv) D]
-        qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
-        qk = qk * cos + rotate_half(qk) * sin                                   # RoPE on q and k at once
+        qk = qkv[:, : (hq + hkv) * d].view(-1, hq + hkv, d)          # -1, not t: no shape arithmetic traced
+        qk = qk * cos + rotate_half(qk, d // 2) * sin                                   # RoPE on q and k at once
         q, k = qk[:, :hq], qk[:, hq:]
-        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
-        if self.row_exact:
-            out = self.row_exact_attention(q, k, v, tree_mask, past_key, past_value, past_mask)
-            return out @ layer.o_t, k, v
+        v = qkv[:, (hq + hkv) * d :].view(-1, hkv, d)
+        if self.row_exact:   # tree_mask is the step's row_exact_mask [G T, S + T], past_mask folded in
+            return self.row_exact_attention(q, k, v, tree_mask, past_key, past_value) @ layer.o_t, k, v
         # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
         qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3)
         past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).unsqueeze(1))       # [Hkv, G, T, S]
@@ -220,32 +227,46 @@ class StepModel(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(t, hq * d)
         return out @ layer.o_t, k, v
 
-    def row_exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
-                            past_key: torch.Tensor, past_value: torch.Tensor,
-                            past_mask: torch.Tensor | None) -> torch.Tensor:
-        """The attention of `attention` computed in float64 (see the module docstring): q [T, Hq, D] after
-        RoPE, k, v [T, Hkv, D] -> [T, Hq D] in q's dtype. fp32 products are exact in fp64 and fp64 sums of
-        a few thousand terms are ~1e-16 off, so the fp32 result no longer depends on the order or the
-        grouping of the sums: not on T, on where the tree put a node's ancestors, or on which earlier
-        tokens were committed by which step (the past/new split of the keys)."""
-        t = q.shape[0]
+    def row_exact_mask(self, tree_mask: torch.Tensor, past_mask: torch.Tensor | None,
+                       past_length: torch.Tensor | int) -> torch.Tensor:
+        """The additive mask of row_exact_attention, built once per step (not per layer): [G T, S + T],
+        the tree mask [T, T] after S visible past columns (or past_mask [T, S]), repeated for the G
+        query heads of a kv head (row g T + t is head g's query t)."""
+        t = tree_mask.shape[0]
+        mask = nn.functional.pad(tree_mask, (past_length, 0))
+        if past_mask is not None:
+            mask = mask + nn.functional.pad(past_mask, (0, t))
+        return mask.repeat(self.num_heads // self.num_kv_heads, 1)
+
+    def row_exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            past_key: torch.Tensor, past_value: torch.Tensor) -> torch.Tensor:
+        """The attention of `attention` with every sum's bits independent of T, of where the tree put a
+        node's ancestors and of which earlier tokens were committed by which step (the past/new split):
+        q [T, Hq, D] after RoPE, k, v [T, Hkv, D], mask from row_exact_mask -> [T, Hq D] in q's dtype.
+        A score is one dot over D by one GEMM kernel, exp is per element; the softmax's sum and the sum
+        over keys run in float64 (fp32 products are exact in fp64, and fp64 sums of a few thousand terms
+        are ~1e-16 off, so the fp32 result no longer depends on how the sums are ordered or grouped)."""
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         group = hq // hkv
         wide = torch.float64
-        # Transposes in the cache dtype first (half the bytes of fp64), then widened.
-        qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3).to(wide)              # [Hkv, G, T, D]
-        past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).to(wide).unsqueeze(1))       # [Hkv, G, T, S]
-        if past_mask is not None:
-            past_scores = past_scores + past_mask.to(wide)
-        new_scores = torch.matmul(qg, k.permute(1, 2, 0).to(wide).unsqueeze(1)) + tree_mask.to(wide)
-        probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1), dim=-1)
-        s = past_key.shape[0]
-        out = (torch.matmul(probs[..., :s], past_value.permute(1, 0, 2).to(wide).unsqueeze(1))
-               + torch.matmul(probs[..., s:], v.permute(1, 0, 2).to(wide).unsqueeze(1)))       # [Hkv, G, T, D]
-        return out.to(q.dtype).permute(2, 0, 1, 3).reshape(t, hq * d)
+        # Query rows of a kv head stacked: [Hkv, G T, D], so the score GEMM has M = G T (never MLAS's
+        # M = 1 kernel when G > 1). Past and new keys (and values) in one GEMM each: an empty past as a
+        # GEMM of its own (K or N = 0) crashed onnxruntime 1.31 (SIGFPE) after its graph fusions. Each
+        # score is one dot over D in the cache dtype, the same bits whatever T and the split.
+        qg = (q * d ** -0.5).view(-1, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, -1, d)
+        keys = torch.cat((past_key, k), dim=0)                                                   # [S + T, Hkv, D]
+        scores = torch.matmul(qg, keys.permute(1, 2, 0)) + mask                                  # [Hkv, G T, S + T]
+        # Softmax spelled out, its sums in fp64: the max, the subtraction and exp are per element in the
+        # cache dtype (the same bits wherever the element sits: checked for onnxruntime's vectorised exp),
+        # widened exactly. onnxruntime's fp64 Softmax and fp64 Exp are scalar code, 3-5x slower.
+        exps = (scores - scores.amax(dim=-1, keepdim=True)).exp().to(wide)                     # [Hkv, G T, S + T]
+        values = torch.cat((past_value, v), dim=0).permute(1, 0, 2).to(wide)                    # [Hkv, S + T, D]
+        out = torch.matmul(exps, values) / exps.sum(dim=-1, keepdim=True)                       # [Hkv, G T, D]
+        return out.to(q.dtype).view(hkv, group, -1, d).permute(2, 0, 1, 3).reshape(-1, hq * d)
 
     def mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ layer.gate_up_t).chunk(2, dim=-1)
+        gate_up = x @ layer.gate_up_t                                             # [T, 2I]
+        gate, up = gate_up[:, : layer.intermediate], gate_up[:, layer.intermediate :]
         return (nn.functional.silu(gate) * up) @ layer.down_t
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
@@ -257,12 +278,15 @@ class StepModel(nn.Module):
         cos, sin = self.rope(position_ids, h.dtype)
         tree_mask = tree_mask.to(h.dtype)
         past_mask = None if past_mask is None else past_mask.to(h.dtype)
+        layer_mask, layer_past_mask = tree_mask, past_mask        # what each layer's attention takes
+        if self.row_exact:
+            layer_mask, layer_past_mask = self.row_exact_mask(tree_mask, past_mask, past_keys[0].shape[0]), None
         split = self.num_layers if self.transfer is None else self.transfer.layer + 1
-        h, keys, values = self.run_layers(h, cos, sin, tree_mask, past_keys, past_values, past_mask, 0, split)
+        h, keys, values = self.run_layers(h, cos, sin, layer_mask, past_keys, past_values, layer_past_mask, 0, split)
         if self.transfer is not None:
             h = self.transfer(h, input_ids, position_ids, tree_mask)
-            h, upper_keys, upper_values = self.run_layers(h, cos, sin, tree_mask, past_keys, past_values, past_mask,
-                                                          split, self.num_layers)
+            h, upper_keys, upper_values = self.run_layers(h, cos, sin, layer_mask, past_keys, past_values,
+                                                          layer_past_mask, split, self.num_layers)
             keys, values = keys + upper_keys, values + upper_values
         return self.final_hidden(h), torch.stack(keys), torch.stack(values)
 

@@ -156,4 +156,5 @@ def collect_acceptance(config: StatsConfig, prompts: Sequence[Prompt], calibrati
                            steps=tuple(records), model_fingerprint=identity.model_fingerprint,
                            checkpoint_sha256=identity.checkpoint_sha256, calibration=calibration,
                            num_prompts=used, max_new_tokens=config.max_new_tokens, backend=config.backend,
-                           device=config.device, variant=config.variant)
+                           device=config.device, variant=config.variant,
+                           graph_sha256=gen.backend.info.graph_sha256)

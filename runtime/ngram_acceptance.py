@@ -93,4 +93,5 @@ def collect_ngram_stats(config: NgramStatsConfig, prompts: Sequence[Prompt], cal
             positions[i], counts[i] = positions[i] + n, [a + b for a, b in zip(counts[i], found)]
     fingerprint = model_fingerprint(config.model_dir)
     return tuple(NgramStats(config.max_depth, positions[i], tuple(counts[i]), fingerprint, calibration,
-                            config.num_prompts, source.min_ngram, config.variant) for i, source in enumerate(sources))
+                            config.num_prompts, source.min_ngram, config.variant, gen.backend.info.graph_sha256)
+                 for i, source in enumerate(sources))

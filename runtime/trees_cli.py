@@ -69,8 +69,8 @@ from trees.devices import (DeviceMismatchError, device_key, engine_label, profil
                            variant_latencies_filename)
 from trees.latency import MEASURED, ROOFLINE, LatencyProfile, ProfileError, load_profile
 from trees.search import DEFAULT_BUDGETS, AcceptanceModel, Evaluation, SearchConfig, replay, search_curve
-from trees.ngram_stats import NgramStatsError, save_ngram_stats
-from trees.stats import DEFAULT_SHRINKAGE, StatsError
+from trees.ngram_stats import NgramStatsError, load_ngram_stats, save_ngram_stats
+from trees.stats import DEFAULT_SHRINKAGE, StatsError, load_stats
 
 PROG = "python -m runtime trees"
 CHECKPOINT_HELP = "the method's checkpoint: ppd prompt tokens or ht transfer maps (default: the committed one)"
@@ -159,11 +159,12 @@ class SearchRun:
 
 @dataclass(frozen=True, kw_only=True)
 class BuildCommand(SearchRun):
-    profile_if_missing: bool = option(False, "measure the profile first when there is no measured one; on a machine "
+    profile_if_missing: bool = option(False, "measure the profile first when there is no measured one, or it was "
+                                             "measured on another graph than the engine dir holds now; on a machine "
                                              "without that GPU, model it (roofline of the GPU's datasheet: a "
                                              "provisional tree)")
     stats_if_missing: bool = option(False, "collect the statistics the search reads first when their file is missing "
-                                           "(`stats`, and `ngram-stats` for hybrid, on this run's model, checkpoint, "
+                                           "or was measured on another graph than the engine dir holds now (`stats`, and `ngram-stats` for hybrid, on this run's model, checkpoint, "
                                            "backend, device and variant; their other settings the defaults)")
     update_committed: bool = option(False, "write the tree (and the profile it used) next to the checkpoint, the "
                                            "committed files, instead of artifacts/trees/<model>/")
@@ -292,7 +293,7 @@ def measure_profile(cfg: ProfileCommand) -> Path:
                              seconds=seconds, repeats=per_round * cfg.rounds, context=cfg.context,
                              model_fingerprint=model_fingerprint(cfg.model_dir),
                              versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet,
-                             variant=cfg.variant)
+                             variant=cfg.variant, graph_sha256=backend.info.graph_sha256)
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend, cfg.variant)
     profile.save(out)
     print(f"wrote {out}: {name}, {profile.engine}: T=1 {1e3 * profile.latency(1):.1f} ms, "
@@ -432,11 +433,15 @@ def build_profile(cfg: BuildCommand, directory: Path) -> Path:
     """The profile build searches with: --profile; else the one for --gpu (measured before modelled,
     this machine's generated dir before the committed one); else, with --profile-if-missing, one
     measured now when the device is present, or the roofline model of that GPU when it is not (a
-    measured profile always wins over a modelled one)."""
+    measured profile always wins over a modelled one). With --profile-if-missing a measured profile of
+    another graph than the engine dir holds now (engine rebuilt) is measured again."""
     if cfg.profile:
         return Path(cfg.profile)
     found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend, cfg.variant)
-    if found is not None and (not cfg.profile_if_missing or load_profile(found).source == MEASURED):
+    if found is not None and not cfg.profile_if_missing:
+        return found
+    if found is not None and load_profile(found).source == MEASURED and not measured_on_another_graph(
+            found, load_profile(found).graph_sha256, engine_graph_now(cfg, METHODS[ProfileCommand.method].graph)):
         return found
     engine = engine_label(cfg.backend, cfg.variant)
     if not cfg.profile_if_missing:
@@ -468,8 +473,6 @@ def _inputs_sha256(cfg: BuildCommand, identity, profile_path: Path, config: Sear
     """The hash of everything this search reads (runtime/tree_store.py search_inputs_sha256)."""
     files = {"profile": profile_path, "statistics": _stats_path(cfg)}
     if METHODS[cfg.method].ngram_candidates:
-        from trees.ngram_stats import load_ngram_stats
-
         load_ngram_stats(_ngram_stats_path(cfg))      # a missing or bad file fails here with its fix
         files["ngram_statistics"] = _ngram_stats_path(cfg)
     return search_inputs_sha256(cfg.method, identity.model_fingerprint, identity.checkpoint_sha256, files,
@@ -507,20 +510,57 @@ def _ngram_stats_path(cfg) -> Path:
     return Path(cfg.ngram_stats) if cfg.ngram_stats else _checkpoint(cfg).parent / ngram_stats_filename(cfg.variant)
 
 
+def engine_graph_now(cfg, graph: str) -> str | None:
+    """sha256 of the graph in the onnxruntime engine dir that measuring `graph` would load now (what
+    profiles and statistics record: runtime ModelInfo.graph_sha256); None for the other backends, or
+    before that dir is built."""
+    if cfg.backend != "onnxruntime":
+        return None
+    import torch
+
+    from export.engine import engine_dir
+    from export.manifest import Manifest, ManifestError
+
+    target = torch.device(run_device(cfg.gpu, cfg.device)).type
+    try:
+        return Manifest.load(engine_dir(cfg.model_dir, target, graph, cfg.variant), verify_files=False).onnx.sha256
+    except (ManifestError, OSError):
+        return None
+
+
+def measured_on_another_graph(path: Path, recorded: str | None, now: str | None) -> bool:
+    """Whether the profile or statistics at `path` were measured on another graph than the engine dir
+    holds now (an engine rebuilt after a change to the exporter or the quantizer); says so. Files from
+    before the field, and backends without an exported graph, count as current."""
+    if recorded is None or now is None or recorded == now:
+        return False
+    print(f"{path} was measured on graph {recorded[:12]}, but the engine dir now holds graph {now[:12]}: "
+          "measuring it again")
+    return True
+
+
 def collect_missing_stats(cfg: BuildCommand) -> None:
-    """--stats-if-missing: collect the statistics this search reads whose file is not there yet, on this
-    run's model, checkpoint, backend, device and engine variant (the other settings: the commands'
-    defaults). build calls it after finding or measuring the profile, so that a profile is timed
-    before this decoding loads the machine."""
+    """--stats-if-missing: collect the statistics this search reads whose file is not there yet, or was
+    measured on another graph than the engine dir holds now, on this run's model, checkpoint, backend,
+    device and engine variant (the other settings: the commands' defaults); a new file replaces the old
+    one only once complete. build calls it after finding or measuring the profile, so that a profile is
+    timed before this decoding loads the machine."""
     device = run_device(cfg.gpu, cfg.device)
-    if not _stats_path(cfg).is_file():
-        print(f"no statistics at {_stats_path(cfg)}: collecting them")
+    stats, ngram = _stats_path(cfg), _ngram_stats_path(cfg)
+    if not stats.is_file():
+        print(f"no statistics at {stats}: collecting them")
+    if not stats.is_file() or measured_on_another_graph(stats, load_stats(stats).graph_sha256,
+                                                        engine_graph_now(cfg, METHODS[cfg.method].graph)):
         cmd_stats(StatsCommand(model_dir=cfg.model_dir, method=METHODS[cfg.method].graph, checkpoint=cfg.checkpoint,
-                               backend=cfg.backend, device=device, variant=cfg.variant, out=str(_stats_path(cfg))), [])
-    if METHODS[cfg.method].ngram_candidates and not _ngram_stats_path(cfg).is_file():
-        print(f"no n-gram statistics at {_ngram_stats_path(cfg)}: collecting them")
+                               backend=cfg.backend, device=device, variant=cfg.variant, out=str(stats)), [])
+    if not METHODS[cfg.method].ngram_candidates:
+        return
+    if not ngram.is_file():
+        print(f"no n-gram statistics at {ngram}: collecting them")
+    if not ngram.is_file() or measured_on_another_graph(ngram, load_ngram_stats(ngram)[0].graph_sha256,
+                                                        engine_graph_now(cfg, METHODS["vanilla"].graph)):
         cmd_ngram_stats(NgramStatsCommand(model_dir=cfg.model_dir, backend=cfg.backend, device=device,
-                                          variant=cfg.variant, out=str(_ngram_stats_path(cfg))), [])
+                                          variant=cfg.variant, out=str(ngram)), [])
 
 
 def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, config: SearchConfig,
@@ -530,7 +570,6 @@ def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, con
     if not METHODS[cfg.method].ngram_candidates:
         return None
     from trees.hybrid_search import search_hybrid
-    from trees.ngram_stats import load_ngram_stats
 
     ngram = load_ngram_stats(_ngram_stats_path(cfg))
     stale = next((s.model_fingerprint for s in ngram if s.model_fingerprint != fingerprint), None)

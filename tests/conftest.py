@@ -49,6 +49,15 @@ def tiny_model_dir(tmp_path_factory, real_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, real_model_dir) -> Path:
+    """A 2-layer random Llama with the real tokenizer as a checkpoint dir (tests/export/tiny_llama.py), one per
+    test module: the exporter, quantizer and backends build their engine dirs from it."""
+    from tests.export.tiny_llama import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
+
+
 @pytest.fixture(scope="session")
 def lossless_prompts():
     """Real prompts for the default lossless tests: 5 MT-Bench first turns + 5 HumanEval prompts."""

@@ -60,6 +60,8 @@ class LatencyProfile:
     quiet: Quietness | None = None               # how quiet its machine was (trees/quiet.py); None: not
                                                  # recorded (profiles from before the field, modelled ones)
     variant: str = DEFAULT_VARIANT               # the engine's weights (export/quantize.py VARIANTS)
+    graph_sha256: str | None = None              # the exported graph timed (runtime ModelInfo); None: the
+                                                 # torch step, a modelled profile, or not recorded
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,7 @@ class LatencyProfile:
             "repeats": self.repeats,
             "sizes": list(self.sizes),
             "seconds": [round(s, 7) for s in self.seconds],
+            **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {}),
         }
 
     @classmethod
@@ -138,7 +141,8 @@ class LatencyProfile:
                        source=str(data.get("source", MEASURED)),   # profiles before the field were measured
                        roofline=tuple(dict(data.get("roofline", {})).items()),
                        quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None,
-                       variant=str(data.get("variant", DEFAULT_VARIANT)))   # profiles before the field: fp32
+                       variant=str(data.get("variant", DEFAULT_VARIANT)),   # profiles before the field: fp32
+                       graph_sha256=data.get("graph_sha256"))
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

@@ -39,6 +39,7 @@ class NgramStats:
     num_prompts: int = 0
     min_ngram: int = 1              # shortest suffix n-gram the source looks up
     variant: str = DEFAULT_VARIANT  # the engine variant whose greedy decodes were replayed
+    graph_sha256: str | None = None  # the exported graph decoded (runtime ModelInfo); None: torch, or not recorded
 
     def __post_init__(self) -> None:
         if len(self.depth_counts) != self.max_depth + 1 or min(self.depth_counts, default=0) < 0:
@@ -65,7 +66,8 @@ class NgramStats:
                 "match_rate": round(self.match_rate, 4), "depth_counts": list(self.depth_counts),
                 "at_least": [round(self.at_least(d), 4) for d in range(1, self.max_depth + 1)],
                 "model_fingerprint": self.model_fingerprint, "calibration": self.calibration,
-                "num_prompts": self.num_prompts, "min_ngram": self.min_ngram, "variant": self.variant}
+                "num_prompts": self.num_prompts, "min_ngram": self.min_ngram, "variant": self.variant,
+                **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "NgramStats":
@@ -74,7 +76,7 @@ class NgramStats:
             return cls(int(data["max_depth"]), int(data["positions"]), tuple(int(c) for c in data["depth_counts"]),
                        str(data["model_fingerprint"]), str(data.get("calibration", "")),
                        int(data.get("num_prompts", 0)), int(data.get("min_ngram", 1)),
-                       str(data.get("variant", DEFAULT_VARIANT)))
+                       str(data.get("variant", DEFAULT_VARIANT)), data.get("graph_sha256"))
 
 
 def save_ngram_stats(path: str | Path, stats: Sequence[NgramStats]) -> Path:

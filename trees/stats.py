@@ -54,6 +54,7 @@ class AcceptanceStats:
     device: str = ""
     variant: str = DEFAULT_VARIANT         # the engine variant decoded (export/quantize.py); its outputs,
                                            # hence the predictions' ranks, differ slightly per variant
+    graph_sha256: str | None = None        # the exported graph decoded (runtime ModelInfo); None: torch, or not recorded
 
     def __post_init__(self) -> None:
         n, k = self.num_prompt_tokens, self.topk
@@ -124,6 +125,7 @@ class AcceptanceStats:
             "backend": self.backend,
             "device": self.device,
             "variant": self.variant,
+            **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {}),
             # For people; recomputed from `steps` on load, never read back.
             "summary": {"steps": len(self.steps), "steps_per_m": np.bincount(
                             [s[0] for s in self.steps], minlength=self.num_prompt_tokens + 1).tolist(),
@@ -144,7 +146,8 @@ class AcceptanceStats:
                 model_fingerprint=str(data["model_fingerprint"]), checkpoint_sha256=str(data["checkpoint_sha256"]),
                 calibration=str(data.get("calibration", "")), num_prompts=int(data.get("num_prompts", 0)),
                 max_new_tokens=int(data.get("max_new_tokens", 0)), backend=str(data.get("backend", "")),
-                device=str(data.get("device", "")), variant=str(data.get("variant", DEFAULT_VARIANT)))
+                device=str(data.get("device", "")), variant=str(data.get("variant", DEFAULT_VARIANT)),
+                graph_sha256=data.get("graph_sha256"))
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically, one step record per line (diffable; a few thousand lines)."""

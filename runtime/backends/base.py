@@ -44,6 +44,9 @@ class ModelInfo:
     # own setting. An engine computing outside torch on the CPU sets 1: after a parallel op torch's
     # OpenMP workers spin-wait, and they steal the cores from the engine's threads in the next step.
     readout_threads: int | None = None
+    # sha256 of the exported graph the backend runs (its manifest's model.onnx); None for the torch step.
+    # Profiles and statistics record it, so `trees build` notices when an engine's graph has changed.
+    graph_sha256: str | None = None
 
 
 @dataclass(frozen=True)

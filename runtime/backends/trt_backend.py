@@ -132,7 +132,8 @@ class TrtBackend(CacheOwner):
 
         m = self.manifest.model
         dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
-        self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype)
+        self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
+                              graph_sha256=self.manifest.onnx.sha256)
         self._cache = aligned_cache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
         self._layouts = LayoutCache(device, dtype)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -16,19 +16,13 @@ from export.engine import engine_dir, prepare_engine, stale_reason
 from export.manifest import Manifest, ManifestError
 from export.methods import MethodExtras
 from export.onnx_export import ExportConfig
-from export.quantize import SCHEMES, QuantScheme, VariantError, engine_variant, quantize_export
+from export.quantize import ROW_EXACT_ATTENTION, SCHEMES, QuantScheme, VariantError, engine_variant, quantize_export
 from export.row_independence import ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, tree_mask
 from runtime import Generator
 from runtime.backends.ort_backend import OrtBackend
-from tests.export.tiny_llama import make_tiny_llama
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 CONTEXT_FLAGS = ["--max-context", str(MAX_CONTEXT), "--max-tree", str(MAX_TREE)]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
     fp32_dir = engine_dir(tiny_dir, "cpu", "vanilla")
     assert int4.dir == fp32_dir.with_name("vanilla-int4") and engine_variant(int4) == "int4"
     # Its source is a row-exact fp32 export made in a temp dir (the fp32 engine keeps the ordinary attention).
-    assert int4.quantization["row_exact"] is True and int4.ort_optimized is not None
+    assert int4.quantization["row_exact"] == ROW_EXACT_ATTENTION and int4.ort_optimized is not None
     assert sorted(p.name for p in int4.dir.parent.iterdir()) == ["vanilla-int4"]
     fp32 = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE)
     assert "row_exact_attention" not in fp32.exporter and int4.quantization["source_sha256"] != fp32.onnx.sha256
@@ -80,6 +74,11 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
                                                variant="int8"), MethodExtras()) == "variant is 'int4', wanted 'int8'"
     assert "variant is 'fp32'" in stale_reason(fp32_dir, config, MethodExtras())
     data = json.loads((int4.dir / "manifest.json").read_text())
+    original = json.dumps(data)
+    data["quantization"]["row_exact"] = True                             # the all-fp64 attention of an older build
+    (int4.dir / "manifest.json").write_text(json.dumps(data))
+    assert "'row_exact': True" in stale_reason(int4.dir, config, MethodExtras())
+    data = json.loads(original)
     data["quantization"]["block_size"] = 128                             # as if made by another scheme
     (int4.dir / "manifest.json").write_text(json.dumps(data))
     assert stale_reason(int4.dir, config, MethodExtras()).startswith("quantization is")

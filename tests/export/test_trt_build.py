@@ -33,16 +33,10 @@ from export.trt.key import (ENGINE_JSON, PLAN_NAME, TIMING_CACHE_NAME, BuilderSe
                             EngineMismatchError, EngineRecord, check_engine)
 from export.trt.profiles import engine_profiles, select_profile, tree_size
 from tests.export.fake_tensorrt import FAKE_CACHE, FakeTensorRT
-from tests.export.tiny_llama import make_tiny_llama
 from trees import load_ppd_trees
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 H100 = DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", 132, "10.16.1.11")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,11 @@ from export.step_model import StepModel
 from runtime import Generator
 from runtime.backends.ort_backend import OrtBackend
 from runtime.backends.torch_backend import TorchBackend
-from tests.export.tiny_llama import make_tiny_llama
 from tests.runtime.test_ppd import TREES
 from runtime.draft import Draft, Layout
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from runtime.__main__ import main as runtime_main
 from runtime.prompts import PromptItem
 from runtime.quality import (EngineMissingError, QualityConfig, QualityError, agreement, common_prefix,
                              format_table, measure_quality)
-from tests.export.tiny_llama import make_tiny_llama
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 MAX_TOKENS, NEW_TOKENS = 40, 12
@@ -33,11 +32,6 @@ CONVERSATIONS = [
 ]
 PROMPTS = [PromptItem("a", "Hello"), PromptItem("b", "Write a poem about the sea"),
            PromptItem("c", "def add(a, b):")]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
 
 
 @pytest.fixture(scope="module")

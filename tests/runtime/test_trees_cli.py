@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.checkpoint import model_fingerprint
+from export.manifest import Manifest
 from export.ppd import PPDConfig, save_prompt_tokens
 from runtime.__main__ import main as runtime_main
 from runtime.tree_store import generated_dir
@@ -321,7 +322,9 @@ def test_int4_profile_build_and_runtime_end_to_end(tiny_model_dir, tmp_path, mon
     assert main(["profile", *common, "--force", "--max-tokens", "4", "--context", "16", "--repeats", "2",
                  "--rounds", "1"]) == 0, capsys.readouterr().err
     profile = tmp_path / "latency-cpu-onnxruntime-int4.json"
+    engine = Manifest.load(tmp_path / "artifacts" / "engines" / tiny_model_dir.name / "cpu" / "ppd-int4")
     assert json.loads(profile.read_text())["variant"] == "int4"
+    assert json.loads(profile.read_text())["graph_sha256"] == engine.onnx.sha256     # the graph it timed
     assert main(["build", *common, "--budgets", "2,4", "--no-plots"]) == 0, capsys.readouterr().err
     tree = generated_dir(tmp_path) / "ppd-tree-cpu-onnxruntime-int4.json"
     searched = load_ppd_trees(tree)
@@ -372,3 +375,42 @@ def test_build_collects_missing_statistics_of_its_variant(ppd_dir, tmp_path, mon
                      ("ngram-stats", "onnxruntime", "int4", "ngram-acceptance-int4.json")]
     assert main([*args, "--stats-if-missing"]) == 0 and len(calls) == 2   # there now: not collected again
     assert "nothing to do" in capsys.readouterr().out
+
+    # Files that record the graph they were measured on: collected again once the engine dir holds another.
+    dataclasses.replace(stats, variant="int4", graph_sha256="a" * 64).save(tmp_path / "ppd-acceptance-int4.json")
+    save_ngram_stats(tmp_path / "ngram-acceptance-int4.json", [NgramStats(
+        8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), fingerprint, variant="int4", graph_sha256="a" * 64)])
+    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "a" * 64)
+    assert main([*args, "--stats-if-missing"]) == 0 and len(calls) == 2   # the same graph: current
+    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "b" * 64)
+    assert main([*args, "--stats-if-missing"]) == 0, capsys.readouterr().err
+    assert [c[0] for c in calls[2:]] == ["stats", "ngram-stats"]
+    assert "measured on graph aaaaaaaaaaaa, but the engine dir now holds graph bbbbbbbbbbbb" in capsys.readouterr().out
+
+
+def test_build_measures_again_a_profile_of_another_graph(ppd_dir, tmp_path, monkeypatch, capsys):
+    """--profile-if-missing (`make tree`): a measured profile recording another graph than the engine dir
+    holds now (the engine was rebuilt, e.g. by a new exporter) is measured again; one of the same graph
+    is kept (the measuring itself is faked here; `profile` above times the real engine)."""
+    from runtime import trees_cli
+
+    model_dir, checkpoint, stats, _ = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    dataclasses.replace(_int4_like(fingerprint), graph_sha256="a" * 64).save(
+        tmp_path / "latency-cpu-onnxruntime-int4.json")
+    dataclasses.replace(stats, variant="int4").save(tmp_path / "ppd-acceptance-int4.json")
+    measured = []
+
+    def fake_measure(cfg):
+        measured.append((cfg.method, cfg.variant))
+        return dataclasses.replace(_int4_like(fingerprint), graph_sha256="b" * 64).save(cfg.out)
+
+    monkeypatch.setattr(trees_cli, "measure_profile", fake_measure)
+    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "b" * 64 if graph == "ppd" else None)
+    args = ["build", "--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(model_dir),
+            "--checkpoint", str(checkpoint), "--budgets", "2,4", "--no-plots"]
+    assert main(args) == 0 and measured == []                     # without --profile-if-missing: never measured
+    assert main([*args, "--profile-if-missing"]) == 0, capsys.readouterr().err
+    assert measured == [("ppd", "int4")]
+    assert "measured on graph aaaaaaaaaaaa, but the engine dir now holds graph bbbbbbbbbbbb" in capsys.readouterr().out
+    assert main([*args, "--profile-if-missing"]) == 0 and measured == [("ppd", "int4")]   # now current

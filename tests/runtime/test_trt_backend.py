@@ -25,7 +25,6 @@ from runtime.backends.trt_backend import (ALIGNMENT, TrtBackend, TrtRuntimeError
 from runtime.draft import Draft, Layout
 from runtime.generator import eos_token_ids
 from tests.export.fake_tensorrt import FakeTensorRT
-from tests.export.tiny_llama import make_tiny_llama
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 H100 = DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", 132, "10.16.1.11")
@@ -34,11 +33,6 @@ PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
 
 def binary_tree(size: int) -> Layout:
     return Layout.from_parents([-1] + [(i - 1) // 2 for i in range(1, size)])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_model_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny"), real_model_dir, seed=4)
 
 
 @pytest.fixture(scope="module")
