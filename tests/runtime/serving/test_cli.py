@@ -24,7 +24,7 @@ def test_defaults_bind_loopback_and_serve_the_fastest_lossless_configuration():
     cfg = parsed()
     assert (cfg.host, cfg.port, cfg.ray, cfg.replicas) == ("127.0.0.1", 8000, False, 1)
     spec = cfg.spec()
-    assert (spec.method, spec.backend, spec.engine) == (SERVE_METHOD, SERVE_BACKEND, None) == ("ngram", "onnxruntime",
+    assert (spec.method, spec.backend, spec.engine) == (SERVE_METHOD, SERVE_BACKEND, None) == ("hybrid", "onnxruntime",
                                                                                               None)
     assert parsed("--engine", "/x").spec().method is None   # an engine runs its own method unless told
     assert parsed("--method", "ppd", "--option", "tree=t.json").spec().options == {"tree": "t.json"}
