@@ -143,6 +143,12 @@ class Manifest:
     def max_prefill(self) -> int:
         return self.profiles["prefill"][TREE_AXIS].max
 
+    @property
+    def min_step_rows(self) -> int:
+        """Fewest rows a step of this graph is run with (export/quantize.py QuantScheme.min_step_rows):
+        a smaller draft is padded with auxiliary rows, so every node is computed by the same kernels."""
+        return int((self.quantization or {}).get("min_step_rows", 1))
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """{tensor name: {axis index: symbol}} for every input and output."""
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs}

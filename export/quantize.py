@@ -15,7 +15,8 @@ the norms, rotary and attention.
 
 accuracy_level is 4 (int8 activations, quantized per row and block of 32: onnxruntime's fast int8
 kernels), on a graph exported with row-exact attention (export/step_model.py `row_exact`). Measured on
-this CPU (onnxruntime 1.31 MLAS, x86): MatMulNBits at level 4 is itself exactly row independent, but
+x86 CPUs (onnxruntime 1.31 MLAS): MatMulNBits at level 4 is itself exactly row independent for steps of
+two rows or more (4-bit on AVX2 computes one row with another kernel: QuantScheme.min_step_rows), but
 it turns the ~1e-7 differences of the ordinary attention (whose sums depend on T) into 0.3-1.0 logit
 differences over 30 layers, because a 1e-7 change can flip an int8 rounding. With row-exact attention
 a node's logits in a tree step are bitwise those of its own path alone, so greedy tree verification
@@ -62,8 +63,17 @@ class QuantScheme:
     accuracy_level: int = 4       # 4 = int8 activations (per row and block); 1 = fp32 compute
     symmetric: bool = False
     row_exact: bool = True        # quantize a graph exported with row-exact attention (needed by level 4)
+    # Fewest rows (tree nodes) a step runs with: onnxruntime 1.31's 4-bit MatMulNBits computes a one-row
+    # product with its own kernel on AVX2 CPUs (no AVX-512), whose sums differ from the M >= 2 kernel's by
+    # ~1e-6 (every accuracy level; M = 2..40 agree bitwise with each other, measured on an AMD EPYC with
+    # AVX2 only, 2026-12-01). So an int4 step of one node (vanilla, a root-only tree, a 1-token prefill)
+    # is padded to two rows (runtime/draft.py Layout.padded): a node's logits then never depend on its
+    # step's size on any CPU. int8's one-row kernel agreed bitwise on both CPUs measured.
+    min_step_rows: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_step_rows < 1:
+            raise ValueError(f"min_step_rows must be >= 1, got {self.min_step_rows}")
         if self.accuracy_level == 4 and not self.row_exact:
             raise ValueError("accuracy level 4 quantizes activations per row: its graph needs row-exact attention "
                              "(row_exact=True), or tree steps stop matching one-token decoding")
@@ -72,10 +82,10 @@ class QuantScheme:
         """The manifest fields that key an engine dir's staleness."""
         return {"scheme": SCHEME, "bits": self.bits, "block_size": self.block_size,
                 "accuracy_level": self.accuracy_level, "symmetric": self.symmetric,
-                "row_exact": ROW_EXACT_ATTENTION if self.row_exact else None}
+                "row_exact": ROW_EXACT_ATTENTION if self.row_exact else None, "min_step_rows": self.min_step_rows}
 
 
-SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4)}
+SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4, min_step_rows=2)}
 # The build's own row-independence check: a binary tree of this many nodes after this many prefix tokens.
 CHECK_TREE, CHECK_PREFIX = 7, 16
 
@@ -204,7 +214,7 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
         if not report.ok:
             raise ManifestError(f"the {variant} graph of {source.dir} is not row independent (DESIGN.md): "
                                 + "; ".join(report.failures()[:3]) + f"; keep accuracy_level {scheme.accuracy_level}"
-                                f" or pick another scheme in export/quantize.py SCHEMES")
+                                f" or pick another scheme (or a larger min_step_rows) in export/quantize.py SCHEMES")
         manifest = dataclasses.replace(manifest, quantization={**record, "row_independence": {
             k: v for k, v in report.to_json().items() if k != "rows"}})
         manifest.write()

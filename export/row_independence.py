@@ -90,6 +90,23 @@ def tree_mask(parents: Sequence[int], dtype: np.dtype) -> np.ndarray:
     return mask
 
 
+def pad_rows(ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+             min_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step's inputs with rows appended up to `min_rows`, each the child of the row before (its
+    token repeated, one position further); the real rows cannot see them."""
+    t = len(ids)
+    extra = min_rows - t
+    if extra <= 0:
+        return ids, positions, mask
+    padded = np.full((min_rows, min_rows), np.finfo(mask.dtype).min, dtype=mask.dtype)
+    padded[:t, :t] = mask
+    for row in range(t, min_rows):
+        padded[row, : row + 1] = padded[row - 1, : row + 1]
+        padded[row, row] = 0
+    return (np.concatenate([ids, np.repeat(ids[-1:], extra)]),
+            np.concatenate([positions, positions[-1] + np.arange(1, extra + 1)]), padded)
+
+
 class StepRunner:
     """Runs the step graph in an onnxruntime session over a fixed committed prefix (numpy, no cache owner)."""
 
@@ -101,9 +118,14 @@ class StepRunner:
         self.past = {f"past_{kind}.{i}": empty for kind in ("key", "value") for i in range(m.num_layers)}
 
     def run(self, ids: Sequence[int], positions: Sequence[int], mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        feeds = {"input_ids": np.asarray(ids, np.int64), "position_ids": np.asarray(positions, np.int64),
-                 "tree_mask": mask.astype(self.dtype), **self.past}
-        return tuple(self.session.run(["logits", "new_keys", "new_values"], feeds))   # [T, V], [L, T, Hkv, D] x2
+        """logits [T, V], new keys and values [L, T, Hkv, D]; a step of fewer than the manifest's
+        min_step_rows rows runs padded, as the runtime runs it (runtime/draft.py Layout.padded)."""
+        t = len(ids)
+        ids, positions, mask = pad_rows(np.asarray(ids, np.int64), np.asarray(positions, np.int64),
+                                        mask.astype(self.dtype), self.manifest.min_step_rows)
+        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask, **self.past}
+        logits, keys, values = self.session.run(["logits", "new_keys", "new_values"], feeds)
+        return logits[:t], keys[:, :t], values[:, :t]
 
     def prefill(self, ids: Sequence[int]) -> None:
         """Commit `ids` as the prefix every later run sees."""

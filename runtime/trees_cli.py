@@ -164,8 +164,9 @@ class BuildCommand(SearchRun):
                                              "without that GPU, model it (roofline of the GPU's datasheet: a "
                                              "provisional tree)")
     stats_if_missing: bool = option(False, "collect the statistics the search reads first when their file is missing "
-                                           "or was measured on another graph than the engine dir holds now (`stats`, and `ngram-stats` for hybrid, on this run's model, checkpoint, "
-                                           "backend, device and variant; their other settings the defaults)")
+                                           "or was measured on another graph than the engine dir holds now (`stats`, "
+                                           "and `ngram-stats` for hybrid, on this run's model, checkpoint, backend, "
+                                           "device and variant; their other settings the defaults)")
     update_committed: bool = option(False, "write the tree (and the profile it used) next to the checkpoint, the "
                                            "committed files, instead of artifacts/trees/<model>/")
     out: str | None = option(None, "tree JSON (default: <method>-tree-<device>-<backend>[-<variant>].json in "
@@ -440,8 +441,9 @@ def build_profile(cfg: BuildCommand, directory: Path) -> Path:
     found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend, cfg.variant)
     if found is not None and not cfg.profile_if_missing:
         return found
-    if found is not None and load_profile(found).source == MEASURED and not measured_on_another_graph(
-            found, load_profile(found).graph_sha256, engine_graph_now(cfg, METHODS[ProfileCommand.method].graph)):
+    existing = None if found is None else load_profile(found)
+    if existing is not None and existing.source == MEASURED and not measured_on_another_graph(
+            found, existing.graph_sha256, engine_graph_now(cfg, METHODS[ProfileCommand.method].graph)):
         return found
     engine = engine_label(cfg.backend, cfg.variant)
     if not cfg.profile_if_missing:
@@ -461,7 +463,7 @@ def build_profile(cfg: BuildCommand, directory: Path) -> Path:
                            f"it on that device (`{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}"
                            f"{_variant_flag(cfg)}`)")
     modelled = modelled_profile(cfg.gpu, cfg.backend, cfg.model_dir)
-    if found is not None and load_profile(found).to_json() == modelled.to_json():
+    if existing is not None and existing.to_json() == modelled.to_json():
         return found
     out = modelled.save(target / profile_filename(modelled.device_key, cfg.backend))
     print(f"no measured {cfg.backend} profile for --gpu {cfg.gpu} and no such GPU here: wrote the roofline model of "
@@ -546,21 +548,26 @@ def collect_missing_stats(cfg: BuildCommand) -> None:
     one only once complete. build calls it after finding or measuring the profile, so that a profile is
     timed before this decoding loads the machine."""
     device = run_device(cfg.gpu, cfg.device)
-    stats, ngram = _stats_path(cfg), _ngram_stats_path(cfg)
-    if not stats.is_file():
-        print(f"no statistics at {stats}: collecting them")
-    if not stats.is_file() or measured_on_another_graph(stats, load_stats(stats).graph_sha256,
-                                                        engine_graph_now(cfg, METHODS[cfg.method].graph)):
+    stats = _stats_path(cfg)
+    if needs_collecting(stats, load_stats(stats).graph_sha256 if stats.is_file() else None,
+                        engine_graph_now(cfg, METHODS[cfg.method].graph), "statistics"):
         cmd_stats(StatsCommand(model_dir=cfg.model_dir, method=METHODS[cfg.method].graph, checkpoint=cfg.checkpoint,
                                backend=cfg.backend, device=device, variant=cfg.variant, out=str(stats)), [])
     if not METHODS[cfg.method].ngram_candidates:
         return
-    if not ngram.is_file():
-        print(f"no n-gram statistics at {ngram}: collecting them")
-    if not ngram.is_file() or measured_on_another_graph(ngram, load_ngram_stats(ngram)[0].graph_sha256,
-                                                        engine_graph_now(cfg, METHODS["vanilla"].graph)):
+    ngram = _ngram_stats_path(cfg)
+    if needs_collecting(ngram, load_ngram_stats(ngram)[0].graph_sha256 if ngram.is_file() else None,
+                        engine_graph_now(cfg, METHODS["vanilla"].graph), "n-gram statistics"):
         cmd_ngram_stats(NgramStatsCommand(model_dir=cfg.model_dir, backend=cfg.backend, device=device,
                                           variant=cfg.variant, out=str(ngram)), [])
+
+
+def needs_collecting(path: Path, recorded: str | None, now: str | None, what: str) -> bool:
+    """Whether the `what` file at `path` is missing, or was measured on another graph than `now`; says which."""
+    if not path.is_file():
+        print(f"no {what} at {path}: collecting them")
+        return True
+    return measured_on_another_graph(path, recorded, now)
 
 
 def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, config: SearchConfig,

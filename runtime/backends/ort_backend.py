@@ -29,7 +29,7 @@ from export.manifest import Manifest, ManifestError, check_file
 from export.ort_optimize import PROVIDERS, graph_optimization_level, usable_optimized_model
 from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, ModelInfo, StepOutput
 from runtime.backends.layouts import LayoutCache
-from runtime.draft import Draft
+from runtime.draft import Draft, Layout
 from runtime.kv_cache import KVCache
 
 
@@ -82,6 +82,10 @@ class OrtBackend(CacheOwner):
         self._past = [(f"past_key.{i}", k.data_ptr()) for i, k in enumerate(self._cache.keys)] + \
                      [(f"past_value.{i}", v.data_ptr()) for i, v in enumerate(self._cache.values)]
         self._step_inputs: tuple[torch.Tensor, ...] = ()  # keeps the bound inputs alive until the next step
+        # Drafts smaller than the graph's minimum step run padded (Manifest.min_step_rows): their padded
+        # layouts, by layout key (only drafts of fewer nodes than the minimum: a handful of shapes).
+        self._min_rows = self.manifest.min_step_rows
+        self._padded: dict[tuple, Layout] = {}
 
     def _open_session(self, provider: str, options: OrtOptions):
         import onnxruntime as ort
@@ -114,8 +118,12 @@ class OrtBackend(CacheOwner):
              self._np_dtype if tensor.is_floating_point() else np.int64, list(shape), tensor.data_ptr())
 
     def step(self, draft: Draft) -> StepOutput:
-        t, s = draft.size, self._cache.length
-        layout = self._start_step(draft, self.manifest.check_step_shape)
+        real, s = draft.size, self._cache.length
+        real_layout = layout = self._start_step(draft, self.manifest.check_step_shape)
+        if real < self._min_rows:   # run padded; the real rows' results are the first `real`
+            padded = self._padded.setdefault(draft.layout.key, draft.layout.padded(self._min_rows))
+            draft, layout = draft.padded(padded), self._layouts.get(padded)
+        t = draft.size
         m = self.manifest.model
         ids = torch.from_numpy(np.ascontiguousarray(draft.tokens, dtype=np.int64)).to(self.info.device)  # the upload
         positions = layout.depth + s
@@ -135,5 +143,5 @@ class OrtBackend(CacheOwner):
         self.session.run_with_iobinding(self._binding)
         self._binding.synchronize_outputs()
         n = new_shape[0] * t * new_shape[2] * new_shape[3]
-        self._new_kv = (keys[:n].view(new_shape), values[:n].view(new_shape))
-        return StepOutput(logits[: t * m.vocab_size].view(t, m.vocab_size), positions, layout)
+        self._new_kv = (keys[:n].view(new_shape), values[:n].view(new_shape))   # commit reads real nodes only
+        return StepOutput(logits[: real * m.vocab_size].view(real, m.vocab_size), positions[:real], real_layout)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import export.engine
 from export.__main__ import main as export_main
@@ -17,9 +18,11 @@ from export.manifest import Manifest, ManifestError
 from export.methods import MethodExtras
 from export.onnx_export import ExportConfig
 from export.quantize import ROW_EXACT_ATTENTION, SCHEMES, QuantScheme, VariantError, engine_variant, quantize_export
-from export.row_independence import ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, tree_mask
+from export.row_independence import (ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, pad_rows,
+                                     tree_mask)
 from runtime import Generator
 from runtime.backends.ort_backend import OrtBackend
+from runtime.draft import Draft
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 CONTEXT_FLAGS = ["--max-context", str(MAX_CONTEXT), "--max-tree", str(MAX_TREE)]
@@ -163,3 +166,33 @@ def test_committing_in_other_chunks_changes_no_bit(variant, tiny_dir, artifacts)
         logits.append(out[0]), keys.append(out[1]), values.append(out[2])
     assert np.array_equal(np.concatenate(logits), whole[0])
     assert np.array_equal(np.concatenate(keys, axis=1), whole[1]) and np.array_equal(np.concatenate(values, axis=1), whole[2])
+
+
+def test_pad_rows_appends_rows_the_real_ones_cannot_see():
+    mask = tree_mask([-1], np.float32)
+    ids, positions, padded = pad_rows(np.array([5]), np.array([9]), mask, 3)
+    assert ids.tolist() == [5, 5, 5] and positions.tolist() == [9, 10, 11]
+    assert (padded == 0).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    same = pad_rows(np.array([5, 6]), np.array([9, 10]), tree_mask([-1, 0], np.float32), 2)
+    assert same[0].tolist() == [5, 6] and same[2].shape == (2, 2)
+
+
+def test_int4_runs_one_node_steps_padded(tiny_dir, artifacts):
+    """int4 records a minimum step of two rows (its one-row MatMulNBits kernel differs on AVX2 CPUs,
+    export/quantize.py): the backend pads a one-node draft, and its row is bitwise the root's row of a
+    larger tree step (which fails without the padding on such a CPU)."""
+    assert SCHEMES["int4"].min_step_rows == 2 and SCHEMES["int8"].min_step_rows == 1
+    manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                              variant="int4")
+    assert manifest.min_step_rows == 2 and manifest.quantization["min_step_rows"] == 2
+    backend = OrtBackend(manifest.dir)
+    prefix = np.random.default_rng(3).integers(0, manifest.model.vocab_size, 12).tolist()
+    backend.step(Draft.chain(prefix))
+    backend.commit(range(12))
+    alone = backend.step(Draft.chain([11]))
+    assert alone.logits.shape == (1, manifest.model.vocab_size) and alone.positions.tolist() == [12]
+    alone = alone.logits.clone()
+    tree = backend.step(Draft.from_parents([11, 4, 8, 15], [-1, 0, 0, 1]))
+    assert torch.equal(tree.logits[0], alone[0])
+    backend.commit([0])
+    assert backend.length == 13
