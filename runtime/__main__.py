@@ -1,4 +1,4 @@
-"""python -m runtime {generate,demo,bench,memory,quality,trees,serve,latency-test,latency-baseline}: a thin CLI
+"""python -m runtime {generate,demo,bench,memory,quality,floor,trees,serve,latency-test,latency-baseline}: a thin CLI
 over runtime.Generator, runtime.bench, runtime.memory, runtime.quality (the quantized engines against fp32),
 the tree search (`python -m runtime trees --help`, runtime/trees_cli.py), the OpenAI-compatible server
 (`python -m runtime serve --help`, runtime/serving/cli.py) and the latency regression test per device
@@ -254,6 +254,30 @@ def cmd_quality(cfg: QualityCommand) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class FloorCommand:
+    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    variants: str = option("fp32,int8,int4", "comma list of CPU engine variants")
+    threads: int | None = option(None, "threads reading the bandwidth buffer (default: every core)")
+    out: str | None = option(None, "also write the rows as JSON here")
+
+
+def cmd_floor(cfg: FloorCommand) -> int:
+    """One-token step latency of each CPU engine variant (its latency profile) against its bandwidth floor:
+    the weights a step reads / the measured read bandwidth (runtime/bandwidth_floor.py)"""
+    from runtime.bandwidth_floor import floor_rows, format_floor, measure_read_bandwidth, variant_engines
+
+    engines = variant_engines(cfg.model, [v for v in cfg.variants.split(",") if v])
+    bandwidth = measure_read_bandwidth(cfg.threads)
+    rows = floor_rows(engines, bandwidth)
+    print(format_floor(rows, bandwidth))
+    if cfg.out:
+        write_json(cfg.out, {"read_bandwidth_gb_s": round(bandwidth / 1e9, 2), "device": device_name("cpu"),
+                             "rows": [r.to_json() for r in rows]})
+        print(f"wrote {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "bench", BenchCommand, cmd_bench)
     add_config_command(sub, "memory", MemoryCommand, cmd_memory)
     add_config_command(sub, "quality", QualityCommand, cmd_quality)
+    add_config_command(sub, "floor", FloorCommand, cmd_floor)
     add_config_command(sub, "latency-test", LatencyTestCommand, cmd_latency_test)
     add_config_command(sub, "latency-baseline", LatencyBaselineCommand, cmd_latency_baseline)
     return parser
