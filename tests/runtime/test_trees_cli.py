@@ -414,3 +414,18 @@ def test_build_measures_again_a_profile_of_another_graph(ppd_dir, tmp_path, monk
     assert measured == [("ppd", "int4")]
     assert "measured on graph aaaaaaaaaaaa, but the engine dir now holds graph bbbbbbbbbbbb" in capsys.readouterr().out
     assert main([*args, "--profile-if-missing"]) == 0 and measured == [("ppd", "int4")]   # now current
+
+
+def test_statistics_calibrate_on_given_prompts(tiny_model_dir, tmp_path, capsys):
+    """`ngram-stats --prompts FILE`: the workload's own prompts instead of ShareGPT's, recorded as the calibration."""
+    prompts = tmp_path / "workload.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"def f{i}(x):\n    return x + {i}"}) + "\n"
+                               for i in range(3)))
+    out = tmp_path / "ngram.json"
+    assert main(["ngram-stats", "--model-dir", str(tiny_model_dir), "--prompts", str(prompts), "--num-prompts", "2",
+                 "--max-new-tokens", "8", "--max-depth", "2", "--out", str(out)]) == 0
+    sources = json.loads(out.read_text())["sources"]
+    assert {s["calibration"] for s in sources} == {f"--prompts {prompts} (3 prompts, first user turn, in file order)"}
+    assert {s["num_prompts"] for s in sources} == {2}
+    assert main(["ngram-stats", "--model-dir", str(tiny_model_dir), "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "neither mtbench nor humaneval nor an existing JSONL file" in capsys.readouterr().err
