@@ -11,6 +11,9 @@ measure, then hands plain JSON to trees/.
     python -m runtime trees sweep --gpu cpu --backend onnxruntime --prompts mtbench
                                                    benchmark the chosen tree against fixed budgets,
                                                    the hand-picked tree and vanilla, in one run
+    python -m runtime trees predict --tree FILE --stats FILE [--ngram-stats FILE]
+                                                   a searched tree's expected tokens per step on other
+                                                   statistics (e.g. `stats --prompts` of a workload)
 
 Files live next to the method's checkpoint (checkpoints/<model>/): <graph>-acceptance.json (hybrid
 searches on ppd's, plus ngram-acceptance.json),
@@ -711,6 +714,30 @@ def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
     return 0 if all(r["matches_vanilla"] == len(items) for r in rows) else 1
 
 
+@dataclass(frozen=True)
+class PredictCommand:
+    tree: str = option(help="a tree file as `build` wrote it (ppd, ht or hybrid)")
+    stats: str = option(help="acceptance statistics of the tree's graph, e.g. `stats --prompts FILE --out ...`")
+    ngram_stats: str | None = option(None, "n-gram statistics, for a hybrid tree (e.g. `ngram-stats --prompts FILE`)")
+
+
+def cmd_predict(cfg: PredictCommand, argv: list[str]) -> int:
+    """A searched tree's expected accepted tokens per step on other statistics (trees/predict.py)."""
+    from trees.ppd_tree import load_ppd_trees
+    from trees.predict import predicted_mean_accepted
+
+    trees = load_ppd_trees(cfg.tree)
+    stats = load_stats(cfg.stats)
+    ngram = load_ngram_stats(cfg.ngram_stats) if cfg.ngram_stats else ()
+    expected = predicted_mean_accepted(trees, stats, ngram)
+    meta = trees.metadata
+    print(f"{cfg.tree}: {expected:.3f} tokens/step on {cfg.stats} ({stats.calibration or 'calibration not recorded'})")
+    if "expected_mean_accepted" in meta:
+        print(f"  the tree file expects {meta['expected_mean_accepted']:.3f} on its own statistics "
+              f"({meta.get('search', {}).get('calibration', 'not recorded')})")
+    return 0
+
+
 # --- argparse -------------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
@@ -721,7 +748,8 @@ def main(argv: list[str]) -> int:
     for name, cls, handler in (("stats", StatsCommand, cmd_stats), ("ngram-stats", NgramStatsCommand, cmd_ngram_stats),
                                ("profile", ProfileCommand, cmd_profile), ("build", BuildCommand, cmd_build),
                                ("sweep", SweepCommand, cmd_sweep), ("roofline", RooflineCommand, cmd_roofline),
-                               ("plot-latency", PlotLatencyCommand, cmd_plot_latency)):
+                               ("plot-latency", PlotLatencyCommand, cmd_plot_latency),
+                               ("predict", PredictCommand, cmd_predict)):
         add_config_command(sub, name, cls, handler)
     args = parser.parse_args(argv)
     errors = (CheckpointError, PromptTokenError, DeviceMismatchError, ProfileError, StatsError, NgramStatsError,

@@ -429,3 +429,41 @@ def test_statistics_calibrate_on_given_prompts(tiny_model_dir, tmp_path, capsys)
     assert {s["num_prompts"] for s in sources} == {2}
     assert main(["ngram-stats", "--model-dir", str(tiny_model_dir), "--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert "neither mtbench nor humaneval nor an existing JSONL file" in capsys.readouterr().err
+
+
+def test_predict_evaluates_a_built_tree_on_other_statistics(ppd_dir, tmp_path, capsys):
+    """predict on the statistics a tree was searched on gives the file's own expectation; on other
+    statistics (a workload whose guesses are right more often) it gives theirs; mismatches are refused."""
+    from trees.ngram_stats import NgramStats, save_ngram_stats
+
+    model_dir, checkpoint, stats, rows = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    save_ngram_stats(tmp_path / "ngram-acceptance.json",
+                     [NgramStats(8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), fingerprint)])
+    assert main(["build", "--gpu", "cpu", "--method", "hybrid", "--model-dir", str(model_dir), "--checkpoint",
+                 str(checkpoint), "--budgets", "4,8"]) == 0, capsys.readouterr().err
+    tree = generated_dir(tmp_path) / "hybrid-tree-cpu-torch.json"
+    expected = load_ppd_trees(tree).metadata["expected_mean_accepted"]
+    args = ["predict", "--tree", str(tree), "--stats", str(tmp_path / "ppd-acceptance.json")]
+    assert main(args + ["--ngram-stats", str(tmp_path / "ngram-acceptance.json")]) == 0
+    assert f": {expected:.3f} tokens/step on" in capsys.readouterr().out
+    easier = dataclasses.replace(stats, steps=tuple((2, 0, 0) for _ in range(300)), calibration="all right")
+    easier.save(tmp_path / "easy.json")
+    save_ngram_stats(tmp_path / "never.json", [NgramStats(8, 1000, (0,) * 9, fingerprint)])
+
+    def predicted(stats_file: str, ngram_file: str) -> float:
+        assert main(["predict", "--tree", str(tree), "--stats", str(tmp_path / stats_file), "--ngram-stats",
+                     str(tmp_path / ngram_file)]) == 0
+        out = capsys.readouterr().out
+        return float(out.split(": ")[1].split(" tokens/step")[0])
+
+    assert predicted("easy.json", "ngram-acceptance.json") > expected              # PPD's guesses always right
+    assert predicted("ppd-acceptance.json", "never.json") < expected               # the n-gram source never proposes
+    assert main(["predict", "--tree", str(tree), "--stats", str(tmp_path / "easy.json")]) == 2
+    assert "needs n-gram statistics" in capsys.readouterr().err
+    assert main(["predict", "--tree", str(tree), "--stats", str(tmp_path / "easy.json"), "--ngram-stats",
+                 str(tmp_path / "never.json")]) == 0 and "(all right)" in capsys.readouterr().out
+    other = dataclasses.replace(stats, model_fingerprint="0" * 16)
+    other.save(tmp_path / "other.json")
+    assert main(["predict", "--tree", str(tree), "--stats", str(tmp_path / "other.json")]) == 2
+    assert "collect them with that model" in capsys.readouterr().err
