@@ -32,6 +32,7 @@ from runtime.devices import device_name
 from runtime.latency_cli import LatencyBaselineCommand, LatencyTestCommand, cmd_latency_baseline, cmd_latency_test
 from runtime.generator import DEFAULT_DEVICE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, Generator, Result
 from runtime.quality import DEFAULT_REPORT, QualityConfig, measure_quality
+from runtime.prompts import PROMPTS_HELP
 from runtime.quality import format_table as quality_table
 from runtime.recommended import FASTEST_BACKEND, FASTEST_METHOD
 from runtime.verify import DecodingOptions
@@ -39,7 +40,6 @@ from trees._json import write_json
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain how it works."
-PROMPTS_HELP = "mtbench, humaneval, or a JSONL file of {id, prompt}"
 
 
 # --- configs: one per command, mapped to argparse ---------------------------------------------------

@@ -53,6 +53,7 @@ from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PromptTokenError
 from export.quantize import DEFAULT_VARIANT, VARIANTS
 from runtime.acceptance import StatsConfig, method_checkpoint
+from runtime.prompts import PROMPTS_HELP
 from runtime.ngram_acceptance import NgramStatsConfig
 from runtime.backends import BACKENDS
 from runtime.bench import BenchConfig
@@ -85,9 +86,9 @@ TREE_FORMAT = "ppdeploy-ppd-tree"
 TREE_SEARCH_REVISION = 2
 CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations with sha256 bucket 2..6, never "
                "trained on), first user turn, in file order")
-CALIBRATION_PROMPTS_HELP = ("decode these prompts instead of the ShareGPT calibration split: a JSONL of {id, prompt} "
-                            "sampled from the workload the trees will serve (mtbench and humaneval are accepted too, "
-                            "but they are what `bench` evaluates on)")
+CALIBRATION_PROMPTS_HELP = ("decode these prompts instead of the ShareGPT calibration split, from the workload the "
+                            "trees will serve: " + PROMPTS_HELP + "; leave out the prompts `bench` evaluates on "
+                            "(its --limit 20 runs the first 20)")
 BACKEND_CHOICES = tuple(BACKENDS)
 DEFAULT_BACKEND = StatsConfig.backend  # the reference backend
 DEFAULT_METHOD = StatsConfig.method
@@ -191,7 +192,7 @@ class BuildCommand(SearchRun):
 class SweepCommand(SearchRun):
     tree: str | None = option(None, "the chosen tree (default: this device's searched tree)")
     budgets: str = option("4,8,16,32,64", "fixed budgets compared with the chosen tree")
-    prompts: str = option(BenchConfig.prompts, "mtbench, humaneval, or a JSONL of {id, prompt}")
+    prompts: str = option(BenchConfig.prompts, PROMPTS_HELP)
     limit: int | None = option(None, "first N prompts only")
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "new tokens per prompt")
     repeats: int = option(1, "timed repeats (interleaved; medians reported)")

@@ -121,7 +121,9 @@ class OrtBackend(CacheOwner):
         real, s = draft.size, self._cache.length
         real_layout = layout = self._start_step(draft, self.manifest.check_step_shape)
         if real < self._min_rows:   # run padded; the real rows' results are the first `real`
-            padded = self._padded.setdefault(draft.layout.key, draft.layout.padded(self._min_rows))
+            padded = self._padded.get(draft.layout.key)
+            if padded is None:   # built once per layout (setdefault would build it every step)
+                padded = self._padded[draft.layout.key] = draft.layout.padded(self._min_rows)
             draft, layout = draft.padded(padded), self._layouts.get(padded)
         t = draft.size
         m = self.manifest.model

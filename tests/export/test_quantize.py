@@ -177,6 +177,21 @@ def test_pad_rows_appends_rows_the_real_ones_cannot_see():
     assert same[0].tolist() == [5, 6] and same[2].shape == (2, 2)
 
 
+@pytest.mark.parametrize("parents", [[-1], [-1, 0], [-1, 0, 0], [-1, 0, 1, 0]])
+def test_pad_rows_pads_as_the_runtime_pads(parents):
+    """The build's row check (pad_rows, numpy feeds) and the backend (Layout.padded / Draft.padded) pad
+    a small step by one rule: the same tokens, positions and visibility."""
+    from runtime.draft import Layout
+
+    tokens, start, rows = np.arange(7, 7 + len(parents)), 30, 5
+    layout = Layout.from_parents(parents)
+    ids, positions, mask = pad_rows(tokens, layout.buffers.depth + start, tree_mask(parents, np.float32), rows)
+    draft = Draft.from_parents(tokens, parents).padded(layout.padded(rows))
+    assert ids.tolist() == draft.tokens.tolist()
+    assert positions.tolist() == (draft.buffers.depth + start).tolist()
+    assert ((mask == 0) == draft.buffers.ancestor_mask).all()
+
+
 def test_int4_runs_one_node_steps_padded(tiny_dir, artifacts):
     """int4 records a minimum step of two rows (its one-row MatMulNBits kernel differs on AVX2 CPUs,
     export/quantize.py): the backend pads a one-node draft, and its row is bitwise the root's row of a
