@@ -1,7 +1,13 @@
 """Benchmark harness: methods and peers on the same prompts, backend and machine, in one run.
 
 Runs are labels `method@variant` (runtime/bench_labels.py): `vanilla@fp32,ppd@int8,llamacpp@q8_0` runs our
-fp32 and int8 onnxruntime engines next to llama.cpp's q8_0 in one interleaved run."""
+fp32 and int8 onnxruntime engines next to llama.cpp's q8_0 in one interleaved run.
+
+Two rates per run: tokens/s of the whole generation (prefill included, the number a user waits for) and
+decode tokens/s (the tokens after the first over the time after it: what parallel decoding speeds up), with
+the mean time to the first token beside it. Runs of one engine emit the same tokens, so both rates rank
+them alike; engines of another quantization emit answers of other lengths, and there the whole-generation
+rate mixes prefill speed into decoding speed (a prompt answered in 2 tokens is almost all prefill)."""
 
 from __future__ import annotations
 
@@ -79,6 +85,7 @@ class PromptRun:
     steps: int | None                  # forward passes, prefill included; None where the peer hides them
     seconds: float
     accepted_tokens: int | None = None  # tokens the steps produced, before truncation (our generators only)
+    first_token_seconds: float | None = None  # until the first new token (the prefill); None where a peer hides it
 
 
 Runner = Callable[[list[int]], PromptRun]
@@ -91,7 +98,8 @@ def generator_runner(gen: Generator, max_new_tokens: int, decoding: DecodingOpti
 
     def run(prompt_ids: list[int]) -> PromptRun:
         result = gen.generate(prompt_ids, max_new_tokens=max_new_tokens, **options)
-        return PromptRun(result.token_ids, result.stats.steps, result.stats.seconds, result.stats.accepted_tokens)
+        stats = result.stats
+        return PromptRun(result.token_ids, stats.steps, stats.seconds, stats.accepted_tokens, stats.first_token_seconds)
     return run
 
 
@@ -185,8 +193,9 @@ class LlamaCppBenchRunner:
                   f"(it is fed our ids, so the input is the same):\n  " + "\n  ".join(late), file=sys.stderr)
 
     def __call__(self, prompt_ids: list[int]) -> PromptRun:
-        tokens, seconds = self.peer.generate(prompt_ids, self.max_new_tokens)
-        return PromptRun(tokens, len(tokens), seconds)  # one token per forward, the prefill's included
+        out = self.peer.generate(prompt_ids, self.max_new_tokens)
+        # one token per forward, the prefill's included
+        return PromptRun(out.tokens, len(out.tokens), out.seconds, first_token_seconds=out.first_token_seconds)
 
 
 def bench_threads(backend: str) -> int:
@@ -256,13 +265,28 @@ def tokens_per_s_per_repeat(reps: list[list[PromptRun]]) -> list[float]:
     return [sum(len(r.token_ids) for r in runs) / sum(r.seconds for r in runs) for runs in reps]
 
 
+def decode_tokens_per_s_per_repeat(reps: list[list[PromptRun]]) -> list[float] | None:
+    """The decode phase alone, per repeat: tokens after each prompt's first over the time after it. Engines
+    whose greedy outputs differ in length (another quantization) compare here: in the whole-generation rate
+    a prompt answered in 2 tokens weighs its prefill, not its decoding. None where a runner hides its prefill."""
+    if any(r.first_token_seconds is None for runs in reps for r in runs):
+        return None
+    rates = []
+    for runs in reps:
+        seconds = sum(r.seconds - r.first_token_seconds for r in runs)
+        rates.append(sum(len(r.token_ids) - 1 for r in runs) / seconds if seconds > 0 else 0.0)
+    return rates
+
+
 def median_tokens_per_s(reps: list[list[PromptRun]]) -> float:
     return statistics.median(tokens_per_s_per_repeat(reps))
 
 
 def summarise(run: RunLabel, items: list[PromptItem], reps: list[list[PromptRun]]) -> dict:
-    per_repeat = tokens_per_s_per_repeat(reps)
+    per_repeat, decode_per_repeat = tokens_per_s_per_repeat(reps), decode_tokens_per_s_per_repeat(reps)
     first = reps[0]
+    first_token = None if decode_per_repeat is None else [  # per prompt, median over repeats
+        statistics.median(runs[i].first_token_seconds for runs in reps) for i in range(len(first))]
     steps = [r.steps for r in first]
     mean_accepted = None if None in steps else sum(len(r.token_ids) for r in first) / sum(steps)
     return {
@@ -271,11 +295,15 @@ def summarise(run: RunLabel, items: list[PromptItem], reps: list[list[PromptRun]
         "variant": run.variant,
         "tokens_per_s": statistics.median(per_repeat),
         "tokens_per_s_repeats": per_repeat,
+        "decode_tokens_per_s": None if decode_per_repeat is None else statistics.median(decode_per_repeat),
+        "decode_tokens_per_s_repeats": decode_per_repeat,
+        "mean_first_token_s": None if first_token is None else statistics.fmean(first_token),
         "mean_accepted": mean_accepted,
         "deterministic": all([r.token_ids for r in runs] == [r.token_ids for r in first] for runs in reps),
         "prompts": [
             {"id": item.id, "token_ids": r.token_ids, "steps": r.steps,
-             "seconds": statistics.median(runs[i].seconds for runs in reps)}
+             "seconds": statistics.median(runs[i].seconds for runs in reps),
+             "first_token_seconds": None if first_token is None else first_token[i]}
             for i, (item, r) in enumerate(zip(items, first))
         ],
     }
@@ -292,9 +320,13 @@ def add_comparisons(report: dict) -> None:
         run = by_label[label.label]
         tokens = token_baseline(label, labels)
         if speed is None or tokens is None:
-            run["speedup_vs_vanilla"] = run["matches_vanilla"] = run["matches_vanilla_of"] = None
+            run["speedup_vs_vanilla"] = run["decode_speedup_vs_vanilla"] = None
+            run["matches_vanilla"] = run["matches_vanilla_of"] = None
             continue
-        run["speedup_vs_vanilla"] = run["tokens_per_s"] / by_label[speed.label]["tokens_per_s"]
+        base_speed = by_label[speed.label]
+        run["speedup_vs_vanilla"] = run["tokens_per_s"] / base_speed["tokens_per_s"]
+        decode = run.get("decode_tokens_per_s"), base_speed.get("decode_tokens_per_s")
+        run["decode_speedup_vs_vanilla"] = None if None in decode or not decode[1] else decode[0] / decode[1]
         base = by_label[tokens.label]
         run["matches_vanilla"] = sum(a["token_ids"] == b["token_ids"] for a, b in zip(run["prompts"], base["prompts"]))
         run["matches_vanilla_of"] = tokens.label
@@ -309,12 +341,17 @@ def format_table(report: dict) -> str:
     speed_base = next((r.get("label", "vanilla") for r in report["runs"] if r["method"] == "vanilla"), "vanilla")
     lines = [f"{report['prompts']} x {n} prompts, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
              f"{report['device']}{threads}, {mode}, median of {report['repeats']} repeats; speedup vs {speed_base}",
-             f"{'run':<20}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'same tokens as':>26}"]
+             f"{'run':<20}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'decode tok/s':>14}{'speedup':>9}"
+             f"{'1st token':>11}{'same tokens as':>26}"]
     for r in report["runs"]:  # reports written before labels (gpu_check reads old ones) have method only
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
         speed = "-" if r["speedup_vs_vanilla"] is None else f"{r['speedup_vs_vanilla']:.2f}x"
         same = "-" if r["matches_vanilla"] is None else f"{r.get('matches_vanilla_of', 'vanilla')} {r['matches_vanilla']}/{n}"
-        lines.append(f"{r.get('label', r['method']):<20}{r['tokens_per_s']:>10.1f}{acc:>15}{speed:>9}{same:>26}")
+        decode = "-" if r.get("decode_tokens_per_s") is None else f"{r['decode_tokens_per_s']:.1f}"
+        decode_speed = "-" if r.get("decode_speedup_vs_vanilla") is None else f"{r['decode_speedup_vs_vanilla']:.2f}x"
+        first = "-" if r.get("mean_first_token_s") is None else f"{r['mean_first_token_s'] * 1e3:.0f} ms"
+        lines.append(f"{r.get('label', r['method']):<20}{r['tokens_per_s']:>10.1f}{acc:>15}{speed:>9}{decode:>14}"
+                     f"{decode_speed:>9}{first:>11}{same:>26}")
     return "\n".join(lines)
 
 

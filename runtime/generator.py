@@ -36,6 +36,7 @@ class GenerationStats:
     new_tokens: int = 0
     accepted_tokens: int = 0          # tokens produced by the steps, bonus included, before truncation
     seconds: float = 0.0              # wall time of the whole generation (prefill included)
+    first_token_seconds: float = 0.0  # wall time until the first new token (the prefill, its step included)
     forward_seconds: float = 0.0      # time inside backend.step + the readout (synchronised)
 
     @property
@@ -46,6 +47,12 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after it: the decode phase alone (what a method speeds up)."""
+        decode = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
 
     @property
     def other_seconds(self) -> float:
@@ -232,6 +239,8 @@ class Generator:
         try:
             for token in self._token_stream(prompt, max_new_tokens, options, stats):
                 tokens.append(token)
+                if len(tokens) == 1:
+                    stats.first_token_seconds = time.perf_counter() - start
                 searched = max(0, len(text) - longest_stop + 1)   # a stop string must end in the new text
                 text += detokenizer.add(token)
                 cut = first_stop(text, stops, searched)

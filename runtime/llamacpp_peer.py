@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from runtime.llamacpp_gguf import require_llama_cpp
 
@@ -91,6 +92,12 @@ def check_tokenization(tokenize: Callable[[str], Sequence[int]], texts: Sequence
     return problems
 
 
+class PeerGeneration(NamedTuple):
+    tokens: list[int]
+    seconds: float              # the whole generation, prefill included
+    first_token_seconds: float  # until the first new token was sampled (the prefill)
+
+
 class LlamaCppPeer:
     """One llama.cpp model and context: greedy generation from token ids. Single-threaded, like a Generator."""
 
@@ -109,24 +116,27 @@ class LlamaCppPeer:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], float]:
-        """prompt ids -> (new token ids, seconds): greedy, ends after one of our EOS ids or max_new_tokens."""
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> PeerGeneration:
+        """prompt ids -> new token ids and their timing: greedy, ends after one of our EOS ids or max_new_tokens."""
         if len(prompt_ids) + max_new_tokens > self.llm.n_ctx():
             raise ValueError(f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens exceed the llama.cpp "
                              f"context of {self.llm.n_ctx()}")
         lib, ctx = self._lib, self.llm.ctx
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         tokens: list[int] = []
+        first_token_seconds = 0.0
         start = time.perf_counter()
         for i in range(0, len(prompt_ids), self._batch):
             self._decode(prompt_ids[i:i + self._batch])
         while True:
             token = int(lib.llama_sampler_sample(self._sampler, ctx, -1))  # argmax of the last logits
             tokens.append(token)
+            if len(tokens) == 1:
+                first_token_seconds = time.perf_counter() - start
             if token in self.eos_token_ids or len(tokens) >= max_new_tokens:
                 break
             self._decode([token])
-        return tokens, time.perf_counter() - start
+        return PeerGeneration(tokens, time.perf_counter() - start, first_token_seconds)
 
     def _decode(self, ids: Sequence[int]) -> None:
         lib = self._lib

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from runtime.bench import BenchConfig, PromptRun, format_table, run_bench, run_interleaved, write_report
+from runtime.bench import (BenchConfig, PromptRun, decode_tokens_per_s_per_repeat, format_table, run_bench,
+                           run_interleaved, write_report)
 
 
 def test_repeats_interleave_runners_after_one_warm_up_each():
@@ -42,6 +43,10 @@ def test_report_compares_every_method_with_vanilla_of_the_same_run(tiny_model_di
     assert vanilla["mean_accepted"] == pytest.approx(1.0)  # one token per decode step
     assert ngram["mean_accepted"] >= 1.0
     assert all(r["deterministic"] and len(r["tokens_per_s_repeats"]) == 2 for r in report["runs"])
+    for run in report["runs"]:   # the decode phase: after each prompt's first token, which the prefill made
+        assert 0 < run["mean_first_token_s"] < max(p["seconds"] for p in run["prompts"])
+        assert run["decode_tokens_per_s"] > 0 and len(run["decode_tokens_per_s_repeats"]) == 2
+    assert ngram["decode_speedup_vs_vanilla"] == pytest.approx(ngram["decode_tokens_per_s"] / vanilla["decode_tokens_per_s"])
     table = format_table(report)
     assert "2/2" in table and table.count("\n") == 3
 
@@ -49,6 +54,21 @@ def test_report_compares_every_method_with_vanilla_of_the_same_run(tiny_model_di
     write_report(report, out)
     assert json.loads(out.read_text())["runs"][1]["method"] == "ngram"
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temp file left behind
+
+
+def test_decode_rate_leaves_out_each_prompts_first_token_and_its_prefill():
+    """Two engines with the same 0.5 s prefill and 10 ms per decoded token, one answering a prompt in 2
+    tokens where the other writes 101: their whole-generation rates differ by 1.3x (the short answer is
+    almost all prefill), their decode rates are both 100 tokens/s."""
+    short = [PromptRun([1, 2], 2, 0.51, first_token_seconds=0.5), PromptRun([1] * 101, 101, 1.5, first_token_seconds=0.5)]
+    long = [PromptRun([1] * 101, 101, 1.5, first_token_seconds=0.5)] * 2
+    assert decode_tokens_per_s_per_repeat([short]) == pytest.approx([100.0])
+    assert decode_tokens_per_s_per_repeat([long, long]) == pytest.approx([100.0, 100.0])
+    whole = [sum(len(r.token_ids) for r in runs) / sum(r.seconds for r in runs) for runs in (short, long)]
+    assert whole[1] / whole[0] > 1.3
+    hidden = [PromptRun([1, 2], 2, 0.6)]   # a peer that does not time its prefill
+    assert decode_tokens_per_s_per_repeat([short, hidden]) is None
+    assert decode_tokens_per_s_per_repeat([[PromptRun([7], 1, 0.5, first_token_seconds=0.5)]]) == [0.0]
 
 
 def test_unknown_method_is_refused_with_the_choices():

@@ -103,4 +103,4 @@ def test_table_reads_reports_written_before_labels():
     old = {"prompts": "mtbench", "max_new_tokens": 8, "backend": "torch", "device": "cpu", "repeats": 1,
            "runs": [{"method": "vanilla", "tokens_per_s": 10.0, "mean_accepted": 1.0, "speedup_vs_vanilla": 1.0,
                      "matches_vanilla": 1, "prompts": [{}]}]}
-    assert format_table(old).splitlines()[-1].split() == ["vanilla", "10.0", "1.00", "1.00x", "vanilla", "1/1"]
+    assert format_table(old).splitlines()[-1].split() == ["vanilla", "10.0", "1.00", "1.00x", "-", "-", "-", "vanilla", "1/1"]

@@ -94,10 +94,10 @@ def test_llama_cpp_tokenizes_like_us_and_decodes_greedily(real_model_dir, smoke_
     try:
         check_tokenization(peer.tokenize, texts, ours)
         for ids in ours:
-            first, seconds = peer.generate(ids, SMOKE_NEW_TOKENS)
-            again, _ = peer.generate(ids, SMOKE_NEW_TOKENS)   # the cache is cleared between generations
-            assert first == again and seconds > 0
-            assert len(first) == SMOKE_NEW_TOKENS or first[-1] == eos
+            first = peer.generate(ids, SMOKE_NEW_TOKENS)
+            again = peer.generate(ids, SMOKE_NEW_TOKENS)   # the cache is cleared between generations
+            assert first.tokens == again.tokens and 0 < first.first_token_seconds < first.seconds
+            assert len(first.tokens) == SMOKE_NEW_TOKENS or first.tokens[-1] == eos
     finally:
         peer.close()
 
@@ -116,6 +116,6 @@ def test_llama_cpp_f32_greedy_equals_our_fp32_vanilla(real_model_dir, smoke_prom
     peer = LlamaCppPeer(ensure_gguf(real_model_dir, "f32"), TEST_THREADS, DEFAULT_MAX_CONTEXT, [eos])
     try:
         for ids in ours:
-            assert peer.generate(ids, SMOKE_NEW_TOKENS)[0] == gen.generate(ids, max_new_tokens=SMOKE_NEW_TOKENS).token_ids
+            assert peer.generate(ids, SMOKE_NEW_TOKENS).tokens == gen.generate(ids, max_new_tokens=SMOKE_NEW_TOKENS).token_ids
     finally:
         peer.close()
