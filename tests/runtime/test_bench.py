@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from runtime.bench import (BenchConfig, PromptRun, decode_tokens_per_s_per_repeat, format_table, run_bench,
-                           run_interleaved, write_report)
+from runtime.bench import (BenchConfig, PromptRun, accepted_interval, decode_tokens_per_s_per_repeat, format_table,
+                           run_bench, run_interleaved, write_report)
 
 
 def test_repeats_interleave_runners_after_one_warm_up_each():
@@ -41,6 +41,7 @@ def test_report_compares_every_method_with_vanilla_of_the_same_run(tiny_model_di
     assert ngram["speedup_vs_vanilla"] == pytest.approx(ngram["tokens_per_s"] / vanilla["tokens_per_s"])
     assert vanilla["matches_vanilla"] == ngram["matches_vanilla"] == 2  # lossless: same tokens on both prompts
     assert vanilla["mean_accepted"] == pytest.approx(1.0)  # one token per decode step
+    assert ngram["mean_accepted_ci95"][0] <= ngram["mean_accepted"] <= ngram["mean_accepted_ci95"][1]
     assert ngram["mean_accepted"] >= 1.0
     assert all(r["deterministic"] and len(r["tokens_per_s_repeats"]) == 2 for r in report["runs"])
     for run in report["runs"]:   # the decode phase: after each prompt's first token, which the prefill made
@@ -69,6 +70,17 @@ def test_decode_rate_leaves_out_each_prompts_first_token_and_its_prefill():
     hidden = [PromptRun([1, 2], 2, 0.6)]   # a peer that does not time its prefill
     assert decode_tokens_per_s_per_repeat([short, hidden]) is None
     assert decode_tokens_per_s_per_repeat([[PromptRun([7], 1, 0.5, first_token_seconds=0.5)]]) == [0.0]
+
+
+def test_accepted_interval_brackets_the_mean_and_narrows_with_agreeing_prompts():
+    """A bootstrap over prompts: alike prompts give a point, mixed ones a wide interval around the mean."""
+    low, high = accepted_interval([20, 20, 20], [10, 10, 10])
+    assert low == high == 2.0
+    tokens, steps = [10, 40, 10, 40] * 5, [10] * 20            # prompts accepting 1 and 4 tokens a step
+    low, high = accepted_interval(tokens, steps)
+    assert 1.5 < low < 2.5 < high < 3.5
+    wider = accepted_interval(tokens[:4], steps[:4])
+    assert wider[0] < low and wider[1] > high
 
 
 def test_unknown_method_is_refused_with_the_choices():
