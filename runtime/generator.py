@@ -49,12 +49,6 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first over the time after it: the decode phase alone (what a method speeds up)."""
-        decode = self.seconds - self.first_token_seconds
-        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
-
-    @property
     def other_seconds(self) -> float:
         return self.seconds - self.forward_seconds
 

