@@ -1,5 +1,6 @@
-"""python -m runtime {generate,demo,bench,memory,quality,floor,trees,serve,latency-test,latency-baseline}: a thin CLI
-over runtime.Generator, runtime.bench, runtime.memory, runtime.quality (the quantized engines against fp32),
+"""python -m runtime {generate,demo,bench,memory,quality,floor,breakdown,trees,serve,latency-test,
+latency-baseline}: a thin CLI over runtime.Generator, runtime.bench, runtime.memory, runtime.quality (the
+quantized engines against fp32), runtime.bandwidth_floor and runtime.step_breakdown (where a CPU step goes),
 the tree search (`python -m runtime trees --help`, runtime/trees_cli.py), the OpenAI-compatible server
 (`python -m runtime serve --help`, runtime/serving/cli.py) and the latency regression test per device
 (runtime/latency_cli.py).
@@ -278,6 +279,51 @@ def cmd_floor(cfg: FloorCommand) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class BreakdownCommand:
+    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    variants: str = option("fp32,int8,int4", "comma list of CPU engine variants (their vanilla engines)")
+    nodes: str = option("1,2,8", "comma list of draft sizes T (chains)")
+    caches: str = option("50,200,400", "comma list of committed cache lengths S")
+    repeats: int = option(40, "interleaved timings of each, medians taken")
+    out: str | None = option(None, "also write the rows as JSON here")
+
+
+def cmd_breakdown(cfg: BreakdownCommand) -> int:
+    """Where each CPU engine variant's step goes: the runtime's step against the graph's weight products
+    alone (the same kernels and rows), per T and cache length (runtime/step_breakdown.py)"""
+    from tqdm import tqdm
+
+    from runtime.bandwidth_floor import vanilla_engine_dir
+    from runtime.step_breakdown import format_breakdown, measure_breakdown
+
+    variants = [v for v in cfg.variants.split(",") if v]
+    nodes, caches = parse_ints(cfg.nodes, "--nodes"), parse_ints(cfg.caches, "--caches")
+    engines = [vanilla_engine_dir(cfg.model, v) for v in variants]
+    missing = [absent for _, absent in engines if absent]
+    if missing:
+        raise FileNotFoundError("; ".join(missing))
+    rows = []
+    with tqdm(total=len(variants) * len(nodes) * len(caches), desc="breakdown", unit="shape") as bar:
+        for variant, (directory, _) in zip(variants, engines):
+            rows += measure_breakdown(directory, variant, nodes, caches, cfg.repeats, progress=bar)
+    print(format_breakdown(rows))
+    if cfg.out:
+        write_json(cfg.out, {"device": device_name("cpu"), "repeats": cfg.repeats, "rows": [r.to_json() for r in rows]})
+        print(f"wrote {cfg.out}")
+    return 0
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes a comma list of integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty; give a comma list of integers")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub, "memory", MemoryCommand, cmd_memory)
     add_config_command(sub, "quality", QualityCommand, cmd_quality)
     add_config_command(sub, "floor", FloorCommand, cmd_floor)
+    add_config_command(sub, "breakdown", BreakdownCommand, cmd_breakdown)
     add_config_command(sub, "latency-test", LatencyTestCommand, cmd_latency_test)
     add_config_command(sub, "latency-baseline", LatencyBaselineCommand, cmd_latency_baseline)
     return parser

@@ -106,9 +106,7 @@ def format_floor(rows: Sequence[FloorRow], bandwidth: float) -> str:
 def variant_engines(model_dir: str | Path, variants: Sequence[str]) -> list[tuple[str, Path, float, str]]:
     """(variant, vanilla graph, T=1 seconds, profile file) of each variant on the CPU; every missing
     engine or profile is named at once, with the command that makes it."""
-    from export.engine import engine_dir
-    from export.manifest import MANIFEST_NAME, Manifest
-    from export.quantize import check_variant
+    from export.manifest import Manifest
     from runtime.acceptance import method_checkpoint
     from runtime.tree_files import find_profile
     from runtime.tree_store import search_dirs
@@ -117,10 +115,10 @@ def variant_engines(model_dir: str | Path, variants: Sequence[str]) -> list[tupl
     checkpoints = method_checkpoint("ppd", None).parent
     engines, missing = [], []
     for variant in variants:
-        directory = engine_dir(model_dir, "cpu", "vanilla", check_variant(variant))
+        directory, absent = vanilla_engine_dir(model_dir, variant)
         profile = find_profile(search_dirs(checkpoints), "cpu", "onnxruntime", variant)
-        if not (directory / MANIFEST_NAME).is_file():
-            missing.append(f"no {variant} vanilla engine at {directory}: `make engine GPU=cpu QUANT={variant}`")
+        if absent:
+            missing.append(absent)
         if profile is None:
             missing.append(f"no {variant} onnxruntime CPU latency profile in {checkpoints}: "
                            f"`python -m runtime trees profile --gpu cpu --backend onnxruntime --variant {variant}`")
@@ -130,3 +128,15 @@ def variant_engines(model_dir: str | Path, variants: Sequence[str]) -> list[tupl
     if missing:
         raise FileNotFoundError("; ".join(missing))
     return engines
+
+
+def vanilla_engine_dir(model_dir: str | Path, variant: str) -> tuple[Path, str | None]:
+    """The variant's vanilla CPU engine dir, and what to run to make it when it holds none (else None)."""
+    from export.engine import engine_dir
+    from export.manifest import MANIFEST_NAME
+    from export.quantize import check_variant
+
+    directory = engine_dir(model_dir, "cpu", "vanilla", check_variant(variant))
+    if (directory / MANIFEST_NAME).is_file():
+        return directory, None
+    return directory, f"no {variant} vanilla engine at {directory}: `make engine GPU=cpu QUANT={variant}`"

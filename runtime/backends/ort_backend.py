@@ -46,6 +46,19 @@ class OrtOptions:
     spin: bool = True
 
 
+def ort_session_options(options: OrtOptions, optimization: str):
+    """onnxruntime SessionOptions for `options` (threads, spinning) at graph optimisation `optimization`."""
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    if options.threads is not None:
+        session_options.intra_op_num_threads = options.threads
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    session_options.add_session_config_entry("session.force_spinning_stop", "1")
+    session_options.graph_optimization_level = graph_optimization_level(optimization)
+    return session_options
+
+
 class OrtBackend(CacheOwner):
     def __init__(self, engine: Manifest | str | Path, device: str | torch.device = "cpu",
                  max_context: int | None = None, options: OrtOptions = OrtOptions()) -> None:
@@ -94,15 +107,10 @@ class OrtBackend(CacheOwner):
         if path is None:
             for record in (self.manifest.onnx, *self.manifest.external_data):
                 check_file(self.manifest.dir, record)
-        session_options = ort.SessionOptions()
-        if options.threads is not None:
-            session_options.intra_op_num_threads = options.threads
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
-        session_options.add_session_config_entry("session.force_spinning_stop", "1")
         # A saved optimised graph is loaded as is; the plain export gets optimised in memory.
-        session_options.graph_optimization_level = graph_optimization_level(
-            "disable" if path is not None else options.optimization)
-        return ort.InferenceSession(str(path or self.manifest.onnx_path), session_options, providers=[provider])
+        session_options = ort_session_options(options, "disable" if path is not None else options.optimization)
+        self.graph_path = path or self.manifest.onnx_path   # the graph file this backend runs
+        return ort.InferenceSession(str(self.graph_path), session_options, providers=[provider])
 
     def _allocate(self, tree_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat output buffers for up to `tree_size` nodes: logits [T*V], new keys/values [L*T*Hkv*D]."""
