@@ -16,7 +16,7 @@ from export.methods import (DEFAULT_HYBRID_NGRAM, METHODS, HTOptions, HybridOpti
 from export.ppd import PPDConfig
 from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends import DEFAULT_BACKEND
-from runtime.devices import default_tree
+from runtime.devices import default_tree, warn_if_searched_for_another_cpu
 from runtime.proposers import NgramProposer, Proposer, VanillaProposer
 from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
@@ -83,6 +83,7 @@ def _tree_set(spec: MethodSpec, tree: str | None, checkpoint: str, context: Buil
         check_tree_identity(trees, fingerprint, weights_sha256, context.variant)
     except TreeError as exc:
         raise TreeError(f"{path}: {exc}") from exc   # which file: a default tree is not named by the caller
+    warn_if_searched_for_another_cpu(path, trees.metadata, context.device)
     return trees
 
 

@@ -53,6 +53,7 @@ from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PromptTokenError
 from export.quantize import DEFAULT_VARIANT, VARIANTS
 from runtime.acceptance import StatsConfig, method_checkpoint
+from runtime.devices import cpu_isa
 from runtime.prompts import PROMPTS_HELP
 from runtime.ngram_acceptance import NgramStatsConfig
 from runtime.backends import BACKENDS
@@ -316,7 +317,8 @@ def measure_profile(cfg: ProfileCommand) -> Path:
                              seconds=seconds, repeats=per_round * cfg.rounds, context=cfg.context,
                              model_fingerprint=model_fingerprint(cfg.model_dir),
                              versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet,
-                             variant=cfg.variant, graph_sha256=backend.info.graph_sha256)
+                             variant=cfg.variant, graph_sha256=backend.info.graph_sha256,
+                             cpu_isa=cpu_isa() if kind == "cpu" else None)
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend, cfg.variant)
     profile.save(out)
     print(f"wrote {out}: {name}, {profile.engine}: T=1 {1e3 * profile.latency(1):.1f} ms, "
@@ -367,6 +369,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "checkpoint_sha256": identity.checkpoint_sha256,
         "ensemble": stats.ensemble,
         "device": profile.device_name,
+        **({"cpu_isa": profile.cpu_isa} if profile.cpu_isa is not None else {}),   # the CPU it was searched for
         "device_key": profile.device_key,
         "backend": profile.backend,
         "variant": profile.variant,                           # the engine whose latency and statistics these are
@@ -461,11 +464,16 @@ def build_profile(cfg: BuildCommand, directory: Path) -> Path:
     if cfg.profile:
         return Path(cfg.profile)
     found = find_profile(search_dirs(directory), cfg.gpu, cfg.backend, cfg.variant)
-    if found is not None and not cfg.profile_if_missing:
-        return found
     existing = None if found is None else load_profile(found)
+    if existing is not None and not cfg.profile_if_missing:
+        if _other_cpu(existing, cfg):
+            print(f"warning: {found} was measured on a CPU with {existing.cpu_isa or 'no listed vector extensions'}, "
+                  f"this one has {cpu_isa() or 'none listed'}: its step costs are another CPU's; pass "
+                  "--profile-if-missing to measure them here", file=sys.stderr)
+        return found
     if existing is not None and existing.source == MEASURED and not measured_on_another_graph(
-            found, existing.graph_sha256, engine_graph_now(cfg, METHODS[ProfileCommand.method].graph)):
+            found, existing.graph_sha256, engine_graph_now(cfg, METHODS[ProfileCommand.method].graph)) \
+            and not measured_on_another_cpu(found, existing, cfg):
         return found
     engine = engine_label(cfg.backend, cfg.variant)
     if not cfg.profile_if_missing:
@@ -560,6 +568,25 @@ def measured_on_another_graph(path: Path, recorded: str | None, now: str | None)
         return False
     print(f"{path} was measured on graph {recorded[:12]}, but the engine dir now holds graph {now[:12]}: "
           "measuring it again")
+    return True
+
+
+def _other_cpu(profile: LatencyProfile, cfg) -> bool:
+    """Whether `profile` is a CPU profile recording other vector extensions than this run's CPU has
+    (profiles from before the field, and GPUs', count as current)."""
+    if profile.cpu_isa is None or not run_device(cfg.gpu, cfg.device).startswith("cpu"):
+        return False
+    return profile.cpu_isa != cpu_isa()
+
+
+def measured_on_another_cpu(path: Path, profile: LatencyProfile, cfg) -> bool:
+    """Whether the CPU profile at `path` was measured on a CPU with other vector extensions than this
+    one (CPUs share the device key "cpu"; their kernels, and so the step costs, follow the extensions);
+    says so."""
+    if not _other_cpu(profile, cfg):
+        return False
+    print(f"{path} was measured on a CPU with {profile.cpu_isa or 'no listed vector extensions'}, this one has "
+          f"{cpu_isa() or 'none listed'}: measuring it again")
     return True
 
 

@@ -62,6 +62,8 @@ class LatencyProfile:
     variant: str = DEFAULT_VARIANT               # the engine's weights (export/quantize.py VARIANTS)
     graph_sha256: str | None = None              # the exported graph timed (runtime ModelInfo); None: the
                                                  # torch step, a modelled profile, or not recorded
+    cpu_isa: str | None = None                   # a CPU's vector extensions (runtime/devices.py cpu_isa): CPUs
+                                                 # share the key "cpu"; None: a GPU's, or not recorded
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +128,7 @@ class LatencyProfile:
             "sizes": list(self.sizes),
             "seconds": [round(s, 7) for s in self.seconds],
             **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {}),
+            **({"cpu_isa": self.cpu_isa} if self.cpu_isa is not None else {}),
         }
 
     @classmethod
@@ -142,7 +145,7 @@ class LatencyProfile:
                        roofline=tuple(dict(data.get("roofline", {})).items()),
                        quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None,
                        variant=str(data.get("variant", DEFAULT_VARIANT)),   # profiles before the field: fp32
-                       graph_sha256=data.get("graph_sha256"))
+                       graph_sha256=data.get("graph_sha256"), cpu_isa=data.get("cpu_isa"))
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

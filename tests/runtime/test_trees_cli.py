@@ -416,6 +416,42 @@ def test_build_measures_again_a_profile_of_another_graph(ppd_dir, tmp_path, monk
     assert main([*args, "--profile-if-missing"]) == 0 and measured == [("ppd", "int4")]   # now current
 
 
+def test_build_measures_again_a_profile_of_another_cpu(ppd_dir, tmp_path, monkeypatch, capsys):
+    """CPUs share the device key "cpu" and differ in the vector extensions their kernels use: a CPU
+    profile recording others than this CPU has is measured again by --profile-if-missing (`make tree`),
+    and without it used with a warning; one recording none (older files) counts as current."""
+    from runtime import trees_cli
+
+    model_dir, checkpoint, stats, _ = ppd_dir
+    fingerprint = model_fingerprint(model_dir)
+    profile = tmp_path / "latency-cpu-onnxruntime-int4.json"
+    dataclasses.replace(_int4_like(fingerprint), cpu_isa="avx2 fma avx512f").save(profile)
+    dataclasses.replace(stats, variant="int4").save(tmp_path / "ppd-acceptance-int4.json")
+    measured = []
+
+    def fake_measure(cfg):
+        measured.append(cfg.variant)
+        return dataclasses.replace(_int4_like(fingerprint), cpu_isa=trees_cli.cpu_isa()).save(cfg.out)
+
+    monkeypatch.setattr(trees_cli, "measure_profile", fake_measure)
+    monkeypatch.setattr(trees_cli, "cpu_isa", lambda: "avx2 fma")
+    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: None)
+    args = ["build", "--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(model_dir),
+            "--checkpoint", str(checkpoint), "--budgets", "2,4", "--no-plots"]
+    assert main(args) == 0 and measured == []                     # without --profile-if-missing: never measured
+    assert "measured on a CPU with avx2 fma avx512f, this one has avx2 fma" in capsys.readouterr().err
+    assert main([*args, "--profile-if-missing"]) == 0, capsys.readouterr().err
+    assert measured == ["int4"]
+    assert "measured on a CPU with avx2 fma avx512f, this one has avx2 fma: measuring it again" in capsys.readouterr().out
+    assert main([*args, "--profile-if-missing"]) == 0 and measured == ["int4"]   # now current
+    dataclasses.replace(_int4_like(fingerprint), cpu_isa=None).save(profile)   # a file from before the field
+    assert main([*args, "--profile-if-missing"]) == 0 and measured == ["int4"]
+    # The tree records the CPU it was searched for (the runtime warns on another: tests/runtime/test_devices.py).
+    dataclasses.replace(_int4_like(fingerprint), cpu_isa="avx2 fma").save(profile)
+    assert main([*args, "--out", str(tmp_path / "tree.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "tree.json").read_text())["cpu_isa"] == "avx2 fma"
+
+
 def test_statistics_calibrate_on_given_prompts(tiny_model_dir, tmp_path, capsys):
     """`ngram-stats --prompts FILE`: the workload's own prompts instead of ShareGPT's, recorded as the calibration."""
     prompts = tmp_path / "workload.jsonl"

@@ -65,6 +65,19 @@ def test_profile_round_trip_and_monotone_latency(tmp_path):
         loaded.latency(9)
 
 
+def test_a_cpu_profile_records_its_vector_extensions(tmp_path):
+    """CPUs share the device key "cpu"; a CPU profile records the extensions its kernels ran on, and one
+    written before the field loads with None (counted as current)."""
+    profile = LatencyProfile("cpu", "cpu: AMD EPYC (2 cores, 2 threads; avx2 fma)", "onnxruntime", (1, 2),
+                             (0.010, 0.011), 3, 300, "m", cpu_isa="avx2 fma")
+    path = profile.save(tmp_path / "p.json")
+    assert load_profile(path) == profile and json.loads(path.read_text())["cpu_isa"] == "avx2 fma"
+    data = json.loads(path.read_text())
+    del data["cpu_isa"]
+    path.write_text(json.dumps(data))
+    assert load_profile(path).cpu_isa is None
+
+
 def test_monotone_fit_is_the_identity_on_increasing_data_and_never_decreases():
     values = np.array([1.0, 2.0, 2.5, 4.0])
     assert monotone_fit(values).tolist() == values.tolist()
