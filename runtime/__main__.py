@@ -314,14 +314,11 @@ def cmd_breakdown(cfg: BreakdownCommand) -> int:
     return 0
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes a comma list of integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty; give a comma list of integers")
-    return values
+def parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    from runtime.tree_files import parse_int_list
+
+    return parse_int_list(text, f"{flag} takes a comma list of integers, got {text!r}",
+                          f"{flag} is empty; give a comma list of integers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,11 +48,12 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     model = platform.processor() or platform.machine()
-    for line in _cpuinfo().splitlines():
+    cpuinfo = _cpuinfo()
+    for line in cpuinfo.splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    isa = cpu_isa()
+    isa = cpu_isa(cpuinfo)
     return f"cpu: {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads{'; ' + isa if isa else ''})"
 
 
@@ -84,10 +85,13 @@ def warn_if_searched_for_another_cpu(path: str | Path, metadata: dict, device: s
     """Warn when the tree at `path` (its JSON `metadata`) was searched on the latency profile of a CPU
     with other vector extensions than this one has: its sizes were chosen for another step cost."""
     recorded = metadata.get("cpu_isa")
-    if recorded is None or torch.device(device).type != "cpu" or recorded == cpu_isa():
+    if recorded is None or torch.device(device).type != "cpu":
+        return
+    here = cpu_isa()
+    if recorded == here:
         return
     variant = metadata.get("variant", DEFAULT_VARIANT)
     warnings.warn(f"{path} was searched for a CPU with {recorded or 'no listed vector extensions'}, this one has "
-                  f"{cpu_isa() or 'none listed'}: its sizes were chosen for another step cost; `make tree GPU=cpu"
+                  f"{here or 'none listed'}: its sizes were chosen for another step cost; `make tree GPU=cpu"
                   f"{'' if variant == DEFAULT_VARIANT else ' QUANT=' + variant}` searches one for this CPU",
                   stacklevel=3)

@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 WEIGHT_OPS = ("MatMulNBits", "MatMul", "FusedMatMul", "Gemm")
+
+
+class Progress(Protocol):
+    """A progress bar (tqdm): told each measured shape."""
+
+    def update(self, n: int = 1) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ def _median_pair(first, second, repeats: int) -> tuple[float, float]:
 
 
 def measure_breakdown(engine_dir: str | Path, variant: str, nodes: Sequence[int], caches: Sequence[int],
-                      repeats: int = 40, seed: int = 0, progress: Iterable | None = None) -> list[BreakdownRow]:
+                      repeats: int = 40, seed: int = 0, progress: Progress | None = None) -> list[BreakdownRow]:
     """A BreakdownRow per (cache, nodes) of the engine in `engine_dir`; the cache is random tokens
     prefilled once per size (the step's cost depends on S and T, not on which tokens)."""
     import onnxruntime as ort

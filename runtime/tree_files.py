@@ -56,15 +56,21 @@ def ngram_stats_filename(variant: str = DEFAULT_VARIANT) -> str:
     return f"ngram-acceptance{variant_suffix(variant)}.json"
 
 
+def parse_int_list(text: str, not_integers: str, empty: str) -> tuple[int, ...]:
+    """A comma list of integers ("4,8,16"), sorted and deduplicated; `not_integers` and `empty` are the
+    errors' messages (each flag names itself and its fix)."""
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError as exc:
+        raise ValueError(not_integers) from exc
+    if not values:
+        raise ValueError(empty)
+    return values
+
+
 def parse_budgets(text: str) -> tuple[int, ...]:
     """A comma list of token counts ("4,8,16"), sorted and deduplicated."""
-    try:
-        budgets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
-    except ValueError as exc:
-        raise ValueError(f"budgets must be a comma list of token counts, got {text!r}") from exc
-    if not budgets:
-        raise ValueError("give at least one budget")
-    return budgets
+    return parse_int_list(text, f"budgets must be a comma list of token counts, got {text!r}", "give at least one budget")
 
 
 def package_versions(backend: str, device_type: str) -> dict[str, str]:
