@@ -5,7 +5,7 @@ by a slug of that name, never by what a user typed or by a model path:
 
     cpu                      -> key "cpu" (one key for CPUs: the profile records the exact model and
                                 its vector extensions, and `make tree` measures again a profile of a
-                                CPU with other extensions: runtime/trees_cli.py measured_on_another_cpu)
+                                CPU with other extensions: runtime/tree_build.py measured_on_another_cpu)
     NVIDIA H100 80GB HBM3    -> key "nvidia-h100-80gb-hbm3"
 
 next to the model's prompt-token checkpoint (committed), or in this machine's generated dir

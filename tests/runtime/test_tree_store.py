@@ -13,7 +13,7 @@ import torch
 
 from export.checkpoint import model_fingerprint
 from export.ppd import PPDConfig, save_prompt_tokens
-from runtime import trees_cli
+from runtime import tree_build
 from runtime.tree_files import find_profile
 from runtime.tree_store import generated_dir, recorded_inputs_sha256, search_dirs
 from runtime.trees_cli import main
@@ -161,9 +161,9 @@ def test_on_the_gpu_a_modelled_profile_is_replaced_by_a_measurement(committed, m
         measured_calls.append(cfg)
         return _profile(model_fingerprint(model_dir), "nvidia-h200", "NVIDIA H200", slope=0.01).save(cfg.out)
 
-    monkeypatch.setattr(trees_cli, "_device_present", lambda cfg: True)
-    monkeypatch.setattr(trees_cli, "present", lambda gpu, device: ("cuda", "cuda", "NVIDIA H200"))
-    monkeypatch.setattr(trees_cli, "measure_profile", fake_measure)
+    monkeypatch.setattr(tree_build, "_device_present", lambda cfg: True)
+    monkeypatch.setattr(tree_build, "present", lambda gpu, device: ("cuda", "cuda", "NVIDIA H200"))
+    monkeypatch.setattr(tree_build, "measure_profile", fake_measure)
     assert main(_args(model_dir, checkpoint, "--profile-if-missing", gpu="h200")) == 0, capsys.readouterr().err
     assert [Path(c.out) for c in measured_calls] == [generated / "latency-nvidia-h200-torch.json"]
     assert load_profile(generated / "latency-nvidia-h200-torch.json").source == "measured"

@@ -345,7 +345,7 @@ def test_build_collects_missing_statistics_of_its_variant(ppd_dir, tmp_path, mon
     """--stats-if-missing (`make tree`): the variant's acceptance and n-gram statistics are collected
     with the build's model, checkpoint, backend and variant when their files are missing, and not again
     (the collection itself is faked here; `stats`/`ngram-stats` run the real decode)."""
-    from runtime import trees_cli
+    from runtime import tree_build
     from trees.ngram_stats import NgramStats, save_ngram_stats
 
     model_dir, checkpoint, stats, _ = ppd_dir
@@ -364,8 +364,8 @@ def test_build_collects_missing_statistics_of_its_variant(ppd_dir, tmp_path, mon
                                               variant=cfg.variant)])
         return 0
 
-    monkeypatch.setattr(trees_cli, "cmd_stats", fake_stats)
-    monkeypatch.setattr(trees_cli, "cmd_ngram_stats", fake_ngram_stats)
+    monkeypatch.setattr(tree_build, "cmd_stats", fake_stats)
+    monkeypatch.setattr(tree_build, "cmd_ngram_stats", fake_ngram_stats)
     args = ["build", "--gpu", "cpu", "--method", "hybrid", "--backend", "onnxruntime", "--variant", "int4",
             "--model-dir", str(model_dir), "--checkpoint", str(checkpoint), "--budgets", "4,8", "--no-plots"]
     assert main(args) == 2 and "ppd-acceptance-int4.json does not exist" in capsys.readouterr().err
@@ -380,9 +380,9 @@ def test_build_collects_missing_statistics_of_its_variant(ppd_dir, tmp_path, mon
     dataclasses.replace(stats, variant="int4", graph_sha256="a" * 64).save(tmp_path / "ppd-acceptance-int4.json")
     save_ngram_stats(tmp_path / "ngram-acceptance-int4.json", [NgramStats(
         8, 1000, (100, 50, 50, 50, 100, 50, 50, 50, 300), fingerprint, variant="int4", graph_sha256="a" * 64)])
-    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "a" * 64)
+    monkeypatch.setattr(tree_build, "engine_graph_now", lambda cfg, graph: "a" * 64)
     assert main([*args, "--stats-if-missing"]) == 0 and len(calls) == 2   # the same graph: current
-    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "b" * 64)
+    monkeypatch.setattr(tree_build, "engine_graph_now", lambda cfg, graph: "b" * 64)
     assert main([*args, "--stats-if-missing"]) == 0, capsys.readouterr().err
     assert [c[0] for c in calls[2:]] == ["stats", "ngram-stats"]
     assert "measured on graph aaaaaaaaaaaa, but the engine dir now holds graph bbbbbbbbbbbb" in capsys.readouterr().out
@@ -392,7 +392,7 @@ def test_build_measures_again_a_profile_of_another_graph(ppd_dir, tmp_path, monk
     """--profile-if-missing (`make tree`): a measured profile recording another graph than the engine dir
     holds now (the engine was rebuilt, e.g. by a new exporter) is measured again; one of the same graph
     is kept (the measuring itself is faked here; `profile` above times the real engine)."""
-    from runtime import trees_cli
+    from runtime import tree_build
 
     model_dir, checkpoint, stats, _ = ppd_dir
     fingerprint = model_fingerprint(model_dir)
@@ -405,8 +405,8 @@ def test_build_measures_again_a_profile_of_another_graph(ppd_dir, tmp_path, monk
         measured.append((cfg.method, cfg.variant))
         return dataclasses.replace(_int4_like(fingerprint), graph_sha256="b" * 64).save(cfg.out)
 
-    monkeypatch.setattr(trees_cli, "measure_profile", fake_measure)
-    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: "b" * 64 if graph == "ppd" else None)
+    monkeypatch.setattr(tree_build, "measure_profile", fake_measure)
+    monkeypatch.setattr(tree_build, "engine_graph_now", lambda cfg, graph: "b" * 64 if graph == "ppd" else None)
     args = ["build", "--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(model_dir),
             "--checkpoint", str(checkpoint), "--budgets", "2,4", "--no-plots"]
     assert main(args) == 0 and measured == []                     # without --profile-if-missing: never measured
@@ -420,7 +420,7 @@ def test_build_measures_again_a_profile_of_another_cpu(ppd_dir, tmp_path, monkey
     """CPUs share the device key "cpu" and differ in the vector extensions their kernels use: a CPU
     profile recording others than this CPU has is measured again by --profile-if-missing (`make tree`),
     and without it used with a warning; one recording none (older files) counts as current."""
-    from runtime import trees_cli
+    from runtime import tree_build
 
     model_dir, checkpoint, stats, _ = ppd_dir
     fingerprint = model_fingerprint(model_dir)
@@ -431,11 +431,11 @@ def test_build_measures_again_a_profile_of_another_cpu(ppd_dir, tmp_path, monkey
 
     def fake_measure(cfg):
         measured.append(cfg.variant)
-        return dataclasses.replace(_int4_like(fingerprint), cpu_isa=trees_cli.cpu_isa()).save(cfg.out)
+        return dataclasses.replace(_int4_like(fingerprint), cpu_isa=tree_build.cpu_isa()).save(cfg.out)
 
-    monkeypatch.setattr(trees_cli, "measure_profile", fake_measure)
-    monkeypatch.setattr(trees_cli, "cpu_isa", lambda: "avx2 fma")
-    monkeypatch.setattr(trees_cli, "engine_graph_now", lambda cfg, graph: None)
+    monkeypatch.setattr(tree_build, "measure_profile", fake_measure)
+    monkeypatch.setattr(tree_build, "cpu_isa", lambda: "avx2 fma")
+    monkeypatch.setattr(tree_build, "engine_graph_now", lambda cfg, graph: None)
     args = ["build", "--gpu", "cpu", "--backend", "onnxruntime", "--variant", "int4", "--model-dir", str(model_dir),
             "--checkpoint", str(checkpoint), "--budgets", "2,4", "--no-plots"]
     assert main(args) == 0 and measured == []                     # without --profile-if-missing: never measured
