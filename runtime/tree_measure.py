@@ -48,7 +48,14 @@ def calibration_source(prompts: str | None) -> tuple[list, str]:
     from runtime.prompts import load_prompts
 
     items = load_prompts(prompts)
-    return [item.prompt for item in items], f"--prompts {prompts} ({len(items)} prompts, first user turn, in file order)"
+    return [item.prompt for item in items], f"--prompts {prompts} ({len(items)} prompts, {prompt_order(prompts)})"
+
+
+def prompt_order(spec: str) -> str:
+    """How a --prompts spec orders its prompts, for the calibration record (runtime/prompts.py load_prompts)."""
+    if "+" in spec and not Path(spec).is_file():
+        return "first user turn, its + parts interleaved"
+    return "first user turn, in file order"
 
 
 def cmd_stats(cfg: StatsCommand, argv: list[str]) -> int:

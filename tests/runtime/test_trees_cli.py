@@ -467,6 +467,15 @@ def test_statistics_calibrate_on_given_prompts(tiny_model_dir, tmp_path, capsys)
     assert "neither mtbench nor humaneval nor an existing JSONL file" in capsys.readouterr().err
 
 
+def test_a_mix_of_prompt_sets_is_recorded_as_interleaved():
+    from runtime.tree_measure import calibration_source
+
+    prompts, described = calibration_source("mtbench[2::40]+humaneval[20:22]")
+    assert described == "--prompts mtbench[2::40]+humaneval[20:22] (4 prompts, first user turn, its + parts interleaved)"
+    assert [p.startswith("Complete the following") for p in prompts] == [False, True, False, True]
+    assert calibration_source("humaneval[20:22]")[1].endswith("(2 prompts, first user turn, in file order)")
+
+
 def test_predict_evaluates_a_built_tree_on_other_statistics(ppd_dir, tmp_path, capsys):
     """predict on the statistics a tree was searched on gives the file's own expectation; on other
     statistics (a workload whose guesses are right more often) it gives theirs; mismatches are refused."""
