@@ -55,7 +55,7 @@ class ExportOptions:
     validate: bool = option(ExportConfig.validate, "check onnxruntime against the torch step")
     quantize: str = option(DEFAULT_VARIANT, "weight-only quantized variant of the fp32 graph (onnxruntime "
                                             "MatMulNBits, " + ", ".join(f"{v}: block {s.block_size}, accuracy "
-                                            f"level {s.accuracy_level}" for v, s in SCHEMES.items()) + ")",
+                                            f"level {s.accuracy_level}{s.head_note}" for v, s in SCHEMES.items()) + ")",
                            choices=VARIANTS)
 
     def export_config(self, out: Path) -> ExportConfig:

@@ -2,7 +2,8 @@
 
 fp32 is the exported graph as is; int8 / int4 quantize the weights of the linear layers and the LM
 head with onnxruntime's MatMulNBits (block-wise, weight only: a node's logits never depend on the
-other nodes of its step, DESIGN.md "Row independence").
+other nodes of its step, DESIGN.md "Row independence"); int4's LM head gets 8 bits, as in llama.cpp's
+q4_1 (QuantScheme.head_bits).
 
     quantize_export(fp32 manifest, out_dir, "int8")
         model.onnx (fp32) -> MatMulNBitsQuantizer (every MatMul with a constant [K, N] weight: q/k/v/o,
@@ -70,22 +71,35 @@ class QuantScheme:
     # is padded to two rows (runtime/draft.py Layout.padded): a node's logits then never depend on its
     # step's size on any CPU. int8's one-row kernel agreed bitwise on both CPUs measured.
     min_step_rows: int = 1
+    # Bits of the LM head (the MatMul that makes `logits`) when not `bits`. llama.cpp's q4_1 keeps a tied
+    # embedding / LM head at q8_0 (its quantizer's rule for the output tensor when its rows are not a
+    # multiple of 256, as the 135M model's 576 are: checked in the shipped Q4_1 GGUF): int4 does the
+    # same, so that it is the same weight precision as its peer.
+    head_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_step_rows < 1:
             raise ValueError(f"min_step_rows must be >= 1, got {self.min_step_rows}")
+        if self.head_bits not in (None, 4, 8):
+            raise ValueError(f"head_bits must be 4, 8 or None (= bits), got {self.head_bits}")
         if self.accuracy_level == 4 and not self.row_exact:
             raise ValueError("accuracy level 4 quantizes activations per row: its graph needs row-exact attention "
                              "(row_exact=True), or tree steps stop matching one-token decoding")
+
+    @property
+    def head_note(self) -> str:
+        """', LM head 8-bit' where the head has other bits than the rest ('' otherwise): for messages."""
+        return "" if self.head_bits in (None, self.bits) else f", LM head {self.head_bits}-bit"
 
     def record(self) -> dict:
         """The manifest fields that key an engine dir's staleness."""
         return {"scheme": SCHEME, "bits": self.bits, "block_size": self.block_size,
                 "accuracy_level": self.accuracy_level, "symmetric": self.symmetric,
-                "row_exact": ROW_EXACT_ATTENTION if self.row_exact else None, "min_step_rows": self.min_step_rows}
+                "row_exact": ROW_EXACT_ATTENTION if self.row_exact else None, "min_step_rows": self.min_step_rows,
+                "head_bits": self.head_bits}
 
 
-SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4, min_step_rows=2)}
+SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8), "int4": QuantScheme(4, min_step_rows=2, head_bits=8)}
 # The build's own row-independence check: a binary tree of this many nodes after this many prefix tokens.
 CHECK_TREE, CHECK_PREFIX = 7, 16
 
@@ -133,37 +147,60 @@ def quantization_stale_reason(manifest: "Manifest", variant: str) -> str | None:
 # --- making a variant -----------------------------------------------------------------------------
 def quantize_graph(source: Path, target: Path, scheme: QuantScheme) -> int:
     """Write `target` (+ `target.data`): the graph at `source` with every MatMul whose weight is a
-    constant 2-D initializer replaced by MatMulNBits. Returns how many were replaced."""
+    constant 2-D initializer replaced by MatMulNBits (the LM head with scheme.head_bits when set).
+    Returns how many were replaced."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from tqdm import tqdm
 
     from export.onnx_export import save_with_external_data
 
     model = onnx.load(str(source))   # with its external data
-    constant = {init.name for init in model.graph.initializer}
-    targets = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constant)
-    quantizer = MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=scheme.block_size,
-                                     is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
-                                     op_types_to_quantize=("MatMul",))
-    node_quantize = quantizer.node_quantizer.quantize
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)   # it logs two INFO lines per node
-    with tqdm(total=targets, desc=f"int{scheme.bits} MatMulNBits", unit="weight", leave=False) as progress:
+    try:
+        if scheme.head_bits in (None, scheme.bits):
+            model = _quantize_matmuls(model, scheme, scheme.bits)
+        else:
+            head = lm_head_node(model)
+            model = _quantize_matmuls(model, scheme, scheme.bits, exclude=(head,))
+            model = _quantize_matmuls(model, scheme, scheme.head_bits)   # the head: the one MatMul by a constant left
+    finally:
+        logger.setLevel(level)
+    replaced = sum(1 for n in model.graph.node if n.op_type == SCHEME)
+    save_with_external_data(model, target)
+    return replaced
+
+
+def lm_head_node(model) -> str:
+    """The name of the MatMul that makes the graph's `logits` output (export/onnx_export.py io_specs)."""
+    producers = [n for n in model.graph.node if "logits" in n.output]
+    if len(producers) != 1 or producers[0].op_type != "MatMul" or not producers[0].name:
+        found = ", ".join(f"{n.op_type} {n.name!r}" for n in producers) or "no node"
+        raise ValueError(f"a separate LM head precision needs one named MatMul making `logits`; the graph has {found}")
+    return producers[0].name
+
+
+def _quantize_matmuls(model, scheme: QuantScheme, bits: int, exclude: tuple[str, ...] = ()):
+    """`model` with every MatMul by a constant 2-D weight, except the nodes named in `exclude`, as a
+    `bits`-bit MatMulNBits of `scheme`'s block size, symmetry and accuracy level."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from tqdm import tqdm
+
+    constant = {init.name for init in model.graph.initializer}
+    targets = sum(1 for n in model.graph.node
+                  if n.op_type == "MatMul" and n.input[1] in constant and n.name not in exclude)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=scheme.block_size, is_symmetric=scheme.symmetric,
+                                     accuracy_level=scheme.accuracy_level, nodes_to_exclude=list(exclude),
+                                     op_types_to_quantize=("MatMul",))
+    node_quantize = quantizer.node_quantizer.quantize
+    with tqdm(total=targets, desc=f"int{bits} MatMulNBits", unit="weight", leave=False) as progress:
         def quantize_node(node, graph_stack):
             progress.update(node.input[1] in constant)
             return node_quantize(node, graph_stack)
 
         quantizer.node_quantizer.quantize = quantize_node   # only to count progress
-        try:
-            quantizer.process()
-        finally:
-            logger.setLevel(level)
-    quantized = quantizer.model.model
-    replaced = sum(1 for n in quantized.graph.node if n.op_type == SCHEME)
-    save_with_external_data(quantized, target)
-    return replaced
+        quantizer.process()
+    return quantizer.model.model
 
 
 def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callable[[str], None] = print) -> "Manifest":
@@ -194,8 +231,8 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
     work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     work.chmod(0o755)
     try:
-        log(f"quantizing {source.onnx_path} -> {out_dir} ({variant}: {SCHEME} {scheme.bits}-bit, block "
-            f"{scheme.block_size}, accuracy level {scheme.accuracy_level})")
+        log(f"quantizing {source.onnx_path} -> {out_dir} ({variant}: {SCHEME} {scheme.bits}-bit{scheme.head_note}, "
+            f"block {scheme.block_size}, accuracy level {scheme.accuracy_level})")
         replaced = quantize_graph(source.onnx_path, work / ONNX_NAME, scheme)
         skip = {source.onnx.file, *(r.file for r in source.external_data), "manifest.json"}
         for path in source.dir.iterdir():   # tokenizer files (trees and optimised graphs are per variant)

@@ -70,6 +70,12 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
     assert sorted(p.name for p in int4.dir.parent.iterdir()) == ["vanilla-int4"]
     fp32 = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE)
     assert "row_exact_attention" not in fp32.exporter and int4.quantization["source_sha256"] != fp32.onnx.sha256
+    # 4-bit layers and an 8-bit LM head, as llama.cpp's q4_1 (its peer) keeps the tied embedding / head at q8_0.
+    graph = onnx.load(str(int4.onnx_path), load_external_data=False).graph
+    bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type == "MatMulNBits"}
+    assert int4.quantization["head_bits"] == 8 and bits.pop("logits") == 8
+    assert len(bits) == 8 and set(bits.values()) == {4}
 
     config = ExportConfig(tiny_dir, int4.dir, max_context=MAX_CONTEXT, max_tree=MAX_TREE, variant="int4")
     assert stale_reason(int4.dir, config, MethodExtras()) is None
@@ -81,6 +87,10 @@ def test_engine_dirs_per_variant_and_staleness(tiny_dir, artifacts):
     data["quantization"]["row_exact"] = True                             # the all-fp64 attention of an older build
     (int4.dir / "manifest.json").write_text(json.dumps(data))
     assert "'row_exact': True" in stale_reason(int4.dir, config, MethodExtras())
+    data = json.loads(original)
+    del data["quantization"]["head_bits"]                                # a build from before the 8-bit head
+    (int4.dir / "manifest.json").write_text(json.dumps(data))
+    assert "'head_bits': None" in stale_reason(int4.dir, config, MethodExtras())
     data = json.loads(original)
     data["quantization"]["block_size"] = 128                             # as if made by another scheme
     (int4.dir / "manifest.json").write_text(json.dumps(data))
@@ -97,6 +107,25 @@ def test_level_4_refuses_a_graph_without_row_exact_attention(tiny_dir, artifacts
     assert not (tmp_path / "int4").exists()
     with pytest.raises(ValueError, match="needs row-exact attention"):
         QuantScheme(4, accuracy_level=4, row_exact=False)
+    with pytest.raises(ValueError, match="head_bits must be 4, 8 or None"):
+        QuantScheme(4, head_bits=6)
+
+
+def test_the_lm_head_is_the_matmul_making_logits():
+    from onnx import TensorProto, helper
+
+    from export.quantize import lm_head_node
+
+    def graph(op: str):
+        node = helper.make_node(op, ["h", "w"], ["logits"], name="head")
+        return helper.make_model(helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [4, 8], [0.0] * 32)]))
+
+    assert lm_head_node(graph("MatMul")) == "head"
+    with pytest.raises(ValueError, match="one named MatMul making `logits`; the graph has Gemm 'head'"):
+        lm_head_node(graph("Gemm"))
 
 
 def test_a_variant_mismatch_is_refused(int8_onnx, tiny_dir):
