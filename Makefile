@@ -32,13 +32,13 @@ $(MODEL_STAMP): | $(STAMP)
 	$(PY) -m export model --out $(MODEL_DIR)
 
 demo: setup
-	$(PY) -m runtime demo
+	$(PY) -m tools demo
 
-# The OpenAI-compatible server on 127.0.0.1:8000 (`python -m runtime serve --help` for the flags).
+# The OpenAI-compatible server on 127.0.0.1:8000 (`python -m tools serve --help` for the flags).
 serve: setup
-	$(PY) -m runtime serve
+	$(PY) -m tools serve
 
-# Ray Serve for `python -m runtime serve --ray` and its tests (optional: large, not in requirements.txt).
+# Ray Serve for `python -m tools serve --ray` and its tests (optional: large, not in requirements.txt).
 serve-ray-deps: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[serve-ray]"
 
@@ -49,7 +49,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
-	$(PY) -m runtime bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
+	$(PY) -m tools bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
 
 # The peers of `make bench-ort` (optional: not needed by the library or the tests): onnxruntime-genai, and
 # llama.cpp (llama-cpp-python built once from its source package, CPU only, for this machine's instruction
@@ -67,7 +67,7 @@ peers: setup $(LLAMACPP_BUILT)
 	$(PIP_NODEPS) onnxruntime-genai==0.18.0 onnx-ir==1.1.0 diskcache==5.6.3 sentencepiece==0.2.1
 	$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMACPP_VERSION)')" 2>/dev/null || \
 		$(PIP_NODEPS) --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
-	$(PY) -m runtime.llamacpp_gguf --model $(MODEL_DIR)
+	$(PY) -m tools.peers.llamacpp_gguf --model $(MODEL_DIR)
 
 $(LLAMACPP_SDIST): | $(STAMP)
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d $(WHEELS) \
@@ -82,7 +82,7 @@ $(LLAMACPP_BUILT): $(LLAMACPP_SDIST)
 	touch $@
 
 bench-ort: peers
-	$(PY) -m runtime bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ht,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
+	$(PY) -m tools bench --prompts mtbench --backend onnxruntime --methods vanilla,ppd,ht,ngram,ortgenai --limit 20 --out artifacts/report-mtbench-ort.json
 
 # Engine dirs for a device: artifacts/engines/<model>/<GPU>/{vanilla,ppd,ht}/ (export if stale, the
 # onnxruntime-optimised graph, and the ppd / ht trees searched for the device). A GPU target, run on that
@@ -105,9 +105,9 @@ engine: setup
 TREE_FLAGS = --gpu $(GPU) --backend $(TREE_BACKEND) --variant $(QUANT) --stats-if-missing $(if $(UPDATE_COMMITTED),--update-committed)
 
 tree: setup
-	$(PY) -m runtime trees build --method ppd $(TREE_FLAGS) --profile-if-missing
-	$(PY) -m runtime trees build --method ht $(TREE_FLAGS)
-	$(PY) -m runtime trees build --method hybrid $(TREE_FLAGS)
+	$(PY) -m tools trees build --method ppd $(TREE_FLAGS) --profile-if-missing
+	$(PY) -m tools trees build --method ht $(TREE_FLAGS)
+	$(PY) -m tools trees build --method hybrid $(TREE_FLAGS)
 
 # Latency regression test of the device present against its committed baseline (exit 1 listing every
 # regression; skipped, saying how to record one, without a baseline for this device/backend/versions), and the
@@ -116,15 +116,15 @@ tree: setup
 LATENCY_FLAGS = --gpu $(GPU) $(if $(LATENCY_BACKEND),--backend $(LATENCY_BACKEND))
 
 latency-test: setup
-	$(PY) -m runtime latency-test $(LATENCY_FLAGS)
+	$(PY) -m tools latency-test $(LATENCY_FLAGS)
 
 latency-baseline: setup
-	$(PY) -m runtime latency-baseline $(LATENCY_FLAGS)
+	$(PY) -m tools latency-baseline $(LATENCY_FLAGS)
 
 # The one check a borrowed GPU machine runs (< 8 min): profile, trees, benches, CUDA tests, TensorRT when
 # importable; report in artifacts/gpu-check/<device>/. Without CUDA it prints the plan (a dry run).
 gpu-check: setup
-	$(PY) -m runtime gpu-check
+	$(PY) -m tools gpu-check
 
 train: setup
 	$(PY) -m train ppd

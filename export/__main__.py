@@ -7,7 +7,6 @@
         --quantize int8|int4                     (onnx, engine --target cpu) the weight-only quantized
                                                  variant (MatMulNBits, int8 activations), made from
                                                  an fp32 graph with fp64 attention (export/step_model.py)
-    python -m export check ENGINE_DIR            parity of its runners on recorded real step inputs (Polygraphy)
 
 Each command's flags are the fields of its config dataclass below; the export defaults are read from
 `export.onnx_export.ExportConfig`, the trained methods' checkpoints and trees from `export.methods`.
@@ -28,7 +27,6 @@ from export.methods import EXPORT_METHODS, METHODS, TRAINED_METHODS
 from export.onnx_export import DTYPES, ExportConfig
 from export.paths import DEFAULT_MODEL_DIR
 from export.quantize import DEFAULT_VARIANT, SCHEMES, VARIANTS
-from runtime.step_recorder import RecordConfig
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
 CHECKPOINT_HELP = ("the trained tensors baked into the graph; default: the committed ones ("
@@ -84,23 +82,6 @@ class EngineCommand(ExportOptions):
         return dataclasses.replace(self, dtype=self.dtype or default).export_config(out)
 
 
-@dataclass(frozen=True)
-class CheckFlags:
-    tolerances: str | None = option(None, "ATOL:RTOL for every output, or OUTPUT=ATOL:RTOL,... (default: per graph "
-                                          "dtype, export/parity.py DEFAULT_TOLERANCES)")
-    runners: str | None = option(None, "comma list of onnxruntime, tensorrt compared with the torch step (default: "
-                                       "every one available)")
-    inputs: str | None = option(None, "compare on this Polygraphy input JSON instead of recording new inputs")
-    max_new_tokens: int = option(RecordConfig.max_new_tokens, "tokens each method decodes while recording")
-    out: str | None = option(None, "folder for inputs.json and report.json (default: beside the engine dir, "
-                                   "artifacts/parity/... for artifacts/engines/...)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CheckCommand(CheckFlags):
-    engine_dir: str     # positional (added in main)
-
-
 def cmd_model(cfg: ModelCommand) -> int:
     """Create the default fp32 checkpoint dir from the packaged SmolLM2 GGUF (skipped when present)."""
     out = Path(cfg.out)
@@ -151,7 +132,7 @@ def install_trees(manifest: Manifest, device: str, backend: str) -> None:
     serves (a ppd engine serves hybrid)."""
     from export.engine import install_tree
     from export.quantize import engine_variant
-    from runtime.devices import default_tree
+    from export.devices import default_tree
 
     variant = engine_variant(manifest)
     for spec in (s for s in METHODS.values() if s.tree_set and s.graph == manifest.method.name):
@@ -180,37 +161,6 @@ def engine_gpu(cfg: EngineCommand, out: Path) -> int:
     return 0
 
 
-def cmd_check(cfg: CheckCommand) -> int:
-    """Parity of an engine dir's runners (torch step, onnxruntime, TensorRT when present) on real step inputs
-    recorded with the real model, through Polygraphy's Comparator; exits 1 listing every mismatch."""
-    from transformers import AutoTokenizer
-
-    from export.manifest import Manifest
-    from export.parity import (StepRunner, check_feeds, default_parity_dir, engine_runners, load_feeds,
-                               parse_tolerances, run_parity, save_feeds, step_model_from_engine)
-    from runtime.step_recorder import record_step_feeds
-    from trees._json import write_json
-
-    manifest = Manifest.load(cfg.engine_dir)
-    tolerances = parse_tolerances(cfg.tolerances, manifest.dtype)
-    runners, skipped = engine_runners(manifest, cfg.runners.split(",") if cfg.runners else None)
-    step = step_model_from_engine(manifest)
-    out = Path(cfg.out) if cfg.out else default_parity_dir(manifest.dir)
-    if cfg.inputs:
-        feeds, labels = load_feeds(cfg.inputs), None
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
-        recorded = record_step_feeds(manifest, step, tokenizer, RecordConfig(max_new_tokens=cfg.max_new_tokens))
-        feeds, labels = [r.feed for r in recorded], [r.label for r in recorded]
-        print(f"recorded {len(feeds)} steps -> {save_feeds(feeds, out / 'inputs.json')} (Polygraphy --load-inputs)")
-    check_feeds(feeds, manifest)
-    report = run_parity(StepRunner(step, manifest), runners, feeds, tolerances, labels, skipped)
-    print(f"parity of {manifest.dir} ({manifest.method.name}, {manifest.dtype}):")
-    print(report.format())
-    print(f"report: {write_json(out / 'report.json', report.to_json())}")
-    return 0 if report.ok else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,9 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     add_config_command(sub, "model", ModelCommand, cmd_model)
     add_config_command(sub, "onnx", OnnxCommand, cmd_onnx)
     add_config_command(sub, "engine", EngineCommand, cmd_engine)
-    check = add_config_command(sub, "check", CheckFlags, cmd_check)
-    check.add_argument("engine_dir", help="engine dir (manifest.json + model.onnx; engine.plan for TensorRT)")
-    check.set_defaults(config_class=CheckCommand)
     args = parser.parse_args(argv)
     errors = (CheckpointError, FileNotFoundError, ValueError)
     return exit_code_of(lambda: args.func(config_from_args(args)), errors)

@@ -142,14 +142,13 @@ def load_ht_extras(checkpoint: str | Path, fingerprint: str, hidden_size: int, n
 class MethodSpec:
     name: str
     options: type                       # options dataclass: Generator.from_pretrained(method=name, **options)
-    builder: str                        # "module:function" that builds the runtime Method
     graph: str                          # the exported graph that serves it (vanilla = no trained tensors)
     # trained methods: (checkpoint, model fingerprint, hidden size) -> the tensors their graph bakes in
     load_tensors: Callable[[str | Path, str, int], MethodExtras] | None = None
     default_checkpoint: Path | None = None   # trained methods: the committed checkpoint
     hand_picked_tree: Path | None = None     # tree methods: the fallback when no tree was searched for the device
     train_command: str | None = None    # how the checkpoint is made
-    tree_search: bool = True            # tree methods: `python -m runtime trees` searches its trees
+    tree_search: bool = True            # tree methods: `python -m tools trees` searches its trees
     ngram_candidates: bool = False      # its steps also hold n-gram candidates (searched with their statistics)
 
     @property
@@ -159,7 +158,7 @@ class MethodSpec:
 
     @property
     def tree_set(self) -> bool:
-        """Decodes with a PPD-format tree set (searched per device by `python -m runtime trees`)."""
+        """Decodes with a PPD-format tree set (searched per device by `python -m tools trees`)."""
         return self.hand_picked_tree is not None
 
     def make_options(self, options: dict):
@@ -178,22 +177,22 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("vanilla", NoOptions, "runtime.methods:build_vanilla", graph="vanilla"),
-    MethodSpec("ngram", NgramOptions, "runtime.methods:build_ngram", graph="vanilla"),
-    MethodSpec("ppd", PPDOptions, "runtime.methods:build_ppd", graph="ppd", load_tensors=load_ppd_extras,
+    MethodSpec("vanilla", NoOptions, graph="vanilla"),
+    MethodSpec("ngram", NgramOptions, graph="vanilla"),
+    MethodSpec("ppd", PPDOptions, graph="ppd", load_tensors=load_ppd_extras,
                default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
                train_command="python -m train ppd"),
     # PPD's tree and the n-gram continuation in one step, on the ppd graph (runtime/proposers/hybrid.py).
-    MethodSpec("hybrid", HybridOptions, "runtime.methods:build_hybrid", graph="ppd", load_tensors=load_ppd_extras,
+    MethodSpec("hybrid", HybridOptions, graph="ppd", load_tensors=load_ppd_extras,
                default_checkpoint=DEFAULT_PPD_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ppd-tree-cpu.json",
                train_command="python -m train ppd", ngram_candidates=True),
     # HT at inference is PPD's dynamic sparse tree with ensemble 1 over pseudo slots (export/ht.py).
-    MethodSpec("ht", HTOptions, "runtime.methods:build_ht", graph="ht", load_tensors=load_ht_extras,
+    MethodSpec("ht", HTOptions, graph="ht", load_tensors=load_ht_extras,
                default_checkpoint=DEFAULT_HT_CHECKPOINT, hand_picked_tree=CHECKPOINTS_DIR / "ht-tree-cpu.json",
                train_command="python -m train ht"),
 )}
 TREE_METHODS = tuple(name for name, spec in METHODS.items() if spec.tree_set)
-# Methods whose trees `python -m runtime trees build` searches, and the graphs whose slots' acceptance
+# Methods whose trees `python -m tools trees build` searches, and the graphs whose slots' acceptance
 # statistics they are searched on (hybrid: ppd's, plus the n-gram statistics).
 TREE_SEARCH_METHODS = tuple(name for name in TREE_METHODS if METHODS[name].tree_search)
 STATS_METHODS = tuple(dict.fromkeys(METHODS[name].graph for name in TREE_SEARCH_METHODS))

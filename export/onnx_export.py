@@ -34,16 +34,15 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from export.checkpoint import load_checkpoint, model_fingerprint
-from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, MANIFEST_NAME,
-                             ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, ManifestError, MethodRecord,
+from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
 from export.methods import EXPORT_METHODS, METHODS, MethodExtras
+from export.onnx_files import DATA_SUFFIX, check_replaceable, file_record, save_with_external_data, swap_in
 from export.quantize import DEFAULT_VARIANT, ROW_EXACT_ATTENTION, check_variant
 from export.step_model import StepModel
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17; onnxruntime 1.31 reads <= 11
-DATA_SUFFIX = ".data"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Shapes the graph is traced at: deliberately none of the validation shapes (export/validate.py).
 TRACE_TREE, TRACE_CACHE = 3, 5
@@ -211,13 +210,6 @@ def tidy_graph(model: onnx.ModelProto, inputs: Sequence[TensorSpec], outputs: Se
     return model
 
 
-def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """All weights in one `<name>.data` file beside the graph: no 2 GB protobuf limit, and the graph
-    file stays small enough to read for the manifest checks."""
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + DATA_SUFFIX, size_threshold=1024, convert_attribute=False)
-
-
 # --- the whole export -----------------------------------------------------------------------
 def load_method_extras(config: ExportConfig) -> MethodExtras:
     """The trained tensors of --checkpoint for a trained method's graph (ppd: prompt-token rows,
@@ -312,30 +304,7 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
     )
 
 
-def file_record(directory: Path, name: str) -> FileRecord:
-    path = directory / name
-    return FileRecord(name, sha256_file(path), path.stat().st_size)
-
-
 def _checkpoint_record(path: Path) -> FileRecord:
     if not path.is_file():
         raise FileNotFoundError(f"method checkpoint {path} does not exist")
     return FileRecord(str(path.resolve()), sha256_file(path), path.stat().st_size)
-
-
-def check_replaceable(out_dir: Path) -> None:
-    """Only an empty dir or a previous export may be replaced: never someone's unrelated files."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise ManifestError(f"{out_dir} exists, is not empty and holds no {MANIFEST_NAME}: "
-                            "pick an empty --out dir (an old export there would be replaced)")
-
-
-def swap_in(work: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir onto `out_dir`, moving any old export aside first."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old-" + work.name.rsplit("-", 1)[-1])
-        out_dir.rename(old)
-    work.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)

@@ -151,7 +151,7 @@ def quantize_graph(source: Path, target: Path, scheme: QuantScheme) -> int:
     Returns how many were replaced."""
     import onnx
 
-    from export.onnx_export import save_with_external_data
+    from export.onnx_files import save_with_external_data
 
     model = onnx.load(str(source))   # with its external data
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
@@ -210,7 +210,7 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
     import onnxruntime as ort
 
     from export.manifest import ONNX_NAME, Manifest, ManifestError, sha256_file
-    from export.onnx_export import DATA_SUFFIX, check_replaceable, file_record, swap_in
+    from export.onnx_files import DATA_SUFFIX, check_replaceable, file_record, swap_in
 
     scheme = SCHEMES.get(check_variant(variant))
     if scheme is None:

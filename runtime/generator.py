@@ -8,20 +8,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from export.checkpoint import check_model_dir
-from export.manifest import DEFAULT_MAX_CONTEXT, Manifest
-from export.paths import DEFAULT_MODEL_DIR
+from export.manifest import DEFAULT_MAX_CONTEXT
 from export.methods import method_spec
-from export.quantize import DEFAULT_VARIANT, check_engine_variant, check_variant, engine_variant
-from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend, backend_spec, engine_method, make_backend
+from export.paths import DEFAULT_MODEL_DIR
+from export.quantize import DEFAULT_VARIANT, check_variant, engine_variant
+from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend
 from runtime.detokenize import IncrementalDetokenizer, first_stop
 from runtime.draft import Draft
-from runtime.methods import build_method
+from runtime.loading import backend_spec, load_engine, load_pretrained, open_backend
+from runtime.methods import build_method, engine_method
 from runtime.proposers import Proposer
 from runtime.readout import StepReadout, read_step, torch_threads
-from runtime.verify import DecodingOptions, Verifier, make_verifier, walk
+from runtime.decoding import DecodingOptions
+from runtime.verify import Verifier, make_verifier, walk
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_METHOD = "vanilla"
@@ -74,7 +76,8 @@ class Result:
 class Generator:
     """Decodes one sequence at a time: a Generator owns its backend's KV cache, so it is
     single-threaded. A second thread calling it while a generation runs gets a RuntimeError (run one
-    Generator per worker thread instead)."""
+    Generator per worker thread instead). It is a context manager: leaving the `with` block (or
+    `close()`) releases the backend's session and cache at once."""
 
     def __init__(self, backend: Backend, tokenizer: PreTrainedTokenizerBase, proposer: Proposer,
                  eos_token_ids: Sequence[int]) -> None:
@@ -101,41 +104,60 @@ class Generator:
         config = AutoConfig.from_pretrained(model_dir)
         built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
                              variant=variant, **method_options)
-        runner, tokenizer = make_backend(backend, model_dir, built, device=device, max_context=max_context, dtype=dtype,
-                                         variant=variant)
+        runner, tokenizer = load_pretrained(backend, model_dir, built, device=device, max_context=max_context,
+                                            dtype=dtype, variant=variant)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
                     max_context: int | None = None, variant: str | None = None, **method_options) -> "Generator":
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
-        TensorRT engine dir (engine.json) on device="cuda", on TensorRT. The method defaults to the one
-        it was exported for; vanilla and ngram run on any engine. `variant` (fp32, int8, int4), when
-        given, must be the one the dir holds (default: whichever it holds); a tree method takes the tree
-        installed in the dir, else the one searched for the dir's variant (else fp32's)."""
-        from runtime.backends import open_engine
-
-        manifest = Manifest.load(engine_dir, verify_files=False)  # the backend hashes the graph it runs
-        if variant is not None:
-            check_engine_variant(manifest, variant)
+        TensorRT engine dir (engine.json) on device="cuda", on TensorRT (runtime/loading.py). The method
+        defaults to the one it was exported for; vanilla and ngram run on any engine. `variant` (fp32,
+        int8, int4), when given, must be the one the dir holds (default: whichever it holds); a tree
+        method takes the tree installed in the dir, else the one searched for the dir's variant (else
+        fp32's)."""
+        engine = load_engine(engine_dir, device, max_context, variant)
         # engine_method hands its options to build_method: `variant` picks the variant's searched tree.
-        built = engine_method(manifest, method, device=device, variant=engine_variant(manifest), **method_options)
-        runner = open_engine(manifest, device, max_context)
-        tokenizer = AutoTokenizer.from_pretrained(manifest.dir)
-        return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
+        built = engine_method(engine.manifest, method, device=device, variant=engine_variant(engine.manifest),
+                              **method_options)
+        runner = open_backend(engine.graph, device)
+        return cls(runner, engine.tokenizer, built.proposer, eos_token_ids(engine.tokenizer))
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the backend (its session / engine context and KV cache); later calls are refused."""
+        self.backend.close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- prompt handling -------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        """A string is one user turn; a list of {"role", "content"} dicts is a chat; ints are token ids."""
+        """A string is one user turn through the checkpoint's chat template (the raw text for a model
+        without one, e.g. a base model); a list of {"role", "content"} dicts is a chat; ints are token ids."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("empty prompt: pass a non-empty string, chat messages or token ids")
+            if self.tokenizer.chat_template is None:
+                return self.tokenizer(prompt).input_ids
             prompt = [{"role": "user", "content": prompt}]
         if len(prompt) == 0:
             raise ValueError("empty prompt: pass a non-empty string, chat messages or token ids")
-        if all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        if any(isinstance(m, dict) for m in prompt):
+            messages = check_messages(prompt)
+            if self.tokenizer.chat_template is None:
+                raise ValueError("this model's tokenizer has no chat template (a base model): pass the prompt as a "
+                                 "string (sent as raw text) or as token ids, not as chat messages")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False).input_ids
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+            raise ValueError(f"a prompt list holds chat messages (dicts) or token ids (ints), not {type(bad).__name__} "
+                             f"{bad!r}")
         ids = [int(t) for t in prompt]
         vocab = self.backend.info.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -265,6 +287,27 @@ class Generator:
                              top_k=top_k, seed=seed):
             pass
         return result
+
+
+def check_messages(messages: Sequence[object]) -> list[dict[str, str]]:
+    """Chat messages as the template takes them, each a dict with a string `role` and a string
+    `content`; anything else is refused naming the message and what it lacks (a template would fail
+    later with an error about its own internals)."""
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"chat message {i} is a {type(message).__name__}, not a dict: pass every message as "
+                             '{"role": ..., "content": ...}')
+        missing = [key for key in ("role", "content") if key not in message]
+        if missing:
+            raise ValueError(f"chat message {i} has no {' and no '.join(repr(k) for k in missing)}: every message "
+                             'needs a "role" (e.g. "user") and a "content" string')
+        wrong = [key for key in ("role", "content") if not isinstance(message[key], str)]
+        if wrong:
+            raise ValueError(f"chat message {i}: {', '.join(repr(k) for k in wrong)} must be a string, got "
+                             + ", ".join(type(message[k]).__name__ for k in wrong))
+        checked.append(dict(message))
+    return checked
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

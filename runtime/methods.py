@@ -1,22 +1,23 @@
-"""Building a method: its record (export/methods.py) -> proposer + trained tensors, for one checkpoint.
-
-`build_method(name, ...)` looks the record up and calls the builder it names; the builders here are
-the only code that knows how each method's proposer is made.
+"""Building a method: its record (export/methods.py) -> proposer + trained tensors, for one checkpoint
+(`build_method`) or for an exported engine dir (`engine_method`). BUILDERS, keyed by the records'
+names, holds the only code that knows how each method's proposer is made.
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import model_fingerprint
+from export.engine import engine_tree_path
+from export.manifest import Manifest
 from export.methods import (DEFAULT_HYBRID_NGRAM, METHODS, HTOptions, HybridOptions, MethodExtras, MethodSpec, NgramOptions, NoOptions,
                             PPDOptions, load_ht_extras, load_ppd_extras, method_spec)
 from export.ppd import PPDConfig
 from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends import DEFAULT_BACKEND
-from runtime.devices import default_tree, warn_if_searched_for_another_cpu
+from export.devices import default_tree, warn_if_searched_for_another_cpu
 from runtime.proposers import NgramProposer, Proposer, VanillaProposer
 from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
@@ -54,10 +55,9 @@ def build_method(name: str, model_dir: str | Path, vocab_size: int, hidden_size:
     default tree, the one searched for them, and which searched trees it accepts (fp32's, or the
     variant's own)."""
     spec = method_spec(name)
-    module, _, function = spec.builder.partition(":")
-    builder = getattr(importlib.import_module(module), function)
-    return builder(spec, spec.make_options(options), BuildContext(Path(model_dir), vocab_size, hidden_size, device,
-                                                                  backend, check_variant(variant)))
+    return BUILDERS[spec.name](spec, spec.make_options(options),
+                               BuildContext(Path(model_dir), vocab_size, hidden_size, device, backend,
+                                            check_variant(variant)))
 
 
 def build_vanilla(spec: MethodSpec, options: NoOptions, context: BuildContext) -> Method:
@@ -127,4 +127,48 @@ def build_ht(spec: MethodSpec, options: HTOptions, context: BuildContext) -> Met
     return Method(spec, PPDProposer(extras.slot_layout, trees, context.vocab_size), extras)
 
 
-__all__ = ["METHODS", "BuildContext", "Method", "build_method"]
+# How each method of export/methods.py METHODS is built (a test checks every record has its builder).
+BUILDERS: dict[str, Callable[..., Method]] = {
+    "vanilla": build_vanilla,
+    "ngram": build_ngram,
+    "ppd": build_ppd,
+    "hybrid": build_hybrid,
+    "ht": build_ht,
+}
+
+
+def engine_method(manifest: Manifest, name: str | None = None, device: str = "cpu", **options) -> Method:
+    """Build the method an engine dir runs: by default the one it was exported for, with its options
+    (ppd: N, k; ht: k, layer; and the checkpoint); `name` may pick another method its graph serves
+    (vanilla or ngram on any engine, hybrid on a ppd engine). The method's tensors must be the ones
+    in the graph. A tree method takes the tree installed in the dir (its own, else its graph's),
+    unless `tree` says otherwise; `variant` picks the variant's searched tree."""
+    record = manifest.method
+    name = record.name if name is None else name
+    spec = method_spec(name)
+    own_graph = spec.graph == record.name
+    if spec.trained and not own_graph:
+        raise ValueError(f"method {name!r} needs its trained tensors in the graph, but {manifest.dir} is an "
+                         f"{record.name!r} engine: export one with `python -m export onnx --method {spec.graph} ...`, "
+                         f"or pick vanilla or ngram, which run on any engine")
+    if own_graph and spec.trained:
+        options = {**record.options, **({"checkpoint": record.checkpoint.file} if record.checkpoint else {}), **options}
+    # The tree `make engine` installed for this device: the method's own, else its graph's.
+    engine_tree = next((path for path in (engine_tree_path(manifest, name), engine_tree_path(manifest))
+                        if path.is_file()), None)
+    if own_graph and spec.tree_set and "tree" not in options and engine_tree is not None:
+        options["tree"] = str(engine_tree)
+    model = manifest.model
+    # build_method reads model_dir only to check a trained checkpoint's model fingerprint (ppd, ht).
+    method = build_method(name, model.source_dir, model.vocab_size, model.hidden_size, device=device,
+                          backend="onnxruntime", **options)
+    weights = method.extras.weights_sha256
+    if weights is not None and (not own_graph or weights != record.weights_sha256):
+        raise ValueError(f"method {name!r} brings trained tensors that are not the ones exported into "
+                         f"{manifest.dir} (a {record.name!r} engine); export an engine with this checkpoint "
+                         f"(`python -m export onnx --method {name} --checkpoint FILE ...`)")
+    manifest.check_tree_size(method.proposer.max_draft_tokens)
+    return method
+
+
+__all__ = ["BUILDERS", "METHODS", "BuildContext", "Method", "build_method", "engine_method"]

@@ -21,12 +21,9 @@ two best perturbed scores are that close, as greedy only flips on a near tie.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from runtime.verify import DecodingOptions
+from runtime.decoding import DecodingOptions
 
 # SplitMix64 constants as signed int64 (torch has no uint64 arithmetic; products wrap mod 2^64).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -79,7 +76,7 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return floor
 
 
-def process_logits(logits: torch.Tensor, options: "DecodingOptions") -> torch.Tensor:
+def process_logits(logits: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
     """[N, V] logits -> [N, V] float32 probabilities: divide by the temperature, keep the top_k most
     likely tokens, then the smallest set of most likely tokens whose mass reaches top_p (the token
     that crosses it included), renormalised. Ties at the k-th value or at the crossing token's
@@ -123,7 +120,7 @@ def draw(probs: torch.Tensor, seed: int, positions: torch.Tensor, race: int = RA
 class SamplingVerifier:
     """Chooses, after each candidate node, the token plain sampling would draw at the next position."""
 
-    def __init__(self, options: "DecodingOptions", seed: int) -> None:
+    def __init__(self, options: DecodingOptions, seed: int) -> None:
         self.options, self.seed = options, seed
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

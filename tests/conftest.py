@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.prompts import load_prompts
+from tools.bench.prompts import load_prompts
 
 LOSSLESS_NEW_TOKENS = 64
 # The session fixture that provides each trained method's committed checkpoint (skips when absent).
@@ -18,10 +18,10 @@ TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "hybrid": "trained_ppd_chec
 
 @pytest.fixture(autouse=True)
 def generated_trees_dir(tmp_path_factory, monkeypatch) -> Path:
-    """Where `trees build` writes and the runtime looks first (runtime/tree_store.py), in the test
+    """Where `trees build` writes and the runtime looks first (export/tree_store.py), in the test
     test's own temp dir: tests never read or write this machine's artifacts/trees/, nor each other's."""
     root = tmp_path_factory.mktemp("generated-trees")
-    monkeypatch.setattr("runtime.tree_store.GENERATED_ROOT", root)
+    monkeypatch.setattr("export.tree_store.GENERATED_ROOT", root)
     return root
 
 

@@ -1,5 +1,5 @@
 """argparse flags generated from a config dataclass, so the dataclass is the one home of every
-default and help text (`python -m runtime trees ...`, `python -m train ...`, `python -m export ...`).
+default and help text (`python -m tools trees ...`, `python -m train ...`, `python -m export ...`).
 
 A field becomes `--field-name` of its type (`X | None` -> X); bool fields get --x/--no-x; a field
 without a default is a required flag; `metadata={"help": ..., "choices": ...}` fills the rest
@@ -10,6 +10,7 @@ of a dataclass, `config_from_args` turns the parsed flags back into it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import dataclasses
 import types
@@ -68,3 +69,17 @@ def exit_code_of(run: Callable[[], int], errors: tuple[type[Exception], ...]) ->
     except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """--option key=value (value parsed as JSON when possible: numbers, booleans, lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

@@ -5,11 +5,11 @@ by a slug of that name, never by what a user typed or by a model path:
 
     cpu                      -> key "cpu" (one key for CPUs: the profile records the exact model and
                                 its vector extensions, and `make tree` measures again a profile of a
-                                CPU with other extensions: runtime/tree_build.py measured_on_another_cpu)
+                                CPU with other extensions: tools/treesearch/build.py measured_on_another_cpu)
     NVIDIA H100 80GB HBM3    -> key "nvidia-h100-80gb-hbm3"
 
 next to the model's prompt-token checkpoint (committed), or in this machine's generated dir
-(artifacts/trees/<checkpoint dir>/, runtime/tree_store.py), which readers search first:
+(artifacts/trees/<checkpoint dir>/, export/tree_store.py), which readers search first:
 
     latency-<key>-<backend>.json       step latency against tree size (trees.latency.LatencyProfile);
                                        one per device and backend, shared by ppd and ht (same step

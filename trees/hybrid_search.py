@@ -19,7 +19,7 @@ trees are searched (trees/search.py) on that blended latency within the budget l
 with the most expected tokens per second wins; D = 0 is plain PPD. The model charges the full D
 tokens whenever there is a proposal, even when the path shares nodes with PPD's or is shorter
 (conservative), lets the next state depend on PPD's tree only, and assumes independence (optimistic
-where both sources are right on the same easy tokens); the measured sweep (`python -m runtime trees
+where both sources are right on the same easy tokens); the measured sweep (`python -m tools trees
 sweep --method hybrid`) is the check.
 """
 

@@ -1,13 +1,13 @@
 """Step latency against tree size on one device and backend: the cost side of the tree search.
 
-Measured by `runtime.latency.profile_step_latency` (`python -m runtime trees profile`): the median seconds
+Measured by `tools.latency.profile.profile_step_latency` (`python -m tools trees profile`): the median seconds
 of one decode step with T tokens (candidates + prompt tokens) over a fixed committed context.
 `latency(T)` reads a monotone fit of the medians (isotonic: a bigger tree is never cheaper; on a
 busy machine single medians jitter) and interpolates linearly between measured sizes.
 
 A profile is "measured" (on the device it names), or "roofline": modelled from a GPU's datasheet by
 trees/roofline.py for a GPU this machine does not have, with the table row used in `roofline`.
-A measured profile always wins over a modelled one (runtime/tree_files.py find_profile).
+A measured profile always wins over a modelled one (tools/treesearch/files.py find_profile).
 
 `variant` is the engine's weight quantization (export/quantize.py: fp32, int8, int4): a quantized
 onnxruntime engine steps at another cost per tree size, so each variant has its own profile; a
@@ -62,7 +62,7 @@ class LatencyProfile:
     variant: str = DEFAULT_VARIANT               # the engine's weights (export/quantize.py VARIANTS)
     graph_sha256: str | None = None              # the exported graph timed (runtime ModelInfo); None: the
                                                  # torch step, a modelled profile, or not recorded
-    cpu_isa: str | None = None                   # a CPU's vector extensions (runtime/devices.py cpu_isa): CPUs
+    cpu_isa: str | None = None                   # a CPU's vector extensions (export/devices.py cpu_isa): CPUs
                                                  # share the key "cpu"; None: a GPU's, or not recorded
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -101,14 +101,14 @@ class LatencyProfile:
         another engine's."""
         if self.variant != variant:
             raise ProfileError(f"{path} was measured on the {self.variant} engine, not {variant}: its step costs are "
-                               f"another engine's. Measure the {variant} one with `python -m runtime trees profile "
+                               f"another engine's. Measure the {variant} one with `python -m tools trees profile "
                                f"--gpu ... --backend {self.backend} --variant {variant}` (or pass --profile of it)")
 
     def latency(self, tokens: int) -> float:
         """Seconds of one step with `tokens` tokens (monotone fit, linear between measured sizes)."""
         if not 1 <= tokens <= self.max_tokens:
             raise ProfileError(f"{tokens} tokens is outside the profiled sizes 1..{self.max_tokens}: "
-                               f"profile larger trees with `python -m runtime trees profile --max-tokens {tokens}`")
+                               f"profile larger trees with `python -m tools trees profile --max-tokens {tokens}`")
         return float(np.interp(tokens, self.sizes, self.fitted))
 
     def to_json(self) -> dict:
@@ -134,7 +134,7 @@ class LatencyProfile:
     @classmethod
     def from_json(cls, data: dict) -> "LatencyProfile":
         check_format(data, PROFILE_FORMAT, ProfileError, "a latency profile",
-                     "write one with `python -m runtime trees profile`")
+                     "write one with `python -m tools trees profile`")
         with fields_of(ProfileError, "latency profile JSON is missing or has a bad field"):
             return cls(device_key=str(data["device_key"]), device_name=str(data["device_name"]),
                        backend=str(data["backend"]), sizes=tuple(data["sizes"]), seconds=tuple(data["seconds"]),
@@ -153,4 +153,4 @@ class LatencyProfile:
 
 def load_profile(path: str | Path) -> LatencyProfile:
     return LatencyProfile.from_json(read_json_file(path, ProfileError, "latency profile",
-                                                   "measure it with `python -m runtime trees profile`"))
+                                                   "measure it with `python -m tools trees profile`"))

@@ -22,7 +22,7 @@ from trees._json import check_format, fields_of, read_json_file, write_json
 from trees.devices import DEFAULT_VARIANT
 
 NGRAM_STATS_FORMAT = "ppdeploy-ngram-acceptance"
-FIX = "collect them with `python -m runtime trees ngram-stats`"
+FIX = "collect them with `python -m tools trees ngram-stats`"
 
 
 class NgramStatsError(ValueError):

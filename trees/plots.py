@@ -59,7 +59,7 @@ def plot_variant_latencies(profiles: Sequence[LatencyProfile], path: str | Path)
     """The step latency of each engine variant against tree size (left, ms) and relative to its own
     one-token step (right: what the tree search trades against accepted tokens)."""
     if not profiles:
-        raise ValueError("no latency profiles to draw: measure one with `python -m runtime trees profile`")
+        raise ValueError("no latency profiles to draw: measure one with `python -m tools trees profile`")
     plt = _pyplot()
     fig, (absolute, relative) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
     for profile in profiles:

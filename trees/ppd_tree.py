@@ -9,7 +9,7 @@ prompt tokens (0..N) that produce the predictions for the step after. JSON form:
                "2": [...], "1": [...], "0": [{"path": [], "prompt_tokens": 3}]}}
 
 Any other top-level keys are kept as `PPDTreeSet.metadata` and written back: searched trees
-(`python -m runtime trees build`) record there the model fingerprint and prompt-token hash they were built
+(`python -m tools trees build`) record there the model fingerprint and prompt-token hash they were built
 for (checked by `check_tree_identity`), the device, backend, budget and predicted figures.
 """
 
@@ -130,16 +130,16 @@ def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sh
     searched = tree_variant(trees)
     if searched not in (variant, DEFAULT_VARIANT):
         raise TreeError(f"this tree was searched for the {searched} engine (on its latency curve), but the engine "
-                        f"loaded is {variant}: use the {variant} engine's tree (`python -m runtime trees build "
+                        f"loaded is {variant}: use the {variant} engine's tree (`python -m tools trees build "
                         f"--backend onnxruntime --variant {variant}`, or `make tree QUANT={variant}`) or fp32's, "
                         f"or leave the tree to the default")
     built_model = trees.metadata.get("model_fingerprint")
     built_checkpoint = trees.metadata.get("checkpoint_sha256")
     if built_model is not None and built_model != model_fingerprint:
         raise TreeError(f"this tree was built for model {built_model}, but the model loaded is "
-                        f"{model_fingerprint}: build one for it with `python -m runtime trees build` (or `make tree`)")
+                        f"{model_fingerprint}: build one for it with `python -m tools trees build` (or `make tree`)")
     if built_checkpoint is not None and built_checkpoint != checkpoint_sha256:
         raise TreeError(f"this tree was built for checkpoint tensors {built_checkpoint[:16]}, but the checkpoint "
                         f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with "
-                        f"`python -m runtime trees stats` then `python -m runtime trees build` (--method ppd|ht; "
+                        f"`python -m tools trees stats` then `python -m tools trees build` (--method ppd|ht; "
                         f"or `make tree`)")

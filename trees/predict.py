@@ -2,7 +2,7 @@
 the search's own model (trees/search.py, trees/hybrid_search.py) evaluated, nothing searched.
 
 A tree's `expected_mean_accepted` holds for text like its calibration's. Statistics collected on a
-workload's own prompts (`python -m runtime trees stats --prompts FILE`, `ngram-stats --prompts FILE`)
+workload's own prompts (`python -m tools trees stats --prompts FILE`, `ngram-stats --prompts FILE`)
 say what the same tree accepts there, before a benchmark does.
 """
 
@@ -41,7 +41,7 @@ def predicted_mean_accepted(trees: PPDTreeSet, stats: AcceptanceStats, ngram: Se
     source = next((s for s in ngram if s.min_ngram == hybrid["min_ngram"]), None)
     if source is None:
         raise NgramStatsError(f"a hybrid tree with n-grams down to {hybrid['min_ngram']} needs n-gram statistics "
-                              f"of that source (`python -m runtime trees ngram-stats`); got "
+                              f"of that source (`python -m tools trees ngram-stats`); got "
                               f"{sorted(s.min_ngram for s in ngram) or 'none'}")
     return evaluate_hybrid(trees, model, source, flat_latency, int(hybrid["ngram_depth"]),
                            int(hybrid["ngram_prompt_tokens"])).mean_accepted

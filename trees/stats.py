@@ -1,6 +1,6 @@
 """Acceptance statistics of PPD's prompt-token predictions: the data the tree search is fitted to.
 
-Collected by `runtime.acceptance` (`python -m runtime trees stats`) on held-out calibration prompts. After
+Collected by `tools.treesearch.acceptance` (`python -m tools trees stats`) on held-out calibration prompts. After
 every decode step the accepted node's m prompt tokens give [m, K] top-K predictions for the next
 step; row d-1 guesses the token d places after the next root. The decode is lossless greedy, so the
 tokens it goes on to produce are the truth to compare with. One record per step:
@@ -138,7 +138,7 @@ class AcceptanceStats:
     @classmethod
     def from_json(cls, data: dict) -> "AcceptanceStats":
         check_format(data, STATS_FORMAT, StatsError, "a PPD acceptance-statistics file",
-                     "write one with `python -m runtime trees stats`")
+                     "write one with `python -m tools trees stats`")
         with fields_of(StatsError, "acceptance statistics JSON is missing or has a bad field"):
             return cls(
                 num_prompt_tokens=int(data["num_prompt_tokens"]), ensemble=int(data["ensemble"]),
@@ -157,22 +157,22 @@ class AcceptanceStats:
         """Refuse statistics collected for another model or another prompt-token checkpoint."""
         if self.model_fingerprint != model_fingerprint:
             raise StatsError(f"these acceptance statistics were collected for model {self.model_fingerprint}, not "
-                             f"{model_fingerprint}: run `python -m runtime trees stats` for this model")
+                             f"{model_fingerprint}: run `python -m tools trees stats` for this model")
         if self.checkpoint_sha256 != checkpoint_sha256:
             raise StatsError(f"these acceptance statistics were collected with prompt tokens "
                              f"{self.checkpoint_sha256[:16]}, not the checkpoint now loaded "
                              f"({checkpoint_sha256[:16]}): the prompt tokens were retrained, rerun "
-                             f"`python -m runtime trees stats`")
+                             f"`python -m tools trees stats`")
 
 
     def check_variant(self, variant: str, path: str | Path) -> None:
         """Refuse statistics (read from `path`) decoded on another engine variant than the search is for."""
         if self.variant != variant:
             raise StatsError(f"{path} was collected on the {self.variant} engine, not {variant}: collect the {variant} "
-                             f"engine's with `python -m runtime trees stats --backend onnxruntime --variant {variant}` "
+                             f"engine's with `python -m tools trees stats --backend onnxruntime --variant {variant}` "
                              f"(--method ppd|ht), or pass --stats of that variant")
 
 
 def load_stats(path: str | Path) -> AcceptanceStats:
     return AcceptanceStats.from_json(read_json_file(path, StatsError, "acceptance statistics file",
-                                                    "collect them with `python -m runtime trees stats`"))
+                                                    "collect them with `python -m tools trees stats`"))

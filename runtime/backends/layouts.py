@@ -4,14 +4,23 @@ trees vary from step to step; PPD's per-m layouts and vanilla's chain repeat for
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from export.step_model import lowest_mask_value
-from runtime.backends.base import DeviceLayout
 from runtime.draft import Layout
 
 DEFAULT_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    """A Layout's tensors on the backend's device, built once per layout key."""
+
+    depth: torch.Tensor          # [T] int64
+    mask: torch.Tensor           # [T, T] additive (0 = visible, dtype's lowest finite value = hidden)
+    predict_rows: torch.Tensor   # [G, k] int64
 
 
 class LayoutCache:

@@ -1,7 +1,7 @@
-"""The onnxruntime backend: runs an exported step graph (manifest dir) on the CPU or CUDA execution
-provider. It only loads and runs: exporting and optimising engines is export/'s job
-(`export.engine.prepare_engine`); given a dir without its optimised graph, the plain export is
-optimised in memory, never written.
+"""The onnxruntime backend: runs an exported step graph on the CPU or CUDA execution provider. It only
+opens and runs: exporting and optimising engines is export/'s job (`export.engine.prepare_engine`), and
+choosing and checking the graph file the loader's (runtime/loading.py onnxruntime_graph); given a dir
+without its optimised graph, the plain export is optimised in memory, never written.
 
 Nothing proportional to the cache is copied per step. IOBinding binds
   - past_key.{i} / past_value.{i} to the KVCache's own layer-major storage: the committed prefix
@@ -20,18 +20,15 @@ optimisations off, which turns a multi-second session start into well under one)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.manifest import Manifest, ManifestError, check_file
-from export.ort_optimize import PROVIDERS, graph_optimization_level, usable_optimized_model
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, ModelInfo, StepOutput
+from export.ort_optimize import graph_optimization_level
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo, StepOutput
 from runtime.backends.layouts import LayoutCache
 from runtime.draft import Draft, Layout
 from runtime.kv_cache import KVCache
-
 
 
 @dataclass(frozen=True)
@@ -60,25 +57,20 @@ def ort_session_options(options: OrtOptions, optimization: str):
 
 
 class OrtBackend(CacheOwner):
-    def __init__(self, engine: Manifest | str | Path, device: str | torch.device = "cpu",
-                 max_context: int | None = None, options: OrtOptions = OrtOptions()) -> None:
+    def __init__(self, graph: EngineGraph, device: str | torch.device = "cpu", options: OrtOptions = OrtOptions()) -> None:
+        """Open the onnxruntime session of a checked graph (runtime/loading.py onnxruntime_graph) and
+        allocate the cache and the output buffers."""
         import onnxruntime as ort
 
-        # Files are hashed when a graph is opened (_open_session): only the ones actually run.
-        self.manifest = engine if isinstance(engine, Manifest) else Manifest.load(engine, verify_files=False)
+        self.manifest = graph.manifest
+        self.graph_path = graph.path   # the graph file this backend runs
         device = torch.device(device)
-        provider = PROVIDERS.get(device.type)
-        if provider is None or provider not in ort.get_available_providers():
-            raise ValueError(f"device {device} needs onnxruntime's {provider or 'matching'} execution provider; "
-                             f"this onnxruntime {ort.__version__} has {', '.join(ort.get_available_providers())}"
-                             + (" (install onnxruntime-gpu for CUDA)" if device.type == "cuda" else ""))
-        max_context = self.manifest.max_context if max_context is None else max_context
-        if max_context > self.manifest.max_context:
-            raise ManifestError(f"max_context {max_context} exceeds the engine's {self.manifest.max_context} "
-                                f"({self.manifest.dir}); re-export with --max-context {max_context}")
-        self.session = self._open_session(provider, options)
+        # A saved optimised graph is loaded as is; the plain export gets optimised in memory.
+        session_options = ort_session_options(options, "disable" if graph.optimized else options.optimization)
+        self.session = ort.InferenceSession(str(graph.path), session_options, providers=[graph.provider])
         m = self.manifest.model
         dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
+        max_context = graph.max_context
         # One torch thread for the readout on the CPU (ModelInfo.readout_threads; measured on the 2-core
         # CPU: sampled vanilla 49.5 -> 54.3 tokens/s, the readout itself is small).
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
@@ -100,17 +92,10 @@ class OrtBackend(CacheOwner):
         self._min_rows = self.manifest.min_step_rows
         self._padded: dict[tuple, Layout] = {}
 
-    def _open_session(self, provider: str, options: OrtOptions):
-        import onnxruntime as ort
-
-        path = usable_optimized_model(self.manifest, provider, options.optimization)
-        if path is None:
-            for record in (self.manifest.onnx, *self.manifest.external_data):
-                check_file(self.manifest.dir, record)
-        # A saved optimised graph is loaded as is; the plain export gets optimised in memory.
-        session_options = ort_session_options(options, "disable" if path is not None else options.optimization)
-        self.graph_path = path or self.manifest.onnx_path   # the graph file this backend runs
-        return ort.InferenceSession(str(self.graph_path), session_options, providers=[provider])
+    def _release(self) -> None:
+        self.session = self._binding = None
+        self._outputs = self._step_inputs = ()
+        self._past = []
 
     def _allocate(self, tree_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat output buffers for up to `tree_size` nodes: logits [T*V], new keys/values [L*T*Hkv*D]."""
@@ -126,8 +111,8 @@ class OrtBackend(CacheOwner):
              self._np_dtype if tensor.is_floating_point() else np.int64, list(shape), tensor.data_ptr())
 
     def step(self, draft: Draft) -> StepOutput:
-        real, s = draft.size, self._cache.length
         real_layout = layout = self._start_step(draft, self.manifest.check_step_shape)
+        real, s = draft.size, self._cache.length
         if real < self._min_rows:   # run padded; the real rows' results are the first `real`
             padded = self._padded.get(draft.layout.key)
             if padded is None:   # built once per layout (setdefault would build it every step)

@@ -23,6 +23,9 @@ class TorchBackend(CacheOwner):
         self._cache = KVCache(model.num_layers, max_context, model.num_kv_heads, model.head_dim, dtype, device)
         self._layouts = LayoutCache(device, dtype)
 
+    def _release(self) -> None:
+        self.model = None
+
     @torch.inference_mode()
     def step(self, draft: Draft) -> StepOutput:
         layout = self._start_step(draft)

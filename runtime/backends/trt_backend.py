@@ -1,9 +1,10 @@
 """The TensorRT backend: runs a TensorRT engine dir (engine.plan + engine.json beside the manifest,
 built by `python -m export engine --target <gpu>`) on the GPU that built it.
 
-Before any plan byte is deserialized, engine.json's key is checked against the manifest (ONNX hashes,
-dtype, profiles) and this machine (TensorRT version, GPU name, compute capability, SM count); a
-mismatch is refused with the command that rebuilds the engine here. Then the plan's own sha256.
+Before any plan byte is deserialized, the loader (runtime/loading.py tensorrt_graph) checked engine.json's
+key against the manifest (ONNX hashes, dtype, profiles) and this machine (TensorRT version, GPU name,
+compute capability, SM count), refusing a mismatch with the command that rebuilds the engine here, and
+then the plan's own sha256; this backend takes that checked graph.
 
 Binding (the same idea as the onnxruntime backend's IOBinding, by pointer):
   - past_key.{i} / past_value.{i}: layer i's block [max_S, Hkv, D] of the KVCache's layer-major
@@ -26,22 +27,18 @@ and before it (readout, the next commit). A StepOutput is valid until the next `
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 
-from export.manifest import Manifest, ManifestError, check_file
+from export.manifest import ManifestError
 from export.trt.build import capturing_logger
-from export.trt.key import (ENGINE_JSON, DeviceFacts, EngineMismatchError, EngineRecord, check_engine, present_facts,
-                            rebuild_command)
 from export.trt.profiles import select_profile
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo, StepOutput
 from runtime.backends.layouts import LayoutCache
 from runtime.draft import Draft
 from runtime.kv_cache import KVCache
-from trees.devices import device_key
 
 ALIGNMENT = 256   # bytes: what set_tensor_address accepts
 
@@ -90,12 +87,15 @@ def aligned_cache(num_layers: int, max_context: int, num_kv_heads: int, head_dim
 
 
 class TrtBackend(CacheOwner):
-    def __init__(self, engine: Manifest | str | Path, device: str | torch.device = "cuda",
-                 max_context: int | None = None, *, tensorrt: ModuleType | None = None,
-                 facts: DeviceFacts | None = None) -> None:
-        """`tensorrt` and `facts` (the device's) default to the real module and cuda's facts; tests
-        pass stand-ins to run the binding logic on the CPU."""
-        self.manifest = engine if isinstance(engine, Manifest) else Manifest.load(engine, verify_files=False)
+    def __init__(self, graph: EngineGraph, device: str | torch.device = "cuda", *,
+                 tensorrt: ModuleType | None = None) -> None:
+        """Deserialize a checked plan (runtime/loading.py tensorrt_graph: engine.json's key and the plan's
+        sha256 checked against this machine) and create its execution context. `tensorrt` defaults to
+        the real module; tests pass a stand-in to run the binding logic on the CPU."""
+        if graph.record is None:
+            raise ValueError(f"{graph.path} has no checked engine.json: load it with runtime.loading.tensorrt_graph")
+        self.manifest = graph.manifest
+        self.record = graph.record
         device = torch.device(device)
         if tensorrt is None:
             if device.type != "cuda":
@@ -110,21 +110,12 @@ class TrtBackend(CacheOwner):
                 raise ValueError(f"TensorRT runs on the current CUDA device (cuda:{current}), not {device}: select it "
                                  f"first with torch.cuda.set_device({device.index})")
             device = torch.device("cuda", current)
-        max_context = self.manifest.max_context if max_context is None else max_context
-        if max_context > self.manifest.max_context:
-            raise ManifestError(f"max_context {max_context} exceeds the engine's {self.manifest.max_context} "
-                                f"({self.manifest.dir}); re-export with --max-context {max_context}")
-        self.record = EngineRecord.load(self.manifest.dir)
-        facts = present_facts(str(device), tensorrt.__version__) if facts is None else facts
-        check_engine(self.record, self.manifest, facts)          # before deserializing anything
-        check_file(self.manifest.dir, self.record.plan)
         self._profiles = self.record.key.profiles
         self._logger = capturing_logger(tensorrt)
         self._runtime = tensorrt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine((self.manifest.dir / self.record.plan.file).read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(graph.path.read_bytes())
         if self.engine is None:
-            raise TrtRuntimeError(f"TensorRT could not deserialize {self.manifest.dir / self.record.plan.file}: "
-                                  f"{self._logger.text()}")
+            raise TrtRuntimeError(f"TensorRT could not deserialize {graph.path}: {self._logger.text()}")
         self._check_engine_io()
         self.context = self.engine.create_execution_context()
         if self.context is None:
@@ -132,6 +123,7 @@ class TrtBackend(CacheOwner):
 
         m = self.manifest.model
         dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
+        max_context = graph.max_context
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
                               graph_sha256=self.manifest.onnx.sha256)
         self._cache = aligned_cache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
@@ -145,6 +137,16 @@ class TrtBackend(CacheOwner):
                      [(f"past_value.{i}", v.data_ptr()) for i, v in enumerate(self._cache.values)]
         self._active_profile: int | None = None
         self._bound: dict[str, int] = {}   # name -> address set on the context (rebound after a profile switch)
+
+    def _release(self) -> None:
+        # The context before its engine, the engine before its runtime (TensorRT's ownership order).
+        self.context = None
+        self.engine = None
+        self._runtime = None
+        self._stream = None
+        self._inputs = self._outputs = ()
+        self._past = []
+        self._bound.clear()
 
     # --- setup ---------------------------------------------------------------------------------
     def _check_engine_io(self) -> None:
@@ -201,8 +203,8 @@ class TrtBackend(CacheOwner):
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, draft: Draft) -> StepOutput:
-        t, s = draft.size, self._cache.length
         layout = self._start_step(draft, self.manifest.check_step_shape)
+        t, s = draft.size, self._cache.length
         m = self.manifest.model
         own = t > self._capacity      # a long prefill: buffers of its own for this step
         ids, positions, mask = self._allocate_inputs(t) if own else self._inputs
@@ -250,33 +252,3 @@ class TrtBackend(CacheOwner):
         if self._stream is not None:
             torch.cuda.current_stream(self.info.device).wait_stream(self._stream)
 
-
-def find_trt_engine(model_dir: str | Path, graph: str, weights_sha256: str | None, facts: DeviceFacts) -> Manifest:
-    """The TensorRT engine dir serving `graph` (with those trained tensors) of `model_dir` on the device
-    `facts` describes: artifacts/engines/<model>/<any target>/<graph>/ whose engine.json matches.
-    Engines are never built here (that takes minutes): none matching -> the command that builds one."""
-    from export.checkpoint import model_fingerprint
-    from export.engine import engine_dir
-
-    model_engines = engine_dir(model_dir, "*", graph).parent.parent
-    fingerprint = model_fingerprint(model_dir)
-    refused = []
-    for path in sorted(model_engines.glob(f"*/{graph}/{ENGINE_JSON}")):
-        try:
-            manifest = Manifest.load(path.parent, verify_files=False)
-            problems = EngineRecord.load(path.parent).key.mismatches(manifest, facts)
-        except ManifestError as exc:
-            refused.append(f"{path.parent}: {exc}")
-            continue
-        if manifest.model.fingerprint != fingerprint:
-            problems.append(f"exported from model {manifest.model.fingerprint}, not {fingerprint}")
-        if manifest.method.weights_sha256 != weights_sha256:
-            problems.append("its trained tensors are not the method's checkpoint")
-        if not problems:
-            return manifest
-        refused.append(f"{path.parent}: " + "; ".join(problems))
-    found = f" (refused: {' | '.join(refused)})" if refused else f" (none under {model_engines})"
-    raise EngineMismatchError(
-        f"no TensorRT engine of the {graph} graph of {model_dir} for {facts.gpu_name} with TensorRT "
-        f"{facts.tensorrt_version}{found}: build one on this machine with `{rebuild_command(facts)}` (or "
-        f"`python -m export engine --target {device_key('cuda', facts.gpu_name)} --method {graph}`)")

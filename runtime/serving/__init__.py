@@ -1,4 +1,4 @@
-"""Serving: an OpenAI-compatible HTTP server over runtime.Generator (`python -m runtime serve`).
+"""Serving: an OpenAI-compatible HTTP server over runtime.Generator (`python -m tools serve`).
 
     schemas.py    request models (strict, bounded), the OpenAI error shape
     jobs.py       one generation: prepare (encode + budget), run on a Generator, its events, stop trimming
@@ -8,8 +8,8 @@
     app.py        create_app(engine, model_id, ...): the FastAPI routes, auth, body limits
     spec.py       GeneratorSpec: what to load, picklable for Ray replicas
     ray_app.py    the same app as a Ray Serve ingress over generator replicas (optional extra)
-    cli.py        `python -m runtime serve` flags and startup
-    loadgen.py    `python -m runtime.serving.loadgen`: a bounded load test of a running server
+    cli.py        `python -m tools serve` flags and startup
+    loadgen.py    `python -m tools.serving.loadgen`: a bounded load test of a running server
 """
 
 from runtime.serving.app import create_app

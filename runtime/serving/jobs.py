@@ -18,7 +18,7 @@ import jinja2
 
 from runtime.generator import Generator, Result
 from runtime.serving.schemas import ApiError
-from runtime.verify import DecodingOptions
+from runtime.decoding import DecodingOptions
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Scale-out on Ray Serve (`python -m runtime serve --ray`; needs `pip install '.[serve-ray]'`).
+"""Scale-out on Ray Serve: the deployments and the application (`python -m tools serve --ray` starts
+it; needs `pip install '.[serve-ray]'`).
 
     HTTP -> Ray proxy -> Ingress (the same FastAPI app as the in-process server: validation, SSE,
                          metrics, auth)  --handle.options(stream=True).generate-->  GeneratorReplica x N
@@ -15,14 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
@@ -33,9 +29,6 @@ from runtime.serving.jobs import Done, Event, Failed, GenerationRequest
 from runtime.serving.schemas import ApiError
 from runtime.serving.spec import GeneratorSpec
 from runtime.serving.worker import CLIENT_GONE, RETRY_AFTER_S, EngineStatus, LocalEngine
-
-if TYPE_CHECKING:
-    from runtime.serving.cli import ServeCommand
 
 log = logging.getLogger(__name__)
 
@@ -171,29 +164,3 @@ def build_app(spec: GeneratorSpec, model_id: str, *, replicas: int, min_replicas
     generator = GeneratorReplica.options(max_queued_requests=queue_size, ray_actor_options={"num_cpus": replica_cpus},
                                          **scaling).bind(spec)
     return Ingress.bind(generator, model_id, api_key, max_body_bytes)
-
-
-def serve_ray(cfg: "ServeCommand", spec: GeneratorSpec, model_id: str) -> int:
-    """Start a local Ray instance and the app on cfg.host:cfg.port; on Ctrl-C or SIGTERM shut Serve and
-    Ray down (which ends every process Ray started)."""
-    ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
-    stop = threading.Event()   # handlers installed after ray.init, which sets its own SIGTERM one
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(spec, model_id, replicas=cfg.replicas, min_replicas=cfg.min_replicas,
-                            max_replicas=cfg.max_replicas, queue_size=cfg.queue_size, replica_cpus=cfg.replica_cpus,
-                            api_key=cfg.key(), max_body_bytes=cfg.max_body_bytes),
-                  name=APP_NAME, route_prefix="/")
-        print(f"serving {model_id!r} on Ray Serve at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)",
-              file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return 0

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
-from runtime.verify import DecodingOptions
+from runtime.decoding import DecodingOptions
 
 # Requests are bounded so that one client cannot exhaust the server's memory: the body size is
 # checked while it is read (413), the message count and stop strings here (400).

@@ -21,7 +21,7 @@ from export.quantize import ROW_EXACT_ATTENTION, SCHEMES, QuantScheme, VariantEr
 from export.row_independence import (ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, pad_rows,
                                      tree_mask)
 from runtime import Generator
-from runtime.backends.ort_backend import OrtBackend
+from runtime.loading import open_engine
 from runtime.draft import Draft
 
 MAX_CONTEXT, MAX_TREE = 256, 16
@@ -155,7 +155,7 @@ def test_tree_rows_match_their_paths_alone(variant, tiny_dir, artifacts):
     """What the backend runs (the saved optimised graph): a T=15 tree step vs each node's own path alone."""
     manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
                               variant=variant)
-    session = OrtBackend(manifest.dir).session
+    session = open_engine(manifest.dir).session
     rng = np.random.default_rng(1)
     vocab = manifest.model.vocab_size
     report = check_row_independence(session, manifest, rng.integers(0, vocab, 20).tolist(),
@@ -182,7 +182,7 @@ def test_committing_in_other_chunks_changes_no_bit(variant, tiny_dir, artifacts)
     bitwise the same logits and KV whichever way a prefix is split into steps."""
     manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
                               variant=variant)
-    runner = StepRunner(OrtBackend(manifest.dir).session, manifest)
+    runner = StepRunner(open_engine(manifest.dir).session, manifest)
     ids = np.random.default_rng(2).integers(0, manifest.model.vocab_size, 24).tolist()
     whole = runner.run(ids, range(24), tree_mask(list(range(-1, 23)), runner.dtype))
     logits, keys, values = [], [], []
@@ -229,7 +229,7 @@ def test_int4_runs_one_node_steps_padded(tiny_dir, artifacts):
     manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
                               variant="int4")
     assert manifest.min_step_rows == 2 and manifest.quantization["min_step_rows"] == 2
-    backend = OrtBackend(manifest.dir)
+    backend = open_engine(manifest.dir)
     prefix = np.random.default_rng(3).integers(0, manifest.model.vocab_size, 12).tolist()
     backend.step(Draft.chain(prefix))
     backend.commit(range(12))

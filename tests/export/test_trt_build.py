@@ -19,7 +19,7 @@ import torch
 import export.engine
 import export.trt.build
 import export.trt.host
-import runtime.devices
+import export.devices
 from export.__main__ import main
 from export.engine import TargetError, check_target
 from export.manifest import CACHE_AXIS, TREE_AXIS, AxisRange, FileRecord, ShapeError
@@ -121,7 +121,7 @@ def test_each_device_mismatch_is_refused_with_the_fix(manifest, change, what):
     assert len(record.key.mismatches(manifest, present)) == 1
     with pytest.raises(EngineMismatchError, match=what) as info:
         check_engine(record, manifest, present)
-    rebuild = f"make engine GPU={runtime.devices.device_key('cuda', present.gpu_name)}"
+    rebuild = f"make engine GPU={export.devices.device_key('cuda', present.gpu_name)}"
     assert rebuild in str(info.value) and "on this machine" in str(info.value)
 
 
@@ -263,7 +263,7 @@ def test_gpu_target_exports_fp16_and_builds_the_engine(tiny_dir, tmp_path, monke
     monkeypatch.setattr(export.trt.host, "probe_host", lambda: HostFacts(trt.__version__, "", H100.gpu_name))
     monkeypatch.setattr(export.trt.host, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(export.trt.build, "present_facts", lambda device, version: H100)
-    monkeypatch.setattr(runtime.devices, "present_device", lambda device: ("cuda", H100.gpu_name))
+    monkeypatch.setattr(export.devices, "present_device", lambda device: ("cuda", H100.gpu_name))
     out = tmp_path / "engine"
     argv = ["engine", "--target", "h100", "--method", "vanilla", "--model", str(tiny_dir), "--out", str(out),
             "--max-context", str(MAX_CONTEXT), "--max-tree", str(MAX_TREE), "--no-validate"]

@@ -63,6 +63,12 @@ def test_chat_messages_and_token_ids_are_accepted(gen):
     ([], "empty prompt"),
     ([1, 2, 10**9], "out of range"),
     ([1, -1], "out of range"),
+    ([{"content": "Hi"}], "chat message 0 has no 'role'"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "chat message 1 has no 'content'"),
+    ([{"role": "user"}], "needs a \"role\" .* and a \"content\" string"),
+    ([{"role": "user", "content": 5}], "'content' must be a string, got int"),
+    ([{"role": "user", "content": "Hi"}, "Hi"], "chat message 1 is a str, not a dict"),
+    ([1, "2"], "token ids \\(ints\\), not str '2'"),
 ])
 def test_bad_prompts_are_clear_errors(gen, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -162,3 +168,13 @@ def test_the_readout_runs_on_the_backends_readout_threads():
         assert verifier.seen == [1, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_base_model_without_a_chat_template_takes_raw_text(gen, monkeypatch):
+    """A string prompt goes through the chat template when the checkpoint has one, else it is the raw
+    text (a base model); chat messages need a template."""
+    templated = gen.encode("Hi")
+    monkeypatch.setattr(gen.tokenizer, "chat_template", None)
+    assert gen.encode("Hi") == gen.tokenizer("Hi").input_ids != templated
+    with pytest.raises(ValueError, match="no chat template"):
+        gen.encode([{"role": "user", "content": "Hi"}])

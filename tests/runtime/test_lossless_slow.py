@@ -8,7 +8,7 @@ import pytest
 
 from runtime import Generator
 from export.methods import METHODS
-from runtime.prompts import load_prompts
+from tools.bench.prompts import load_prompts
 from tests.conftest import TRAINED_FIXTURES
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from export.onnx_export import ExportConfig, export_onnx
 from export.ppd import PPDConfig, save_prompt_tokens
 from export.step_model import StepModel
 from runtime import Generator
-from runtime.backends.ort_backend import OrtBackend
+from runtime.backends import BackendClosedError
+from runtime.loading import open_engine
 from runtime.backends.torch_backend import TorchBackend
 from tests.runtime.test_ppd import TREES
 from runtime.draft import Draft, Layout
@@ -47,7 +50,7 @@ def binary_tree(size: int) -> Layout:
 
 def test_ort_step_matches_torch_step(engine, tiny_dir):
     hf, _ = load_checkpoint(tiny_dir)
-    backends = [TorchBackend(StepModel(hf), MAX_CONTEXT), OrtBackend(engine.dir, max_context=MAX_CONTEXT)]
+    backends = [TorchBackend(StepModel(hf), MAX_CONTEXT), open_engine(engine.dir, max_context=MAX_CONTEXT)]
     rng = np.random.default_rng(0)
     # A prefill longer than the decode buffers, then trees of several sizes with 1-2 nodes committed:
     # every step's logits depend on all that was committed before, so they check the commits too.
@@ -64,7 +67,7 @@ def test_ort_step_matches_torch_step(engine, tiny_dir):
 
 
 def test_decode_outputs_live_in_preallocated_buffers(engine):
-    backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
+    backend = open_engine(engine.dir, max_context=MAX_CONTEXT)
     first = backend.step(Draft(np.arange(5), binary_tree(5)))
     pointer = first.logits.data_ptr()
     backend.commit([0])
@@ -76,14 +79,14 @@ def test_decode_outputs_live_in_preallocated_buffers(engine):
 
 def test_cpu_readout_runs_on_one_torch_thread(engine):
     """onnxruntime computes the step with its own threads: torch's readout takes one (ModelInfo.readout_threads)."""
-    assert OrtBackend(engine.dir, max_context=MAX_CONTEXT).info.readout_threads == 1
+    assert open_engine(engine.dir, max_context=MAX_CONTEXT).info.readout_threads == 1
 
 
 def test_backend_never_writes_the_engine_dir(engine, tmp_path):
     """Loading a dir without its optimised graph optimises in memory: the files stay as they are."""
     copy = shutil.copytree(engine.dir, tmp_path / "copy")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in copy.iterdir())
-    OrtBackend(copy).step(Draft.chain([1, 2, 3]))
+    open_engine(copy).step(Draft.chain([1, 2, 3]))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in copy.iterdir()) == before
 
 
@@ -95,7 +98,7 @@ def test_optimized_graph_is_saved_once_by_export_then_loaded(engine, tiny_dir):
     optimized = engine.dir / record["files"][0]["file"]
     mtime = optimized.stat().st_mtime_ns
     assert build_ort_engine(config, MethodExtras(), log=lambda _: None).ort_optimized == record
-    backend = OrtBackend(engine.dir)
+    backend = open_engine(engine.dir)
     assert backend.session._model_path == str(optimized)
     assert optimized.stat().st_mtime_ns == mtime  # reused, not rewritten
 
@@ -108,20 +111,20 @@ def test_corrupt_optimized_graph_is_refused(engine, tmp_path):
     raw[-10] ^= 0xFF
     data.write_bytes(bytes(raw))
     with pytest.raises(ManifestError, match="does not match the sha256"):
-        OrtBackend(copy)
+        open_engine(copy)
 
 
 def test_steps_outside_the_profiles_are_refused(engine):
-    backend = OrtBackend(engine.dir, max_context=MAX_CONTEXT)
+    backend = open_engine(engine.dir, max_context=MAX_CONTEXT)
     backend.step(Draft.chain(np.arange(240)))                      # the longest prefill
     backend.commit(range(240))
     with pytest.raises(ShapeError, match="max_context 256"):
         backend.step(Draft(np.arange(17), binary_tree(17)))
     backend.step(Draft(np.arange(16), binary_tree(16)))            # exactly fills the context
     with pytest.raises(RuntimeError, match="needs a step"):
-        OrtBackend(engine.dir, max_context=MAX_CONTEXT).commit([0])
+        open_engine(engine.dir, max_context=MAX_CONTEXT).commit([0])
     with pytest.raises(ManifestError, match="re-export with --max-context 512"):
-        OrtBackend(engine.dir, max_context=512)
+        open_engine(engine.dir, max_context=512)
 
 
 def test_from_engine_refuses_a_tree_larger_than_the_engine(engine):
@@ -194,3 +197,30 @@ def test_engine_dir_carries_its_ppd_tree(tiny_dir, artifacts, tmp_path):
     assert from_dir.proposer.trees == ppd.proposer.trees
     # A tree without prompt-token chains where the installed one has them would change the layout.
     assert from_dir.proposer.max_draft_tokens == ppd.proposer.max_draft_tokens
+
+
+def test_a_closed_backend_has_released_its_session_and_refuses_to_step(engine):
+    """close() frees the onnxruntime session (no reference left for the garbage collector to find
+    later) and the cache; using the backend afterwards is a clear error, closing again is harmless."""
+    backend = open_engine(engine.dir, max_context=MAX_CONTEXT)
+    backend.step(Draft.chain([1, 2, 3]))
+    # The C++ session and its IOBinding (which holds the C++ session, not the Python wrapper).
+    natives = [weakref.ref(backend.session._sess), weakref.ref(backend._binding._iobinding)]
+    backend.close()
+    gc.collect()
+    assert [ref() for ref in natives] == [None, None]
+    with pytest.raises(BackendClosedError, match="was closed"):
+        backend.step(Draft.chain([1, 2, 3]))
+    with pytest.raises(BackendClosedError, match="was closed"):
+        backend.commit([0])
+    backend.close()
+
+
+def test_a_generator_is_a_context_manager_that_releases_its_engine(engine):
+    with Generator.from_engine(engine.dir, method="ngram") as gen:
+        session = weakref.ref(gen.backend.session._sess)
+        assert gen.generate("Hello", max_new_tokens=4).token_ids
+    gc.collect()
+    assert session() is None
+    with pytest.raises(BackendClosedError, match="load the engine again"):
+        gen.generate("Hello", max_new_tokens=4)

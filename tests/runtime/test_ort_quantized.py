@@ -16,8 +16,8 @@ from export.engine import prepare_engine
 from export.methods import METHODS, MethodExtras
 from export.row_independence import ROW_TOLERANCES, check_row_independence
 from runtime import Generator
-from runtime.backends.ort_backend import OrtBackend
-from runtime.prompts import load_prompts
+from runtime.loading import open_engine
+from tools.bench.prompts import load_prompts
 from tests.conftest import TRAINED_FIXTURES, first_difference
 
 DEFAULT_NEW_TOKENS = 32
@@ -32,7 +32,7 @@ def test_real_tree_rows_match_their_paths_alone(variant, real_model_dir):
     bitwise (ROW_TOLERANCES: the quantized graphs' fp64 attention), on the graph the backend runs.
     Prefix: a real MT-Bench prompt; the tree: frequent tokens (distinct rows)."""
     manifest = prepare_engine(real_model_dir, "vanilla", MethodExtras(), variant=variant)
-    session = OrtBackend(manifest.dir).session
+    session = open_engine(manifest.dir).session
     gen = Generator.from_engine(manifest.dir, variant=variant)
     prefix = gen.encode(load_prompts("mtbench", limit=1)[0].prompt)
     rng = np.random.default_rng(0)

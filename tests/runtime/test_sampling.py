@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime.sampling import RACE, draw, keyed_uniforms, process_logits
-from runtime.verify import DecodingOptions
+from runtime.decoding import DecodingOptions
 
 
 def test_keyed_uniforms_depend_only_on_seed_position_and_key():

@@ -29,7 +29,7 @@ from runtime.proposers import NgramProposer, VanillaProposer
 from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
 from runtime.sampling import SamplingVerifier, process_logits
-from runtime.verify import DecodingOptions
+from runtime.decoding import DecodingOptions
 from tests.runtime.test_ppd import TREES
 from tests.runtime.toy_backend import VOCAB, FanProposer, ToyBackend
 from trees import PPDTreeSet

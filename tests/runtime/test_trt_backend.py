@@ -6,7 +6,9 @@ where tensorrt and a CUDA GPU are present."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -18,10 +20,12 @@ from export.onnx_export import ExportConfig, export_onnx
 from export.trt.build import build_engine
 from export.trt.key import PLAN_NAME, DeviceFacts, EngineMismatchError, EngineRecord
 from runtime import Generator
-from runtime.backends import engine_method
+from runtime.backends import BackendClosedError
 from runtime.backends.ort_backend import OrtBackend
+from runtime.loading import find_trt_engine, open_backend, open_engine, tensorrt_graph
+from runtime.methods import engine_method
 from runtime.backends.trt_backend import (ALIGNMENT, TrtBackend, TrtRuntimeError, aligned_cache, aligned_empty,
-                                          aligned_rows, check_address, find_trt_engine)
+                                          aligned_rows, check_address)
 from runtime.draft import Draft, Layout
 from runtime.generator import eos_token_ids
 from tests.export.fake_tensorrt import FakeTensorRT
@@ -45,8 +49,11 @@ def engine(tiny_dir, tmp_path_factory):
     return manifest
 
 
-def fake_backend(manifest, trt: FakeTensorRT | None = None, facts: DeviceFacts = H100, **kwargs) -> TrtBackend:
-    return TrtBackend(manifest, "cpu", tensorrt=trt or FakeTensorRT(), facts=facts, **kwargs)
+def fake_backend(manifest, trt: FakeTensorRT | None = None, facts: DeviceFacts = H100,
+                 max_context: int | None = None) -> TrtBackend:
+    """The loader (engine.json's key and the plan's hash checked against `facts`), then the backend on the
+    stand-in TensorRT."""
+    return open_backend(tensorrt_graph(manifest, "cpu", max_context, facts=facts), "cpu", tensorrt=trt or FakeTensorRT())
 
 
 # --- alignment ---------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def test_a_plan_tensorrt_cannot_deserialize_raises_its_logged_reason(engine, tmp
 
 def test_the_real_backend_needs_a_cuda_device(engine):
     with pytest.raises(ValueError, match="runs on a CUDA device"):
-        TrtBackend(engine, "cpu")
+        tensorrt_graph(engine, "cpu")
 
 
 def test_from_engine_picks_tensorrt_for_a_tensorrt_dir_on_cuda(engine):
@@ -148,7 +155,7 @@ def importlib_has(name: str) -> bool:
 # --- the binding logic, run through the stand-in --------------------------------------------------------
 def test_trt_steps_match_onnxruntime_steps(engine):
     trt = FakeTensorRT()
-    backends = [OrtBackend(engine.dir, max_context=MAX_CONTEXT), fake_backend(engine, trt, max_context=MAX_CONTEXT)]
+    backends = [open_engine(engine.dir, max_context=MAX_CONTEXT), fake_backend(engine, trt, max_context=MAX_CONTEXT)]
     rng = np.random.default_rng(0)
     # A prefill longer than the decode buffers (prefill profile, own buffers, S = 0), then trees of
     # several sizes (decode profile) with 1-2 nodes committed: every step reads all earlier commits.
@@ -239,7 +246,7 @@ def test_real_tensorrt_engine_matches_onnxruntime(tiny_dir, tmp_path):
     manifest = export_onnx(ExportConfig(tiny_dir, tmp_path / "engine", dtype="fp16", max_context=MAX_CONTEXT,
                                         max_tree=MAX_TREE, validate=False), log=lambda _: None)
     build_engine(manifest, "test", 5)
-    backends = [OrtBackend(manifest.dir, max_context=MAX_CONTEXT), TrtBackend(manifest, "cuda", MAX_CONTEXT)]
+    backends = [open_engine(manifest.dir, max_context=MAX_CONTEXT), open_backend(tensorrt_graph(manifest, "cuda", MAX_CONTEXT))]
     rng = np.random.default_rng(0)
     steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3)]
     for layout, commit in steps:
@@ -251,3 +258,17 @@ def test_real_tensorrt_engine_matches_onnxruntime(tiny_dir, tmp_path):
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), f"T={layout.size}"
         for b in backends:
             b.commit(commit or list(range(layout.size)))
+
+
+def test_a_closed_backend_has_released_its_context_and_engine(engine):
+    trt = FakeTensorRT()
+    backend = fake_backend(engine, trt, max_context=MAX_CONTEXT)
+    backend.step(Draft.chain(np.arange(5)))
+    trt.contexts.clear()   # the stand-in's own list of the contexts it made (other tests read their runs)
+    released = [weakref.ref(backend.context), weakref.ref(backend.engine)]
+    with backend:
+        pass
+    gc.collect()
+    assert [ref() for ref in released] == [None, None]
+    with pytest.raises(BackendClosedError, match="was closed"):
+        backend.step(Draft.chain(np.arange(5)))

@@ -8,7 +8,8 @@ from runtime.backends.base import DeviceLayout, StepOutput
 from runtime.draft import Draft, Layout
 from runtime.readout import read_step
 from runtime.sampling import SamplingVerifier
-from runtime.verify import DecodingOptions, GreedyVerifier, make_verifier, walk
+from runtime.decoding import DecodingOptions
+from runtime.verify import GreedyVerifier, make_verifier, walk
 
 V = 10
 

@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve through the real CLI (`python -m runtime serve --ray`) on a local Ray
+"""Scale-out on Ray Serve through the real CLI (`python -m tools serve --ray`) on a local Ray
 instance (2 CPUs, no dashboard): the OpenAI routes through the ingress and a generator replica give
 what a lone Generator gives, a full queue is 429, a client that leaves frees the replica, and SIGTERM
 shuts Ray down without leaving a process behind. Needs `pip install '.[serve-ray]'`."""
@@ -45,7 +45,7 @@ def test_ray_serve_end_to_end(tiny_model_dir, reference):
     port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's unix socket paths live below it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--ray", "--ray-num-cpus", "2", "--replicas",
+    proc = subprocess.Popen([sys.executable, "-m", "tools", "serve", "--ray", "--ray-num-cpus", "2", "--replicas",
                              "1", "--queue-size", "2", "--model", str(tiny_model_dir), "--method", METHOD,
                              "--backend", "torch", "--served-model-name", "tiny", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
