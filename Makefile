@@ -52,14 +52,16 @@ bench: setup
 	$(PY) -m tools bench --prompts mtbench --methods vanilla,ngram,hf-generate,hf-prompt-lookup --limit 20 --out artifacts/report-mtbench.json
 
 # The peers of `make bench-ort` (optional: not needed by the library or the tests): onnxruntime-genai, and
-# llama.cpp (llama-cpp-python built once from its source package, CPU only, for this machine's instruction
-# set; the wheel is cached in artifacts/wheels/, the unpacked source keeps llama.cpp's GGUF converter) with
-# the GGUFs of the model (f32 and q8_0 converted from the checkpoint, the shipped q4_1).
+# llama.cpp (llama-cpp-python built once from its source package, CPU only, for this machine's vector
+# extensions named from /proc/cpuinfo with ggml's AMX backend off: tools/peers/llamacpp_build.py; the wheel
+# is cached in artifacts/wheels/, the unpacked source keeps llama.cpp's GGUF converter) with the GGUFs of
+# the model (f32 and q8_0 converted from the checkpoint, the shipped q4_1), then a short decode of each GGUF
+# type in a process of its own, which fails `make peers` naming any type that crashes on this CPU.
 LLAMACPP_VERSION := 0.3.36
 WHEELS := artifacts/wheels
 LLAMACPP_SDIST := $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
-LLAMACPP_BUILT := $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION).built
-LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+LLAMACPP_BUILT := $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION).built-isa
+LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 PIP_NODEPS := $(PY) -m pip install -q --disable-pip-version-check --no-deps
 
@@ -68,6 +70,7 @@ peers: setup $(LLAMACPP_BUILT)
 	$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMACPP_VERSION)')" 2>/dev/null || \
 		$(PIP_NODEPS) --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
 	$(PY) -m tools.peers.llamacpp_gguf --model $(MODEL_DIR)
+	$(PY) -m tools.peers.llamacpp_build check --model $(MODEL_DIR)
 
 $(LLAMACPP_SDIST): | $(STAMP)
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d $(WHEELS) \
@@ -76,8 +79,11 @@ $(LLAMACPP_SDIST): | $(STAMP)
 $(LLAMACPP_BUILT): $(LLAMACPP_SDIST)
 	$(PIP_NODEPS) scikit-build-core==0.11.6 pathspec==0.12.1
 	@echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, CPU only (~7 min on 2 cores; once)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" nice -n 10 \
-		$(PY) -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -w $(WHEELS) $(LLAMACPP_SDIST)
+	rm -f $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS) $$($(PY) -m tools.peers.llamacpp_build cmake-args)" \
+		nice -n 10 $(PY) -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -w $(WHEELS) \
+		$(LLAMACPP_SDIST)
+	$(PIP_NODEPS) --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
 	tar -xzf $(LLAMACPP_SDIST) -C $(WHEELS)
 	touch $@
 

@@ -29,16 +29,21 @@ def _cpuinfo() -> str:
         return ""
 
 
-def cpu_isa(cpuinfo: str | None = None) -> str:
-    """The KERNEL_ISA extensions this CPU has (`cpuinfo`: the text of /proc/cpuinfo, read when None),
-    space separated; "" where /proc/cpuinfo lists none (another OS)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The first CPU's flags (x86) or features (ARM) in /proc/cpuinfo (`cpuinfo`: its text, read when
+    None); empty where it lists none (another OS)."""
     text = _cpuinfo() if cpuinfo is None else cpuinfo
-    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-            break
+            return set(value.split())
+    return set()
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """The KERNEL_ISA extensions this CPU has (`cpuinfo`: the text of /proc/cpuinfo, read when None),
+    space separated; "" where /proc/cpuinfo lists none (another OS)."""
+    flags = cpu_flags(cpuinfo)
     return " ".join(ext for ext in KERNEL_ISA if ext in flags)
 
 

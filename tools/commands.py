@@ -27,7 +27,8 @@ from export.methods import METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from runtime.backends import DEFAULT_BACKEND, DTYPES
 from runtime.loading import BACKENDS
-from tools.bench.harness import BenchConfig, format_table, run_bench, write_report
+from tools.bench.harness import BenchConfig, run_bench
+from tools.bench.report import format_table, write_report
 from tools.bench.labels import label_choices
 from export.devices import device_name
 from tools.parity.cli import add_check_command

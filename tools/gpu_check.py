@@ -211,7 +211,7 @@ def previous_results(out: Path, rerun: set[str]) -> list[StepResult]:
 
 
 def bench_tables(out: Path) -> list[str]:
-    from tools.bench.harness import format_table
+    from tools.bench.report import format_table
 
     tables = []
     for path in sorted(out.glob("bench-*.json")):

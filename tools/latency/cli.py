@@ -73,7 +73,8 @@ def cmd_latency_test(cfg: LatencyTestCommand) -> int:
 def cmd_latency_baseline(cfg: LatencyBaselineCommand) -> int:
     """Measure the step latency curve and the vanilla/ppd/ht bench on the device present and write them as
     its latency baseline (refused when the machine was busy, unless --force)."""
-    from tools.latency.regression import default_baseline_path, measure
+    from tools.latency.baseline import default_baseline_path
+    from tools.latency.regression import measure
     from trees.quiet import refuse_busy_start
 
     backend = cfg.backend_name()

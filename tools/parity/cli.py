@@ -34,8 +34,9 @@ def cmd_check(cfg: CheckCommand) -> int:
     from transformers import AutoTokenizer
 
     from export.manifest import Manifest
-    from tools.parity.compare import (StepRunner, check_feeds, default_parity_dir, engine_runners, load_feeds,
-                               parse_tolerances, run_parity, save_feeds, step_model_from_engine)
+    from tools.parity.compare import default_parity_dir, parse_tolerances, run_parity
+    from tools.parity.feeds import check_feeds, load_feeds, save_feeds
+    from tools.parity.runners import StepRunner, engine_runners, step_model_from_engine
     from tools.parity.recorder import record_step_feeds
     from trees._json import write_json
 

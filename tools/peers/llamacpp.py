@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from tools.peers.llamacpp_gguf import require_llama_cpp
+from tools.bench.runs import PromptRun
+from tools.peers.llamacpp_gguf import ensure_gguf, require_llama_cpp
 
 # Largest prompt chunk one llama_decode call takes (llama.cpp's default n_batch).
 MAX_BATCH = 512
@@ -150,3 +151,30 @@ class LlamaCppPeer:
             self._lib.llama_sampler_free(self._sampler)
             self._sampler = None
             self.llm.close()
+
+
+class BenchRunner:
+    """llama.cpp greedy on one GGUF type of the model, with our thread count, context and EOS ids (what
+    the bench runs in the peer's process: tools/peers/process.py)."""
+
+    def __init__(self, peer: LlamaCppPeer, max_new_tokens: int) -> None:
+        self.peer, self.max_new_tokens = peer, max_new_tokens
+
+    def check_prompts(self, texts: list[str], encoded: list[list[int]], names: list[str]) -> list[str]:
+        """check_tokenization on llama.cpp's own tokenizer: the later differences (raises on early ones)."""
+        return check_tokenization(self.peer.tokenize, texts, encoded, names)
+
+    def gguf_path(self) -> str:
+        return str(self.peer.gguf_path)
+
+    def __call__(self, prompt_ids: list[int]) -> PromptRun:
+        out = self.peer.generate(prompt_ids, self.max_new_tokens)
+        # one token per forward, the prefill's included
+        return PromptRun(out.tokens, len(out.tokens), out.seconds, first_token_seconds=out.first_token_seconds)
+
+
+def bench_runner(model_dir: str, gguf_type: str, threads: int, max_context: int, eos_token_ids: Iterable[int],
+                 max_new_tokens: int) -> BenchRunner:
+    """The GGUF of `gguf_type` (converted once, tools/peers/llamacpp_gguf.py) loaded in llama.cpp."""
+    path = ensure_gguf(model_dir, gguf_type, threads)
+    return BenchRunner(LlamaCppPeer(path, threads, max_context, eos_token_ids), max_new_tokens)

@@ -11,7 +11,8 @@ the name keys them by the checkpoint's fingerprint and the llama.cpp that wrote 
 checkpoint or a new pin converts again (and the stale file of that type is removed). Written to a temp
 name, then renamed.
 
-`python -m tools.peers.llamacpp_gguf [--model DIR]` makes them all (what `make peers` runs).
+`python -m tools.peers.llamacpp_gguf [--model DIR]` makes them all (what `make peers` runs, before
+`python -m tools.peers.llamacpp_build check` decodes a few tokens of each).
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     for gguf_type in GGUF_TYPES:
         print(f"{gguf_type}: {ensure_gguf(args.model, gguf_type)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

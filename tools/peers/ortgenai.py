@@ -23,6 +23,7 @@ from pathlib import Path
 
 from export.checkpoint import model_fingerprint
 from export.paths import ARTIFACTS_DIR
+from tools.bench.runs import PromptRun, Runner
 
 STAMP = "ppdeploy-source.json"  # model fingerprint the genai export was built from
 
@@ -79,3 +80,13 @@ def ortgenai_runner(model_dir: str | Path, max_new_tokens: int) -> Callable[[lis
         seconds = time.perf_counter() - start
         return [int(t) for t in generator.get_sequence(0)[len(prompt_ids):]], seconds
     return run
+
+
+def bench_runner(model_dir: str | Path, max_new_tokens: int) -> Runner:
+    """onnxruntime-genai greedy on its own fp32 CPU export of the model (the anchor of our ORT backend)."""
+    run = ortgenai_runner(model_dir, max_new_tokens)
+
+    def bench_run(prompt_ids: list[int]) -> PromptRun:
+        tokens, seconds = run(prompt_ids)
+        return PromptRun(tokens, len(tokens), seconds)  # one token per forward after the prefill
+    return bench_run

@@ -86,7 +86,7 @@ def cmd_plot_latency(cfg: PlotLatencyCommand, argv: list[str]) -> int:
 def cmd_sweep(cfg: SweepCommand, argv: list[str]) -> int:
     """Measured tokens/s and accepted tokens of the chosen tree, the best tree of each fixed budget,
     the hand-picked tree and vanilla, on one backend in one run (repeats interleaved)."""
-    from tools.bench.harness import write_report
+    from tools.bench.report import write_report
     from runtime.generator import Generator
     from tools.bench.prompts import load_prompts
     from tools.treesearch.sweep import format_sweep, run_sweep, sweep_generators, sweep_rows, sweep_variants

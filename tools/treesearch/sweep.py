@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.bench.harness import PromptRun, generator_runner, median_tokens_per_s, run_interleaved
+from tools.bench.harness import generator_runner, run_interleaved
+from tools.bench.report import median_tokens_per_s
+from tools.bench.runs import PromptRun
 from export.methods import METHODS
 from trees import PPDTreeSet, check_tree_identity, load_ppd_trees
 from trees.devices import DEFAULT_VARIANT
@@ -58,7 +60,8 @@ def run_sweep(generators: dict, encoded: list[list[int]], max_new_tokens: int,
               repeats: int) -> dict[str, list[list[PromptRun]]]:
     """{label: [repeat][prompt] PromptRun}, repeats interleaved across variants."""
     runners = {label: generator_runner(gen, max_new_tokens) for label, gen in generators.items()}
-    return run_interleaved(runners, encoded, repeats, desc="sweep")
+    results, _ = run_interleaved(runners, encoded, repeats, desc="sweep")   # our generators only: none fail
+    return results
 
 
 def sweep_rows(runs: dict[str, list[list[PromptRun]]], variants: dict[str, PPDTreeSet | None],

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from tools.bench.harness import (BenchConfig, PromptRun, accepted_interval, decode_tokens_per_s_per_repeat, format_table,
-                           run_bench, run_interleaved, write_report)
+from tools.bench.harness import BenchConfig, run_bench, run_interleaved
+from tools.bench.report import accepted_interval, decode_tokens_per_s_per_repeat, format_table, write_report
+from tools.bench.runs import PromptRun
 
 
 def test_repeats_interleave_runners_after_one_warm_up_each():
@@ -22,7 +23,7 @@ def test_repeats_interleave_runners_after_one_warm_up_each():
         return run
 
     encoded = [list(range(40)), list(range(5))]
-    results = run_interleaved({"a": runner("a"), "b": runner("b")}, encoded, repeats=2, show_progress=False)
+    results, failures = run_interleaved({"a": runner("a"), "b": runner("b")}, encoded, repeats=2, show_progress=False)
     assert calls[:2] == [("a", 32), ("b", 32)]  # warm-ups
     assert calls[2:] == [("a", 40), ("a", 5), ("b", 40), ("b", 5)] * 2
     assert [len(reps) for reps in results.values()] == [2, 2]

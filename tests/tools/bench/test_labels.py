@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tools.bench import harness as bench
-from tools.bench.harness import BenchConfig, PromptRun, format_table, run_bench
+from tools.bench.harness import BenchConfig, run_bench
+from tools.bench.report import format_table
+from tools.bench.runs import PromptRun
 from tools.bench.labels import RunLabel, parse_label, parse_labels, speed_baseline, token_baseline
 
 

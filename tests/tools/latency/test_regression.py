@@ -12,8 +12,9 @@ import tools.latency.profile
 import tools.latency.regression as lr
 import trees.quiet
 from tools.commands import main as runtime_main
-from tools.latency.regression import (TOLERANCES, LatencyTestConfig, Measurement, MethodRun, compare, confirmed,
-                                        load_baseline, run_latency_test)
+from tools.latency.baseline import LatencyTestConfig, Measurement, MethodRun, load_baseline
+from tools.latency.comparison import TOLERANCES, compare, confirmed
+from tools.latency.regression import run_latency_test
 from tools.treesearch.files import package_versions, present
 from trees.latency import load_profile
 from trees.quiet import Quietness

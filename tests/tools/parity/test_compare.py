@@ -14,8 +14,9 @@ import torch
 from export.__main__ import main as export_main
 from export.manifest import Manifest
 from export.onnx_export import ExportConfig, export_onnx
-from tools.parity.compare import (DEFAULT_TOLERANCES, StepRunner, Tolerance, check_feeds, engine_runners, feed_label,
-                           load_feeds, parse_tolerances, run_parity, step_model_from_engine)
+from tools.parity.compare import DEFAULT_TOLERANCES, Tolerance, parse_tolerances, run_parity
+from tools.parity.feeds import check_feeds, feed_label, load_feeds
+from tools.parity.runners import StepRunner, engine_runners, step_model_from_engine
 from tests.export.tiny_llama import make_tiny_llama
 
 MAX_CONTEXT, MAX_TREE = 256, 16

@@ -10,7 +10,7 @@ import pytest
 
 from export.checkpoint import model_fingerprint
 from export.paths import DEFAULT_MODEL_DIR, REPO_ROOT
-from runtime import llamacpp_gguf
+from tools.peers import llamacpp_gguf
 from tools.peers.llamacpp_gguf import LLAMACPP_VERSION, GgufError, ensure_gguf, gguf_name
 
 
