@@ -16,8 +16,8 @@ from trees.devices import DEFAULT_VARIANT, DeviceMismatchError, device_key, find
 
 # The vector extensions CPU kernels dispatch on (onnxruntime's MLAS, llama.cpp's ggml): x86 flags and
 # ARM features of /proc/cpuinfo, in this order. Two CPUs of one model name can differ in them: the
-# "AMD EPYC" of the sixth session had AVX-512 and stepped int4 trees 1.9x faster than the AVX2-only
-# EPYC of the seventh, so a CPU's latency profile records them (trees.latency.LatencyProfile.cpu_isa).
+# "AMD EPYC" machines lent to this project stepped int4 trees 1.9x faster with AVX-512 than without, so a
+# CPU's latency profile records them (trees.latency.LatencyProfile.cpu_isa).
 KERNEL_ISA = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8",
               "amx_bf16", "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
 

@@ -1,4 +1,4 @@
-"""Weight-only quantized engine variants (issue 15): the names every layer uses, and making them.
+"""Weight-only quantized engine variants: the names every layer uses, and making them.
 
 fp32 is the exported graph as is; int8 / int4 quantize the weights of the linear layers and the LM
 head with onnxruntime's MatMulNBits (block-wise, weight only: a node's logits never depend on the

@@ -1,4 +1,4 @@
-"""Quality of the quantized engines against fp32 (issue 15, point 2): the vanilla onnxruntime engine dir of
+"""Quality of the quantized engines against fp32: the vanilla onnxruntime engine dir of
 each variant (export/engine.py engine_dir: <model>/cpu/vanilla, vanilla-int8, vanilla-int4), measured on
 the same token ids.
 

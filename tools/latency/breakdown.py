@@ -1,5 +1,5 @@
 """Where a CPU engine's step goes: the whole step against its weight products alone
-(`python -m tools breakdown`, issue 15).
+(`python -m tools breakdown`).
 
 The weight products (MatMulNBits, or MatMul / FusedMatMul / Gemm by a constant weight: qkv, o,
 gate_up, down, the LM head) are the kernels onnxruntime owns; the rest of a step (attention over

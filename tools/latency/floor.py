@@ -1,5 +1,5 @@
 """One-token step latency of each onnxruntime CPU engine variant against its bandwidth floor:
-`python -m tools floor` (issue 15: how close a variant's step is to what its weights allow).
+`python -m tools floor`: how close a variant's step is to what its weights allow.
 
 A one-token decode step multiplies by every weight once, so it reads at least the bytes of the
 graph's initializers, less the tables it only gathers from (the embedding: T rows of it per step).
