@@ -260,11 +260,15 @@ def cmd_floor(cfg: FloorCommand) -> int:
     bandwidth = measure_read_bandwidth(cfg.threads)
     rows = floor_rows(engines, bandwidth)
     print(format_floor(rows, bandwidth))
-    if cfg.out:
-        write_json(cfg.out, {"read_bandwidth_gb_s": round(bandwidth / 1e9, 2), "device": device_name("cpu"),
-                             "rows": [r.to_json() for r in rows]})
-        print(f"wrote {cfg.out}")
+    write_rows(cfg.out, rows, read_bandwidth_gb_s=round(bandwidth / 1e9, 2))
     return 0
+
+
+def write_rows(out: str | None, rows, **facts) -> None:
+    """The rows of a CPU measurement as JSON at `out` (nothing when None), with the CPU's name and `facts`."""
+    if out:
+        write_json(out, {"device": device_name("cpu"), **facts, "rows": [r.to_json() for r in rows]})
+        print(f"wrote {out}")
 
 
 @dataclass(frozen=True)
@@ -296,9 +300,7 @@ def cmd_breakdown(cfg: BreakdownCommand) -> int:
         for variant, (directory, _) in zip(variants, engines):
             rows += measure_breakdown(directory, variant, nodes, caches, cfg.repeats, progress=bar)
     print(format_breakdown(rows))
-    if cfg.out:
-        write_json(cfg.out, {"device": device_name("cpu"), "repeats": cfg.repeats, "rows": [r.to_json() for r in rows]})
-        print(f"wrote {cfg.out}")
+    write_rows(cfg.out, rows, repeats=cfg.repeats)
     return 0
 
 

@@ -33,25 +33,36 @@ from trees.stats import AcceptanceStats
 
 
 @dataclass(frozen=True)
-class StatsConfig:
+class CalibrationRun:
+    """What the acceptance and the n-gram statistics both decode: the model, where it runs, and how much
+    of the calibration prompts."""
+
     model_dir: str = str(DEFAULT_MODEL_DIR)
-    method: str = "ppd"                    # ppd or ht
-    checkpoint: str | None = None          # None: the committed checkpoint of `method`
     backend: str = DEFAULT_BACKEND
     device: str = "cpu"
     variant: str = DEFAULT_VARIANT         # the onnxruntime engine's weights (export/quantize.py)
     num_prompts: int = 40                  # calibration prompts that are decoded
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    topk: int = 10                         # K: ranks recorded per prediction row
     max_prompt_tokens: int = 1024          # longer prompts are skipped (prefill time, context)
+
+    def check_counts(self, *names: str) -> None:
+        """The variant exists, and these counts (and the calibration run's own) are >= 1."""
+        check_variant(self.variant)
+        for name in ("num_prompts", "max_new_tokens", "max_prompt_tokens", *names):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StatsConfig(CalibrationRun):
+    method: str = "ppd"                    # ppd or ht
+    checkpoint: str | None = None          # None: the committed checkpoint of `method`
+    topk: int = 10                         # K: ranks recorded per prediction row
 
     def __post_init__(self) -> None:
         if self.method not in STATS_METHODS:
             raise ValueError(f"acceptance statistics are for {' or '.join(STATS_METHODS)}, not {self.method!r}")
-        check_variant(self.variant)
-        for name in ("num_prompts", "max_new_tokens", "topk", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.check_counts("topk")
 
 
 @dataclass(frozen=True)

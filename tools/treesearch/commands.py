@@ -10,7 +10,7 @@ from export.manifest import DEFAULT_MAX_TREE
 from export.methods import METHODS, STATS_METHODS, TREE_SEARCH_METHODS
 from export.paths import DEFAULT_MODEL_DIR
 from export.quantize import DEFAULT_VARIANT, VARIANTS
-from tools.treesearch.acceptance import StatsConfig, method_checkpoint
+from tools.treesearch.acceptance import CalibrationRun, StatsConfig, method_checkpoint
 from tools.bench.prompts import PROMPTS_HELP
 from tools.treesearch.ngram_acceptance import NgramStatsConfig
 from runtime.loading import BACKENDS
@@ -38,32 +38,29 @@ DEFAULT_METHOD = StatsConfig.method
 # --- configs: one per command, mapped to argparse (defaults live here only) ------------------------
 
 @dataclass(frozen=True)
-class StatsCommand:
-    model_dir: str = option(StatsConfig.model_dir, "model checkpoint dir")
+class CalibrationFlags:
+    """The flags of tools.treesearch.acceptance.CalibrationRun: what both statistics decode."""
+    model_dir: str = option(CalibrationRun.model_dir, "model checkpoint dir")
+    backend: str = option(CalibrationRun.backend, "backend that decodes", choices=BACKEND_CHOICES)
+    device: str = option(CalibrationRun.device, "cpu or cuda")
+    variant: str = option(CalibrationRun.variant, VARIANT_HELP, choices=VARIANTS)
+    num_prompts: int = option(CalibrationRun.num_prompts, "calibration prompts to decode")
+    max_new_tokens: int = option(CalibrationRun.max_new_tokens, "tokens generated per prompt")
+    max_prompt_tokens: int = option(CalibrationRun.max_prompt_tokens, "skip longer calibration prompts")
+    prompts: str | None = option(None, CALIBRATION_PROMPTS_HELP)
+
+
+@dataclass(frozen=True)
+class StatsCommand(CalibrationFlags):
     method: str = option(DEFAULT_METHOD, "graph whose slots are measured (hybrid uses ppd's)", choices=STATS_METHODS)
     checkpoint: str | None = option(StatsConfig.checkpoint, CHECKPOINT_HELP)
-    backend: str = option(StatsConfig.backend, "backend that decodes", choices=BACKEND_CHOICES)
-    device: str = option(StatsConfig.device, "cpu or cuda")
-    variant: str = option(StatsConfig.variant, VARIANT_HELP, choices=VARIANTS)
-    num_prompts: int = option(StatsConfig.num_prompts, "calibration prompts to decode")
-    max_new_tokens: int = option(StatsConfig.max_new_tokens, "tokens generated per prompt")
     topk: int = option(StatsConfig.topk, "ranks recorded per prediction row")
-    max_prompt_tokens: int = option(StatsConfig.max_prompt_tokens, "skip longer calibration prompts")
-    prompts: str | None = option(None, CALIBRATION_PROMPTS_HELP)
     out: str | None = option(None, "output JSON (default: <method>-acceptance[-<variant>].json next to the checkpoint)")
 
 
 @dataclass(frozen=True)
-class NgramStatsCommand:
-    model_dir: str = option(NgramStatsConfig.model_dir, "model checkpoint dir")
-    backend: str = option(NgramStatsConfig.backend, "backend that decodes (greedy vanilla)", choices=tuple(BACKENDS))
-    device: str = option(NgramStatsConfig.device, "cpu or cuda")
-    variant: str = option(NgramStatsConfig.variant, VARIANT_HELP, choices=VARIANTS)
-    num_prompts: int = option(NgramStatsConfig.num_prompts, "calibration prompts to decode")
-    max_new_tokens: int = option(NgramStatsConfig.max_new_tokens, "tokens generated per prompt")
+class NgramStatsCommand(CalibrationFlags):
     max_depth: int = option(NgramStatsConfig.max_depth, "proposal tokens compared per position")
-    max_prompt_tokens: int = option(NgramStatsConfig.max_prompt_tokens, "skip longer calibration prompts")
-    prompts: str | None = option(None, CALIBRATION_PROMPTS_HELP)
     out: str | None = option(None, f"output JSON (default: {ngram_stats_filename()}, or "
                                    f"{ngram_stats_filename('<variant>')}, next to the ppd checkpoint)")
 

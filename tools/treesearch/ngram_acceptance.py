@@ -16,11 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.checkpoint import model_fingerprint
-from export.paths import DEFAULT_MODEL_DIR
-from export.quantize import DEFAULT_VARIANT, check_variant
-from tools.treesearch.acceptance import calibration_prompt_ids
-from runtime.backends import DEFAULT_BACKEND
-from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator, Prompt
+from tools.treesearch.acceptance import CalibrationRun, calibration_prompt_ids
+from runtime.generator import Generator, Prompt
 from runtime.proposers.hybrid import NgramSource, ngram_path
 from trees.ngram_stats import NgramStats
 
@@ -30,21 +27,11 @@ MIN_NGRAMS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
-class NgramStatsConfig:
-    model_dir: str = str(DEFAULT_MODEL_DIR)
-    backend: str = DEFAULT_BACKEND
-    device: str = "cpu"
-    variant: str = DEFAULT_VARIANT         # the onnxruntime engine's weights (export/quantize.py)
-    num_prompts: int = 40                  # calibration prompts decoded
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+class NgramStatsConfig(CalibrationRun):
     max_depth: int = 8                     # proposal tokens compared per position
-    max_prompt_tokens: int = 1024          # longer prompts are skipped
 
     def __post_init__(self) -> None:
-        check_variant(self.variant)
-        for name in ("num_prompts", "max_new_tokens", "max_depth", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"NgramStatsConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.check_counts("max_depth")
 
 
 def matched_depth(proposal: Sequence[int], future: Sequence[int]) -> int:
