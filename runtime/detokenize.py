@@ -48,3 +48,34 @@ def first_stop(text: str, stops: list[str], search_from: int) -> int | None:
     """End index (exclusive) of the earliest-ending stop string found at or after `search_from`, or None."""
     ends = [i + len(s) for s in stops if (i := text.find(s, search_from)) >= 0]
     return min(ends) if ends else None
+
+
+class TextAssembler:
+    """A generation's tokens in, its text out: incremental detokenisation and stop strings. Generation
+    ends at the first stop string (the text through it is kept, nothing after it); what `add` returns
+    may be released to a client at once (a stop string found later cuts only text not yet seen)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | tuple[str, ...] | None = None) -> None:
+        self.stops = [s for s in (stop or ()) if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self.text = ""          # the text so far (cut at a stop string once one is found)
+        self.stopped = False    # a stop string ended the text
+        self._released = 0
+
+    def add(self, token: int) -> str:
+        """Append a token; the new text that may be released ("" while a character is partial)."""
+        return self._extend(self._detokenizer.add(token))
+
+    def finish(self) -> str:
+        """At EOS or the budget: what was held back as partial UTF-8 (after a stop string: nothing)."""
+        return "" if self.stopped else self._extend(self._detokenizer.flush())
+
+    def _extend(self, piece: str) -> str:
+        searched = max(0, len(self.text) - self._longest + 1)   # a stop string must end in the new text
+        self.text += piece
+        cut = first_stop(self.text, self.stops, searched)
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
+        released, self._released = self.text[self._released:], len(self.text)
+        return released

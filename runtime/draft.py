@@ -67,17 +67,6 @@ class Layout:
     def chain(cls, length: int, first_verified: int = 0) -> "Layout":
         return cls.from_parents(np.arange(-1, length - 1), first_verified=first_verified)
 
-    def padded(self, min_size: int) -> "Layout":
-        """This layout with auxiliary nodes appended up to `min_size` nodes, each the child of the node
-        before (itself when already that large): how an engine with a minimum step size runs a smaller
-        draft (export/manifest.py Manifest.min_step_rows); the real nodes cannot see the new ones."""
-        t = self.size
-        if t >= min_size:
-            return self
-        parents = np.concatenate([self.buffers.parents, np.arange(t - 1, min_size - 1)])
-        return Layout(buffers_from_parents(parents), self.num_candidates, self.predict_rows, self.groups,
-                      self.predict_topk, self.first_verified)
-
 
 @dataclass(frozen=True)
 class Draft:
@@ -105,12 +94,6 @@ class Draft:
     @property
     def size(self) -> int:
         return self.layout.size
-
-    def padded(self, layout: Layout) -> "Draft":
-        """This draft on `layout` (this layout padded: Layout.padded), each new node repeating the token before."""
-        extra = layout.size - self.size
-        return self if extra == 0 else Draft(np.concatenate([self.tokens, np.repeat(self.tokens[-1:], extra)]),
-                                             layout, self.sources)
 
     @property
     def num_candidates(self) -> int:

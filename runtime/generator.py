@@ -16,10 +16,11 @@ from export.methods import method_spec
 from export.paths import DEFAULT_MODEL_DIR
 from export.quantize import DEFAULT_VARIANT, check_variant, engine_variant
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend
-from runtime.detokenize import IncrementalDetokenizer, first_stop
+from runtime.detokenize import TextAssembler
 from runtime.draft import Draft
 from runtime.loading import backend_spec, load_engine, load_pretrained, open_backend
 from runtime.methods import build_method, engine_method
+from runtime.prompting import Prompt, check_budget, encode_prompt
 from runtime.proposers import Proposer
 from runtime.readout import StepReadout, read_step, torch_threads
 from runtime.decoding import DecodingOptions
@@ -29,7 +30,6 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_METHOD = "vanilla"
 DEFAULT_DEVICE = "cpu"
 
-Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
 
 @dataclass
@@ -139,42 +139,10 @@ class Generator:
     def encode(self, prompt: Prompt) -> list[int]:
         """A string is one user turn through the checkpoint's chat template (the raw text for a model
         without one, e.g. a base model); a list of {"role", "content"} dicts is a chat; ints are token ids."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("empty prompt: pass a non-empty string, chat messages or token ids")
-            if self.tokenizer.chat_template is None:
-                return self.tokenizer(prompt).input_ids
-            prompt = [{"role": "user", "content": prompt}]
-        if len(prompt) == 0:
-            raise ValueError("empty prompt: pass a non-empty string, chat messages or token ids")
-        if any(isinstance(m, dict) for m in prompt):
-            messages = check_messages(prompt)
-            if self.tokenizer.chat_template is None:
-                raise ValueError("this model's tokenizer has no chat template (a base model): pass the prompt as a "
-                                 "string (sent as raw text) or as token ids, not as chat messages")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
-            raise ValueError(f"a prompt list holds chat messages (dicts) or token ids (ints), not {type(bad).__name__} "
-                             f"{bad!r}")
-        ids = [int(t) for t in prompt]
-        vocab = self.backend.info.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids out of range 0..{vocab - 1}: {bad[:5]}")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, self.backend.info.vocab_size)
 
     def check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        need = prompt_len + max_new_tokens + self.proposer.max_draft_tokens
-        if need > self.backend.info.max_context:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + draft "
-                f"({self.proposer.max_draft_tokens}) = {need} exceeds max_context {self.backend.info.max_context}; "
-                "shorten the prompt, lower max_new_tokens, or load with a larger max_context"
-            )
+        check_budget(prompt_len, max_new_tokens, self.proposer.max_draft_tokens, self.backend.info.max_context)
 
     # --- the decode loop -------------------------------------------------------------------
     def run_step(self, draft: Draft, verifier: Verifier, stats: GenerationStats) -> StepReadout:
@@ -247,36 +215,26 @@ class Generator:
                      options: DecodingOptions, result: Result) -> Iterator[str]:
         stats, tokens = result.stats, result.token_ids
         result.seed = options.seed
-        stops = [s for s in (stop or []) if s]
-        longest_stop = max((len(s) for s in stops), default=0)
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        text, emitted = "", 0     # text decoded so far; how much of it was yielded
+        text = TextAssembler(self.tokenizer, stop)
         start = time.perf_counter()
         try:
             for token in self._token_stream(prompt, max_new_tokens, options, stats):
                 tokens.append(token)
                 if len(tokens) == 1:
                     stats.first_token_seconds = time.perf_counter() - start
-                searched = max(0, len(text) - longest_stop + 1)   # a stop string must end in the new text
-                text += detokenizer.add(token)
-                cut = first_stop(text, stops, searched)
-                if cut is not None:
-                    text = text[:cut]
-                    break
-                if len(text) > emitted:
-                    yield text[emitted:]
-                    emitted = len(text)
-            else:  # EOS or budget: release what was held back as partial UTF-8
-                searched = max(0, len(text) - longest_stop + 1)
-                text += detokenizer.flush()
-                cut = first_stop(text, stops, searched)
-                text = text if cut is None else text[:cut]
+                piece = text.add(token)
+                result.text = text.text
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            piece = text.finish()   # EOS or budget: release what was held back as partial UTF-8
+            result.text = text.text
+            if piece:
+                yield piece
         finally:
             stats.new_tokens = len(tokens)
             stats.seconds = time.perf_counter() - start
-        result.text = text
-        if len(text) > emitted:
-            yield text[emitted:]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  stop: Sequence[str] | None = None, *, temperature: float = DecodingOptions.temperature,
@@ -287,27 +245,6 @@ class Generator:
                              top_k=top_k, seed=seed):
             pass
         return result
-
-
-def check_messages(messages: Sequence[object]) -> list[dict[str, str]]:
-    """Chat messages as the template takes them, each a dict with a string `role` and a string
-    `content`; anything else is refused naming the message and what it lacks (a template would fail
-    later with an error about its own internals)."""
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"chat message {i} is a {type(message).__name__}, not a dict: pass every message as "
-                             '{"role": ..., "content": ...}')
-        missing = [key for key in ("role", "content") if key not in message]
-        if missing:
-            raise ValueError(f"chat message {i} has no {' and no '.join(repr(k) for k in missing)}: every message "
-                             'needs a "role" (e.g. "user") and a "content" string')
-        wrong = [key for key in ("role", "content") if not isinstance(message[key], str)]
-        if wrong:
-            raise ValueError(f"chat message {i}: {', '.join(repr(k) for k in wrong)} must be a string, got "
-                             + ", ".join(type(message[k]).__name__ for k in wrong))
-        checked.append(dict(message))
-    return checked
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -18,7 +18,7 @@ A backend never reads a manifest's files or an engine.json itself: it takes an E
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -138,17 +138,17 @@ def load_engine(engine_dir: str | Path, device: str = "cpu", max_context: int | 
     return LoadedEngine(graph, AutoTokenizer.from_pretrained(manifest.dir), installed_trees(manifest))
 
 
-def open_backend(graph: EngineGraph, device: str | torch.device | None = None, *,
+def open_backend(graph: EngineGraph, device: str | torch.device | None = None, *, max_batch: int = 1,
                  options: OrtOptions | None = None, tensorrt: ModuleType | None = None) -> Backend:
-    """The backend that runs `graph` on `device` (default: cuda for TensorRT, else cpu). `tensorrt`: a
-    stand-in module for the tests (default: the real one)."""
+    """The backend that runs `graph` on `device` (default: cuda for TensorRT, else cpu), its cache sized
+    for `max_batch` sequences. `tensorrt`: a stand-in module for the tests (default: the real one)."""
     if graph.runner == TENSORRT:
         from runtime.backends.trt_backend import TrtBackend
 
-        return TrtBackend(graph, "cuda" if device is None else device, tensorrt=tensorrt)
+        return TrtBackend(graph, "cuda" if device is None else device, tensorrt=tensorrt, max_batch=max_batch)
     from runtime.backends.ort_backend import OrtBackend
 
-    return OrtBackend(graph, "cpu" if device is None else device, options or OrtOptions())
+    return OrtBackend(graph, "cpu" if device is None else device, options or OrtOptions(), max_batch=max_batch)
 
 
 def open_engine(engine: Manifest | str | Path, device: str = "cpu", max_context: int | None = None) -> Backend:
@@ -169,7 +169,7 @@ def refuse_variant(backend: str, variant: str) -> None:
                          f"engine (backend='onnxruntime', variant={variant!r}; `make engine GPU=cpu QUANT={variant}`)")
 
 
-def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, dtype: str = DEFAULT_DTYPE,
+def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
                      variant: str = DEFAULT_VARIANT) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
@@ -179,10 +179,10 @@ def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context
     hf_model, tokenizer = load_checkpoint(model_dir, dtype=torch_dtype(dtype))
     step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
     del hf_model
-    return TorchBackend(step_model, max_context=max_context, device=device), tokenizer
+    return TorchBackend(step_model, max_context=max_context, device=device, max_batch=max_batch), tokenizer
 
 
-def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int,
+def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                            dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     from transformers import AutoTokenizer
 
@@ -197,10 +197,10 @@ def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_c
     check_engine_variant(manifest, variant)
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     graph = onnxruntime_graph(manifest, device, max_context)
-    return open_backend(graph, device), AutoTokenizer.from_pretrained(manifest.dir)
+    return open_backend(graph, device, max_batch=max_batch), AutoTokenizer.from_pretrained(manifest.dir)
 
 
-def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int,
+def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                         dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
     engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
@@ -217,7 +217,7 @@ def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_cont
                          f"`python -m export engine --target ... --dtype {dtype}`")
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     graph = tensorrt_graph(manifest, device, max_context, facts)
-    return open_backend(graph, device), AutoTokenizer.from_pretrained(manifest.dir)
+    return open_backend(graph, device, max_batch=max_batch), AutoTokenizer.from_pretrained(manifest.dir)
 
 
 def find_trt_engine(model_dir: str | Path, graph: str, weights_sha256: str | None, facts: DeviceFacts) -> Manifest:
@@ -254,7 +254,7 @@ def find_trt_engine(model_dir: str | Path, graph: str, weights_sha256: str | Non
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    load: Callable[..., Loaded]   # (model_dir, method, device, max_context, dtype=..., variant=...)
+    load: Callable[..., Loaded]   # (model_dir, method, device, max_context, max_batch, dtype=..., variant=...)
     exported: bool                # runs an exported engine dir (Generator.from_engine)
 
 
@@ -273,16 +273,85 @@ def backend_spec(name: str) -> BackendSpec:
 
 def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
                     max_context: int | None = None, dtype: str = DEFAULT_DTYPE,
-                    variant: str = DEFAULT_VARIANT) -> Loaded:
+                    variant: str = DEFAULT_VARIANT, max_batch: int = 1) -> Loaded:
     """The backend `name` for `model_dir` running `method` (its trained tensors included), and the
-    tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization."""
+    tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization; the cache
+    holds `max_batch` sequences."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
     spec = backend_spec(name)
     torch_dtype(dtype)  # a bad name fails before any loading
     check_variant(variant)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context,
-                     dtype=dtype, variant=variant)
+                     max_batch, dtype=dtype, variant=variant)
+
+
+# --- many methods on one backend (runtime.BatchGenerator) ----------------------------------------------
+
+def graph_of(methods: Sequence[str]) -> str:
+    """The one graph that serves every method of `methods` (vanilla and ngram ride any; a trained method
+    needs its own), or ValueError naming the clash."""
+    from export.methods import method_spec
+
+    graphs = {method_spec(name).graph for name in methods if method_spec(name).trained}
+    if len(graphs) > 1:
+        raise ValueError(f"methods {list(methods)} need the graphs {sorted(graphs)}; one backend runs one graph: "
+                         "serve them from separate BatchGenerators")
+    return graphs.pop() if graphs else "vanilla"
+
+
+def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend: str = "torch", device: str = "cpu",
+                          max_context: int | None = None, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
+                          variant: str = DEFAULT_VARIANT, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
+                                                                                     dict[str, "Method"]]:
+    """One backend for `model_dir` with a cache of `max_batch` sequences, and every method of `methods`
+    built on its graph (`method_options` go to the methods that take them)."""
+    from transformers import AutoConfig
+
+    from export.checkpoint import check_model_dir
+    from runtime.methods import build_method
+
+    if not methods:
+        raise ValueError("name at least one method")
+    graph = graph_of(methods)
+    unknown = set(method_options) - set().union(*(_option_names(name) for name in methods))
+    if unknown:
+        raise ValueError(f"option(s) {sorted(unknown)} belong to none of the methods {list(methods)}")
+    config = AutoConfig.from_pretrained(check_model_dir(model_dir))
+    built = {}
+    for name in dict.fromkeys(methods):
+        known = {key for key in method_options if key in _option_names(name)}
+        built[name] = build_method(name, model_dir, config.vocab_size, config.hidden_size, device=device,
+                                   backend=backend, variant=variant, **{key: method_options[key] for key in known})
+    carrier = next((m for m in built.values() if m.spec.graph == graph), None) or build_method(
+        graph, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend, variant=variant)
+    runner, tokenizer = load_pretrained(backend, model_dir, carrier, device, max_context, dtype, variant, max_batch)
+    return runner, tokenizer, built
+
+
+def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
+                      max_context: int | None = None, max_batch: int = 1) -> tuple[Backend, "PreTrainedTokenizerBase",
+                                                                                  dict[str, "Method"]]:
+    """An engine dir's backend with a cache of `max_batch` sequences, and the methods it serves
+    (default: its own, then vanilla and ngram)."""
+    from export.quantize import engine_variant
+    from runtime.methods import engine_method
+
+    engine = load_engine(engine_dir, device, max_context)
+    names = methods or list(dict.fromkeys([engine.manifest.method.name, "vanilla", "ngram"]))
+    variant = engine_variant(engine.manifest)
+    built = {name: engine_method(engine.manifest, name, device=device, variant=variant) for name in names}
+    return open_backend(engine.graph, device, max_batch=max_batch), engine.tokenizer, built
+
+
+def _option_names(method: str) -> set[str]:
+    import dataclasses
+
+    from export.methods import method_spec
+
+    return {f.name for f in dataclasses.fields(method_spec(method).options)}
 
 
 __all__ = ["BACKENDS", "BackendSpec", "EngineGraph", "LoadedEngine", "backend_spec", "engine_graph", "find_trt_engine",

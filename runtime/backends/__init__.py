@@ -11,7 +11,7 @@ the cache size) and opens it; it never reads an engine dir itself. Backends are 
 
 from __future__ import annotations
 
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, Backend, BackendClosedError, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, Backend, BackendClosedError, BatchBackend, ModelInfo, StepOutput
 from runtime.backends.layouts import DeviceLayout
 
 DEFAULT_BACKEND = "torch"   # the reference; `onnxruntime` is the faster CPU engine
@@ -29,5 +29,5 @@ def torch_dtype(name: str):
     return table[name]
 
 
-__all__ = ["DEFAULT_BACKEND", "DEFAULT_DTYPE", "DTYPES", "MANIFEST_TORCH_DTYPES", "Backend", "BackendClosedError",
+__all__ = ["DEFAULT_BACKEND", "DEFAULT_DTYPE", "DTYPES", "MANIFEST_TORCH_DTYPES", "Backend", "BackendClosedError", "BatchBackend",
            "DeviceLayout", "ModelInfo", "StepOutput", "torch_dtype"]

@@ -1,22 +1,29 @@
 """The backend contract: a backend owns its KV cache and runs drafts; nothing else writes the cache.
 
+One sequence (runtime.Generator):
     reset()                 forget the committed entries (a new sequence)
     step(draft)             one forward pass over the draft at the committed length: uploads the
                             token ids (the only per-step upload) and returns device-side results
     commit(nodes)           append the given nodes of the last step to the committed prefix
     length                  committed entries (read only)
+Many sequences in one step (runtime.BatchGenerator):
+    open_sequence() -> slot, close_sequence(slot), sequence_length(slot)
+    step_batch([(slot, draft)]) -> [StepOutput]     one forward pass over every draft, packed
+    commit_batch([(slot, nodes)])                     each sequence's accepted nodes of that pass
+Both:
     info                    static facts the runtime checks inputs against
     close()                 release the session / context and the cache (also on leaving a `with`
                             block); any later call is refused with BackendClosedError
 
 A draft's layout (depths, additive mask, prediction rows) becomes device tensors once per layout
-key (runtime/backends/layouts.py); `runtime.readout.read_step` then brings back, in one transfer,
-what verification and the proposer need.
+key (runtime/backends/layouts.py); several drafts are packed into one step by
+runtime/backends/packing.py. `runtime.readout.read_step` then brings back, in one transfer per
+draft, what verification and the proposer need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +31,10 @@ from typing import Protocol
 import torch
 
 from export.manifest import Manifest
+from export.step_model import lowest_mask_value
 from export.trt.key import DeviceFacts, EngineRecord
 from runtime.backends.layouts import DeviceLayout, LayoutCache
+from runtime.backends.packing import StepPlan, plan_step
 from runtime.draft import Draft
 from runtime.kv_cache import KVCache
 
@@ -67,6 +76,7 @@ class ModelInfo:
     # sha256 of the exported graph the backend runs (its manifest's model.onnx); None for the torch step.
     # Profiles and statistics record it, so `trees build` notices when an engine's graph has changed.
     graph_sha256: str | None = None
+    max_batch: int = 1     # sequences whose cache cells fit at once (each up to max_context)
 
 
 @dataclass(frozen=True)
@@ -108,39 +118,122 @@ class Backend(Protocol):
         ...
 
 
+class BatchBackend(Backend, Protocol):
+    """A backend that also steps many sequences at once (every backend of this package)."""
+
+    def open_sequence(self) -> int:
+        ...
+
+    def close_sequence(self, slot: int) -> None:
+        ...
+
+    def sequence_length(self, slot: int) -> int:
+        ...
+
+    def step_batch(self, drafts: Sequence[tuple[int, Draft]]) -> list[StepOutput]:
+        ...
+
+    def commit_batch(self, accepted: Sequence[tuple[int, Sequence[int]]]) -> None:
+        ...
+
+
 class CacheOwner:
-    """The cache half of the contract, shared by the backends: the committed KVCache and the last
-    step's new entries ([L, T, Hkv, D] each), from which `commit` appends the accepted nodes."""
+    """What the backends share: the KV cache and its sequences, packing drafts into one step
+    (runtime/backends/packing.py) and committing the accepted rows of the last step. A backend adds
+    `_run`: one forward pass over packed device inputs."""
 
     _cache: KVCache
     _layouts: LayoutCache
-    _new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    _last: tuple[StepPlan, torch.Tensor, torch.Tensor] | None = None   # the last step's plan, new keys, values
+    _solo: int | None = None         # the sequence of the one-sequence API
+    _min_rows: int = 1               # fewest rows a step runs with (Manifest.min_step_rows)
+    _static: tuple[int, int] | None = None   # every step padded to this (T, S) (GPU engines), or None
     _closed: bool = False
 
-    def _start_step(self, draft: Draft, check_shape: Callable[[int, int], None] | None = None) -> DeviceLayout:
-        """Refuse a draft the engine's shapes (`check_shape(T, S)`, e.g. Manifest.check_step_shape) or
-        the cache cannot take, before any work; the draft layout's device tensors."""
+    def _check_shape(self, tree_size: int, past_length: int) -> None:
+        """Refuse a packed step the engine's shapes cannot take (e.g. Manifest.check_step_shape)."""
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+             past_mask: torch.Tensor | None, past_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass: ids, positions [T]; tree_mask [T, T]; past_mask [T, S] or None (all S bound
+        cells visible) -> logits [T, V], new keys and values [L, T, Hkv, D] (valid until the next step)."""
+        raise NotImplementedError
+
+    # --- one sequence --------------------------------------------------------------------------------
+    def _solo_slot(self) -> int:
         self._check_open()
-        if check_shape is not None:
-            check_shape(draft.size, self._cache.length)
-        self._cache.check_room(draft.size)
-        return self._layouts.get(draft.layout)
+        if self._solo is None:
+            self._solo = self._cache.open()
+        return self._solo
 
     @property
     def length(self) -> int:
-        self._check_open()
-        return self._cache.length
+        return self._cache.length(self._solo_slot())
 
     def reset(self) -> None:
         self._check_open()
         self._cache.reset()
-        self._new_kv = None
+        self._solo, self._last = None, None
+
+    def step(self, draft: Draft) -> StepOutput:
+        return self.step_batch([(self._solo_slot(), draft)])[0]
 
     def commit(self, nodes: Sequence[int]) -> None:
+        self.commit_batch([(self._solo_slot(), nodes)])
+
+    # --- many sequences ------------------------------------------------------------------------------
+    def open_sequence(self) -> int:
         self._check_open()
-        if self._new_kv is None:
+        return self._cache.open()
+
+    def close_sequence(self, slot: int) -> None:
+        """Free the sequence's cells at once; no other sequence's cells move."""
+        self._check_open()
+        self._cache.close(slot)
+
+    def sequence_length(self, slot: int) -> int:
+        self._check_open()
+        return self._cache.length(slot)
+
+    def step_batch(self, drafts: Sequence[tuple[int, Draft]]) -> list[StepOutput]:
+        """One forward pass over every (slot, draft), each seeing only its own sequence; one StepOutput per
+        draft (views of the step's outputs, valid until the next step)."""
+        self._check_open()
+        if not drafts:
+            raise ValueError("a step needs at least one draft")
+        if len({slot for slot, _ in drafts}) != len(drafts):
+            raise ValueError("a step takes at most one draft per sequence")
+        for slot, draft in drafts:
+            self._cache.check_room(slot, draft.size)
+        plan = plan_step(drafts, self._cache, lowest_mask_value(self.info.dtype), self._min_rows, self._static)
+        self._check_shape(plan.size, plan.past_length)
+        layouts = [self._layouts.get(draft.layout) for _, draft in drafts]
+        device = self.info.device
+        ids = torch.from_numpy(plan.tokens).to(device)          # the upload
+        if plan.tree_mask is None:   # a lone sequence: its layout's cached mask and depths
+            (slot, draft), = drafts
+            tree_mask, past_mask = layouts[0].mask, None
+            positions = layouts[0].depth + self._cache.length(slot)
+        else:
+            tree_mask = torch.from_numpy(plan.tree_mask).to(device, self.info.dtype)
+            past_mask = torch.from_numpy(plan.past_mask).to(device, self.info.dtype)
+            positions = torch.from_numpy(plan.positions).to(device)
+        logits, keys, values = self._run(ids, positions, tree_mask, past_mask, plan.past_length)
+        self._last = (plan, keys, values)
+        return [StepOutput(logits[plan.rows(i)], positions[plan.rows(i)], layout)
+                for i, layout in enumerate(layouts)]
+
+    def commit_batch(self, accepted: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Append each sequence's accepted nodes (indices into its own draft) of the last step."""
+        self._check_open()
+        if self._last is None:
             raise RuntimeError("commit() needs a step() first")
-        self._cache.commit(*self._new_kv, nodes)
+        plan, keys, values = self._last
+        first = {slot: row for slot, row, _ in plan.spans}
+        for slot, nodes in accepted:
+            if slot not in first:
+                raise ValueError(f"sequence {slot} had no draft in the last step")
+            self._cache.commit(slot, keys, values, [first[slot] + int(node) for node in nodes])
 
     # --- lifetime --------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -158,7 +251,7 @@ class CacheOwner:
             return
         self._closed = True
         self._release()
-        self._cache = self._layouts = self._new_kv = None  # type: ignore[assignment]
+        self._cache = self._layouts = self._last = None  # type: ignore[assignment]
 
     def __enter__(self):
         self._check_open()

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from export.ort_optimize import graph_optimization_level
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo
 from runtime.backends.layouts import LayoutCache
-from runtime.draft import Draft, Layout
 from runtime.kv_cache import KVCache
 
 
@@ -57,9 +56,10 @@ def ort_session_options(options: OrtOptions, optimization: str):
 
 
 class OrtBackend(CacheOwner):
-    def __init__(self, graph: EngineGraph, device: str | torch.device = "cpu", options: OrtOptions = OrtOptions()) -> None:
+    def __init__(self, graph: EngineGraph, device: str | torch.device = "cpu", options: OrtOptions = OrtOptions(),
+                 max_batch: int = 1) -> None:
         """Open the onnxruntime session of a checked graph (runtime/loading.py onnxruntime_graph) and
-        allocate the cache and the output buffers."""
+        allocate the cache (`max_batch` sequences of up to max_context each) and the output buffers."""
         import onnxruntime as ort
 
         self.manifest = graph.manifest
@@ -75,27 +75,32 @@ class OrtBackend(CacheOwner):
         # CPU: sampled vanilla 49.5 -> 54.3 tokens/s, the readout itself is small).
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
                               readout_threads=1 if device.type == "cpu" else None,
-                              graph_sha256=self.manifest.onnx.sha256)
-        self._cache = KVCache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
+                              graph_sha256=self.manifest.onnx.sha256, max_batch=max_batch)
+        self._cache = KVCache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device,
+                              capacity=max_context * max_batch)
         self._layouts = LayoutCache(device, dtype)
         self._np_dtype = np.dtype(self.manifest.dtype)
         self._binding = self.session.io_binding()
         self._device_id = device.index or 0
-        self._capacity = self.manifest.max_tree
+        self._capacity = self.manifest.max_tree * max_batch
         self._outputs = self._allocate(self._capacity)
-        # Layer i's committed prefix starts at its layer's first row: these addresses never change.
+        # Layer i's bound cells start at its layer's first row: these addresses never change.
         self._past = [(f"past_key.{i}", k.data_ptr()) for i, k in enumerate(self._cache.keys)] + \
                      [(f"past_value.{i}", v.data_ptr()) for i, v in enumerate(self._cache.values)]
+        self._has_past_mask = "past_mask" in self.manifest.input_names
+        self._visible = torch.zeros(0, dtype=dtype, device=device)   # an all-visible past mask, grown as needed
         self._step_inputs: tuple[torch.Tensor, ...] = ()  # keeps the bound inputs alive until the next step
-        # Drafts smaller than the graph's minimum step run padded (Manifest.min_step_rows): their padded
-        # layouts, by layout key (only drafts of fewer nodes than the minimum: a handful of shapes).
+        # Steps smaller than the graph's minimum run padded (Manifest.min_step_rows, runtime/backends/packing.py).
         self._min_rows = self.manifest.min_step_rows
-        self._padded: dict[tuple, Layout] = {}
 
     def _release(self) -> None:
         self.session = self._binding = None
         self._outputs = self._step_inputs = ()
+        self._visible = None
         self._past = []
+
+    def _check_shape(self, tree_size: int, past_length: int) -> None:
+        self.manifest.check_step_shape(tree_size, past_length)
 
     def _allocate(self, tree_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat output buffers for up to `tree_size` nodes: logits [T*V], new keys/values [L*T*Hkv*D]."""
@@ -110,25 +115,31 @@ class OrtBackend(CacheOwner):
         bind(name, self.info.device.type, self._device_id,
              self._np_dtype if tensor.is_floating_point() else np.int64, list(shape), tensor.data_ptr())
 
-    def step(self, draft: Draft) -> StepOutput:
-        real_layout = layout = self._start_step(draft, self.manifest.check_step_shape)
-        real, s = draft.size, self._cache.length
-        if real < self._min_rows:   # run padded; the real rows' results are the first `real`
-            padded = self._padded.get(draft.layout.key)
-            if padded is None:   # built once per layout (setdefault would build it every step)
-                padded = self._padded[draft.layout.key] = draft.layout.padded(self._min_rows)
-            draft, layout = draft.padded(padded), self._layouts.get(padded)
-        t = draft.size
+    def _all_visible(self, t: int, s: int) -> torch.Tensor:
+        """A [t, s] past mask of zeros: a view of one zero buffer (grown, never rebuilt per step)."""
+        if self._visible.numel() < t * s:
+            self._visible = torch.zeros(max(t * s, 2 * self._visible.numel()), dtype=self.info.dtype,
+                                        device=self.info.device)
+        return self._visible[: t * s].view(t, s)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+             past_mask: torch.Tensor | None, past_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, s = len(ids), past_length
         m = self.manifest.model
-        ids = torch.from_numpy(np.ascontiguousarray(draft.tokens, dtype=np.int64)).to(self.info.device)  # the upload
-        positions = layout.depth + s
+        if past_mask is None and self._has_past_mask:
+            past_mask = self._all_visible(t, s)
+        elif past_mask is not None and not self._has_past_mask:
+            raise ValueError(f"{self.manifest.dir} is an engine of one sequence (no past_mask input): re-export it "
+                             "(`make engine`) to step several sequences at once")
         self._bind("input_ids", ids, (t,))
         self._bind("position_ids", positions, (t,))
-        self._bind("tree_mask", layout.mask, (t, t))
+        self._bind("tree_mask", tree_mask, (t, t))
+        if past_mask is not None:
+            self._bind("past_mask", past_mask, (t, s))
         past_shape = [s, m.num_kv_heads, m.head_dim]
         for name, address in self._past:
             self._binding.bind_input(name, self.info.device.type, self._device_id, self._np_dtype, past_shape, address)
-        self._step_inputs = (ids, positions)
+        self._step_inputs = (ids, positions, tree_mask, past_mask)
         logits, keys, values = self._outputs if t <= self._capacity else self._allocate(t)  # long prefill: own buffers
         new_shape = (m.num_layers, t, m.num_kv_heads, m.head_dim)
         self._bind("logits", logits, (t, m.vocab_size), output=True)
@@ -138,5 +149,4 @@ class OrtBackend(CacheOwner):
         self.session.run_with_iobinding(self._binding)
         self._binding.synchronize_outputs()
         n = new_shape[0] * t * new_shape[2] * new_shape[3]
-        self._new_kv = (keys[:n].view(new_shape), values[:n].view(new_shape))   # commit reads real nodes only
-        return StepOutput(logits[: real * m.vocab_size].view(real, m.vocab_size), positions[:real], real_layout)
+        return logits[: t * m.vocab_size].view(t, m.vocab_size), keys[:n].view(new_shape), values[:n].view(new_shape)

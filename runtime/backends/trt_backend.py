@@ -29,15 +29,13 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-import numpy as np
 import torch
 
 from export.manifest import ManifestError
 from export.trt.build import capturing_logger
 from export.trt.profiles import select_profile
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo, StepOutput
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo
 from runtime.backends.layouts import LayoutCache
-from runtime.draft import Draft
 from runtime.kv_cache import KVCache
 
 ALIGNMENT = 256   # bytes: what set_tensor_address accepts
@@ -73,22 +71,21 @@ def aligned_empty(numel: int, dtype: torch.dtype, device: torch.device, alignmen
 
 
 def aligned_cache(num_layers: int, max_context: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> KVCache:
-    """A KVCache of `max_context` entries whose layer blocks each start 256-byte aligned (rows padded
-    up: the padding is never committed, as commits check room against max_context)."""
+                  device: torch.device, capacity: int | None = None) -> KVCache:
+    """A KVCache of `capacity` cells (default: max_context) whose layer blocks each start 256-byte
+    aligned (rows padded up: the padding rows are never cells, never committed)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = aligned_rows(max_context, num_kv_heads * head_dim * itemsize)
-    cache = KVCache(num_layers, 1, num_kv_heads, head_dim, dtype, device)   # its storage is replaced below
+    cache = KVCache(num_layers, max_context, num_kv_heads, head_dim, dtype, "meta", capacity)  # storage replaced below
+    rows = aligned_rows(cache.capacity, num_kv_heads * head_dim * itemsize)
     shape = (num_layers, rows, num_kv_heads, head_dim)
     cache.keys = aligned_empty(math.prod(shape), dtype, device).view(shape).zero_()
     cache.values = aligned_empty(math.prod(shape), dtype, device).view(shape).zero_()
-    cache.max_context = max_context
     return cache
 
 
 class TrtBackend(CacheOwner):
     def __init__(self, graph: EngineGraph, device: str | torch.device = "cuda", *,
-                 tensorrt: ModuleType | None = None) -> None:
+                 tensorrt: ModuleType | None = None, max_batch: int = 1) -> None:
         """Deserialize a checked plan (runtime/loading.py tensorrt_graph: engine.json's key and the plan's
         sha256 checked against this machine) and create its execution context. `tensorrt` defaults to
         the real module; tests pass a stand-in to run the binding logic on the CPU."""
@@ -125,12 +122,14 @@ class TrtBackend(CacheOwner):
         dtype = MANIFEST_TORCH_DTYPES[self.manifest.dtype]
         max_context = graph.max_context
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
-                              graph_sha256=self.manifest.onnx.sha256)
-        self._cache = aligned_cache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device)
+                              graph_sha256=self.manifest.onnx.sha256, max_batch=max_batch)
+        self._cache = aligned_cache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device,
+                                    capacity=max_context * max_batch)
         self._layouts = LayoutCache(device, dtype)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._capacity = self.manifest.max_tree
+        self._capacity = self.manifest.max_tree * max_batch
         self._inputs = self._allocate_inputs(self._capacity)
+        self._past_mask = aligned_empty(0, dtype, device)   # [T*S] the step's past mask, grown as needed
         self._outputs = self._allocate_outputs(self._capacity)
         # Layer i's committed prefix starts at its block's first row: these addresses never change.
         self._past = [(f"past_key.{i}", k.data_ptr()) for i, k in enumerate(self._cache.keys)] + \
@@ -145,6 +144,7 @@ class TrtBackend(CacheOwner):
         self._runtime = None
         self._stream = None
         self._inputs = self._outputs = ()
+        self._past_mask = None
         self._past = []
         self._bound.clear()
 
@@ -202,22 +202,32 @@ class TrtBackend(CacheOwner):
         self._bound[name] = address
 
     # --- the step ------------------------------------------------------------------------------
-    def step(self, draft: Draft) -> StepOutput:
-        layout = self._start_step(draft, self.manifest.check_step_shape)
-        t, s = draft.size, self._cache.length
+    def _check_shape(self, tree_size: int, past_length: int) -> None:
+        self.manifest.check_step_shape(tree_size, past_length)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+             past_mask: torch.Tensor | None, past_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, s = len(ids), past_length
         m = self.manifest.model
         own = t > self._capacity      # a long prefill: buffers of its own for this step
-        ids, positions, mask = self._allocate_inputs(t) if own else self._inputs
+        ids_in, positions_in, mask_in = self._allocate_inputs(t) if own else self._inputs
         logits, keys, values = self._allocate_outputs(t) if own else self._outputs
-        ids, positions, mask = ids[:t], positions[:t], mask[: t * t].view(t, t)
-        # On the caller's stream, ordered after the last commit: the upload and two device writes.
-        ids.copy_(torch.from_numpy(np.ascontiguousarray(draft.tokens, dtype=np.int64)))
-        torch.add(layout.depth, s, out=positions)
-        mask.copy_(layout.mask)
+        ids_in, positions_in, mask_in = ids_in[:t], positions_in[:t], mask_in[: t * t].view(t, t)
+        if self._past_mask.numel() < t * s:
+            self._past_mask = aligned_empty(max(t * s, 2 * self._past_mask.numel()), self.info.dtype, self.info.device)
+        past_in = self._past_mask[: t * s].view(t, s)
+        # On the caller's stream, ordered after the last commit: device copies into the bound buffers.
+        ids_in.copy_(ids)
+        positions_in.copy_(positions)
+        mask_in.copy_(tree_mask)
+        if past_mask is None:
+            past_in.zero_()
+        else:
+            past_in.copy_(past_mask)
         stream = self._enter_stream()
         try:
             self._select_profile(t, s, stream)
-            self._bind_inputs(t, s, ids, positions, mask)
+            self._bind_inputs(t, s, ids_in, positions_in, mask_in, past_in)
             for name, tensor in (("logits", logits), ("new_keys", keys), ("new_values", values)):
                 self._set_address(name, tensor.data_ptr())
             if not self.context.execute_async_v3(stream):
@@ -226,13 +236,15 @@ class TrtBackend(CacheOwner):
             self._leave_stream()
         new_shape = (m.num_layers, t, m.num_kv_heads, m.head_dim)
         n = math.prod(new_shape)
-        self._new_kv = (keys[:n].view(new_shape), values[:n].view(new_shape))
-        return StepOutput(logits[: t * m.vocab_size].view(t, m.vocab_size), positions, layout)
+        return logits[: t * m.vocab_size].view(t, m.vocab_size), keys[:n].view(new_shape), values[:n].view(new_shape)
 
-    def _bind_inputs(self, t: int, s: int, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+    def _bind_inputs(self, t: int, s: int, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     past_mask: torch.Tensor) -> None:
         m = self.manifest.model
-        for name, tensor, shape in (("input_ids", ids, [t]), ("position_ids", positions, [t]),
-                                    ("tree_mask", mask, [t, t])):
+        bound = [("input_ids", ids, [t]), ("position_ids", positions, [t]), ("tree_mask", mask, [t, t])]
+        if "past_mask" in self.manifest.input_names:
+            bound.append(("past_mask", past_mask, [t, s]))
+        for name, tensor, shape in bound:
             self._set_shape(name, shape)
             self._set_address(name, tensor.data_ptr())
         past_shape = [s, m.num_kv_heads, m.head_dim]

@@ -28,6 +28,11 @@ class Proposer(Protocol):
         """This step's draft; `history` is prompt + generated tokens, ending with the root."""
         ...
 
+    def new_sequence(self) -> "Proposer":
+        """A proposer for another sequence decoded at the same time (runtime.BatchGenerator): the static
+        parts (trees, layouts) shared, the per-sequence state its own. A stateless proposer returns itself."""
+        ...
+
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         """After each step: `path` = the accepted candidate nodes, root first (for a prefill, the
         whole prompt)."""

@@ -18,6 +18,7 @@ guesses work exactly as for PPD (the readout's prediction rows of the accepted n
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ class HybridProposer:
         tokens = template.copy()
         tokens[: len(trie)] = trie.tokens
         return tokens, layout
+
+    def new_sequence(self) -> "HybridProposer":
+        fresh = copy.copy(self)   # the layout cache shared; PPD's guesses its own
+        fresh.ppd = self.ppd.new_sequence()
+        return fresh
 
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         self.ppd.observe(draft, readout, path)

@@ -55,5 +55,8 @@ class NgramProposer:
             layout = self._layouts[shape] = trie.layout()
         return trie.draft(layout)
 
+    def new_sequence(self) -> "NgramProposer":
+        return self   # stateless: it reads the history it is given
+
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         pass

@@ -10,6 +10,7 @@ and m picks the next tree.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,11 @@ class PPDProposer:
         tokens[0] = history[-1]
         tokens[1: template.layout.num_candidates] = self.guesses[template.cand_depth - 1, template.cand_rank]
         return Draft(tokens, template.layout)
+
+    def new_sequence(self) -> "PPDProposer":
+        fresh = copy.copy(self)   # templates and trees shared (never mutated); the guesses its own
+        fresh.guesses = np.zeros((0, self.trees.topk), dtype=np.int64)
+        return fresh
 
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         self.guesses = readout.predictions_of(draft, path[-1])

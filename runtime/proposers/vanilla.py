@@ -21,5 +21,8 @@ class VanillaProposer:
     def propose(self, history: list[int]) -> Draft:
         return Draft(np.array(history[-1:], dtype=np.int64), ROOT_ONLY)
 
+    def new_sequence(self) -> "VanillaProposer":
+        return self   # stateless
+
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:
         pass

@@ -208,17 +208,24 @@ def test_pad_rows_appends_rows_the_real_ones_cannot_see():
 
 @pytest.mark.parametrize("parents", [[-1], [-1, 0], [-1, 0, 0], [-1, 0, 1, 0]])
 def test_pad_rows_pads_as_the_runtime_pads(parents):
-    """The build's row check (pad_rows, numpy feeds) and the backend (Layout.padded / Draft.padded) pad
-    a small step by one rule: the same tokens, positions and visibility."""
-    from runtime.draft import Layout
+    """The build's row check (pad_rows, numpy feeds) and the backends' packing (runtime/backends/packing.py)
+    pad a small step by one rule: the same tokens, positions and visibility, the past seen as the last
+    real row sees it."""
+    import torch
+
+    from runtime.backends.packing import plan_step
+    from runtime.kv_cache import KVCache
 
     tokens, start, rows = np.arange(7, 7 + len(parents)), 30, 5
-    layout = Layout.from_parents(parents)
-    ids, positions, mask = pad_rows(tokens, layout.buffers.depth + start, tree_mask(parents, np.float32), rows)
-    draft = Draft.from_parents(tokens, parents).padded(layout.padded(rows))
-    assert ids.tolist() == draft.tokens.tolist()
-    assert positions.tolist() == (draft.buffers.depth + start).tolist()
-    assert ((mask == 0) == draft.buffers.ancestor_mask).all()
+    cache = KVCache(1, 64, 1, 2)
+    slot = cache.open()
+    cache.commit(slot, torch.zeros(1, start, 1, 2), torch.zeros(1, start, 1, 2), range(start))
+    draft = Draft.from_parents(tokens, parents)
+    ids, positions, mask = pad_rows(tokens, draft.buffers.depth + start, tree_mask(parents, np.float32), rows)
+    plan = plan_step([(slot, draft)], cache, float(np.finfo(np.float32).min), min_rows=rows)
+    assert ids.tolist() == plan.tokens.tolist() and positions.tolist() == plan.positions.tolist()
+    assert ((mask == 0) == (plan.tree_mask == 0)).all()
+    assert (plan.past_mask == 0).all()
 
 
 def test_int4_runs_one_node_steps_padded(tiny_dir, artifacts):

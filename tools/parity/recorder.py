@@ -52,23 +52,30 @@ class RecordingTorchBackend(TorchBackend):
         self.manifest = manifest
         self.keep: Callable[[Draft, int], str | None] = lambda draft, s: None
         self.recorded: list[RecordedStep] = []
+        self._label: str | None = None
 
     def step(self, draft: Draft):
-        s = self._cache.length
-        label = self.keep(draft, s)
-        if label is not None:
-            self.recorded.append(RecordedStep(label, self._feed(draft, s)))
+        self._label = self.keep(draft, self.length)
         return super().step(draft)
 
-    def _feed(self, draft: Draft, s: int) -> OrderedDict:
+    def _run(self, ids, positions, tree_mask, past_mask, past_length):
+        if self._label is not None:
+            self.recorded.append(RecordedStep(self._label, self._feed(ids, positions, tree_mask, past_mask, past_length)))
+            self._label = None
+        return super()._run(ids, positions, tree_mask, past_mask, past_length)
+
+    def _feed(self, ids, positions, tree_mask, past_mask, past_length: int) -> OrderedDict:
+        """The step's inputs as the engine's graph takes them (its names, order and dtypes)."""
         specs = {spec.name: np.dtype(spec.dtype) for spec in self.manifest.inputs}
         float_dtype = np.dtype(self.manifest.dtype)
-        buffers = draft.layout.buffers
-        # The mask in the graph's own dtype: its lowest finite value (a cast of fp32's would be -inf in fp16).
-        mask = np.where(buffers.ancestor_mask, 0.0, np.finfo(float_dtype).min).astype(float_dtype)
+        # Masks in the graph's own dtype: its lowest finite value (a cast of fp32's would be -inf in fp16).
+        hidden = np.finfo(float_dtype).min
+        past = (np.zeros((len(ids), past_length)) if past_mask is None   # None: every bound cell visible
+                else np.where(past_mask.cpu().numpy() == 0, 0.0, hidden))
         keys, values = self._cache.past()
-        arrays = {"input_ids": np.asarray(draft.tokens, dtype=np.int64), "position_ids": buffers.depth.astype(np.int64) + s,
-                  "tree_mask": mask,
+        arrays = {"input_ids": ids.cpu().numpy(), "position_ids": positions.cpu().numpy(),
+                  "tree_mask": np.where(tree_mask.cpu().numpy() == 0, 0.0, hidden),
+                  "past_mask": past,
                   **{f"past_key.{i}": k.detach().cpu().float().numpy() for i, k in enumerate(keys)},
                   **{f"past_value.{i}": v.detach().cpu().float().numpy() for i, v in enumerate(values)}}
         return OrderedDict((name, np.ascontiguousarray(arrays[name], dtype=dtype)) for name, dtype in specs.items())

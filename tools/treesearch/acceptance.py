@@ -27,7 +27,8 @@ from export.paths import DEFAULT_MODEL_DIR
 from export.ppd import PPDConfig
 from export.quantize import DEFAULT_VARIANT, check_variant
 from runtime.backends import DEFAULT_BACKEND
-from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator, Prompt
+from runtime.generator import DEFAULT_MAX_NEW_TOKENS, GenerationStats, Generator
+from runtime.prompting import Prompt
 from trees import PPDStepTree, PPDTreeSet, Tree
 from trees.stats import AcceptanceStats
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from export.checkpoint import model_fingerprint
 from tools.treesearch.acceptance import CalibrationRun, calibration_prompt_ids
-from runtime.generator import Generator, Prompt
+from runtime.generator import Generator
+from runtime.prompting import Prompt
 from runtime.proposers.hybrid import NgramSource, ngram_path
 from trees.ngram_stats import NgramStats
 
