@@ -94,7 +94,7 @@ bench-ort: peers
 # onnxruntime-optimised graph, and the ppd / ht trees searched for the device). A GPU target, run on that
 # GPU, is an fp16 export plus a TensorRT engine (pip install .[tensorrt]); elsewhere it stops before
 # writing anything, naming what is missing. QUANT=int8|int4 (GPU=cpu): the weight-only quantized engines
-# in <method>-<QUANT>/ beside the fp32 ones (made from an fp32 export with fp64 attention; export/quantize.py),
+# in <method>-<QUANT>/ beside the fp32 ones (made from an fp32 export with row-exact attention: fp32 scores, fp64 sums; export/quantize.py),
 # with that variant's trees.
 engine: setup
 	$(PY) -m export engine --target $(GPU) --method vanilla --quantize $(QUANT)

@@ -6,7 +6,7 @@
                                                  a GPU target (e.g. h100) adds a TensorRT engine built there
         --quantize int8|int4                     (onnx, engine --target cpu) the weight-only quantized
                                                  variant (MatMulNBits, int8 activations), made from
-                                                 an fp32 graph with fp64 attention (export/step_model.py)
+                                                 an fp32 graph with row-exact attention (export/step_model.py)
 
 Each command's flags are the fields of its config dataclass below; the export defaults are read from
 `export.onnx_export.ExportConfig`, the trained methods' checkpoints and trees from `export.methods`.

@@ -3,9 +3,9 @@
 A `MethodSpec` says everything the packages need to know about a method: its name, its options
 dataclass (what `Generator.from_pretrained(method=..., **options)` takes), whether it bakes trained
 tensors into the graph (and where its committed checkpoint is), whether it decodes with a tree set
-(and which hand-picked tree is its fallback), which exported graph serves it, and which function
-builds its runtime proposer. The builder is named as "module:function" and resolved by the runtime
-(runtime/ stands above export/, so export/ never imports it).
+(and which hand-picked tree is its fallback) and which exported graph serves it. How each method's
+proposer is built is the runtime's (runtime/methods.py BUILDERS, keyed by these names: runtime/
+stands above export/, so export/ never imports it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 fp32 is the exported graph as is; int8 / int4 quantize the weights of the linear layers and the LM
 head with onnxruntime's MatMulNBits (block-wise, weight only: a node's logits never depend on the
-other nodes of its step, DESIGN.md "Row independence"); int4's LM head gets 8 bits, as in llama.cpp's
+other nodes of its step: export/row_independence.py); int4's LM head gets 8 bits, as in llama.cpp's
 q4_1 (QuantScheme.head_bits).
 
     quantize_export(fp32 manifest, out_dir, "int8")
@@ -249,7 +249,7 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
         report = build_row_check(manifest, variant)
         log(report.summary())
         if not report.ok:
-            raise ManifestError(f"the {variant} graph of {source.dir} is not row independent (DESIGN.md): "
+            raise ManifestError(f"the {variant} graph of {source.dir} is not row independent (export/row_independence.py): "
                                 + "; ".join(report.failures()[:3]) + f"; keep accuracy_level {scheme.accuracy_level}"
                                 f" or pick another scheme (or a larger min_step_rows) in export/quantize.py SCHEMES")
         manifest = dataclasses.replace(manifest, quantization={**record, "row_independence": {

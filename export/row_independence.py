@@ -1,4 +1,4 @@
-"""Row independence of a step graph (DESIGN.md "Row independence"): a tree node's logits must not
+"""Row independence of a step graph: a tree node's logits must not
 depend on the other nodes of its step, or tree verification stops being lossless. Weight-only
 quantization keeps it; per-tensor dynamic activation quantization (one scale over all T rows) breaks it.
 

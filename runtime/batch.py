@@ -124,7 +124,8 @@ class BatchGenerator:
                         max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                         **load_options) -> "BatchGenerator":
         """A checkpoint dir (as Generator.from_pretrained) with every method in `methods` available; they
-        must share one graph (vanilla and ngram on any; ppd and hybrid together)."""
+        must share one graph (vanilla and ngram on any; ppd and hybrid together). `load_options`: the
+        backend's `dtype`, `variant` and `threads` (its compute threads) and the methods' options."""
         from runtime.loading import load_batch_pretrained
 
         runner, tokenizer, built = load_batch_pretrained(
@@ -135,12 +136,13 @@ class BatchGenerator:
     @classmethod
     def from_engine(cls, engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
                     max_context: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "BatchGenerator":
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None) -> "BatchGenerator":
         """An exported engine dir (as Generator.from_engine): `methods` default to the one it was exported
-        for and the untrained ones (vanilla, ngram) it also serves."""
+        for and the untrained ones (vanilla, ngram) it also serves; `threads`: onnxruntime's intra-op
+        threads (None: one per core)."""
         from runtime.loading import load_batch_engine
 
-        runner, tokenizer, built = load_batch_engine(engine_dir, methods, device, max_context, max_batch)
+        runner, tokenizer, built = load_batch_engine(engine_dir, methods, device, max_context, max_batch, threads)
         return cls(runner, tokenizer, built, eos_token_ids(tokenizer), max_batch, prefill_chunk)
 
     # --- requests --------------------------------------------------------------------------------------
@@ -162,6 +164,17 @@ class BatchGenerator:
         with self._lock:
             self._waiting.append(request)
         return request
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The largest draft any loaded method makes (what a budget check reserves beyond the text)."""
+        return max(method.proposer.max_draft_tokens for method in self.methods.values())
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch now (the rest of `active` wait for a place)."""
+        with self._lock:
+            return len(self._running)
 
     @property
     def active(self) -> int:
@@ -187,7 +200,7 @@ class BatchGenerator:
     # --- the scheduler ---------------------------------------------------------------------------------
     def step(self) -> bool:
         """One round (see the module's docstring). False when there was nothing to run."""
-        self._drop_cancelled()
+        self.drop_cancelled()
         self._admit()
         if not self._running:
             return False
@@ -209,7 +222,8 @@ class BatchGenerator:
             self._retire(request, DONE)
         return True
 
-    def _drop_cancelled(self) -> None:
+    def drop_cancelled(self) -> None:
+        """Forget the requests cancelled since the last step: their sequences closed, cells freed."""
         with self._lock:
             for request in [r for r in self._waiting if r._cancel.is_set()]:
                 self._waiting.remove(request)

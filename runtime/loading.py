@@ -169,13 +169,16 @@ def refuse_variant(backend: str, variant: str) -> None:
                          f"engine (backend='onnxruntime', variant={variant!r}; `make engine GPU=cpu QUANT={variant}`)")
 
 
-def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
+def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
+                     threads: int | None = None, dtype: str = DEFAULT_DTYPE,
                      variant: str = DEFAULT_VARIANT) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
     from runtime.backends.torch_backend import TorchBackend
 
     refuse_variant("torch", variant)
+    if threads is not None:   # process-wide: torch has one intra-op pool
+        torch.set_num_threads(threads)
     hf_model, tokenizer = load_checkpoint(model_dir, dtype=torch_dtype(dtype))
     step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
     del hf_model
@@ -183,6 +186,7 @@ def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context
 
 
 def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
+                           threads: int | None = None,
                            dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     from transformers import AutoTokenizer
 
@@ -197,10 +201,12 @@ def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_c
     check_engine_variant(manifest, variant)
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     graph = onnxruntime_graph(manifest, device, max_context)
-    return open_backend(graph, device, max_batch=max_batch), AutoTokenizer.from_pretrained(manifest.dir)
+    return (open_backend(graph, device, max_batch=max_batch, options=OrtOptions(threads=threads)),
+            AutoTokenizer.from_pretrained(manifest.dir))
 
 
 def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
+                        threads: int | None = None,
                         dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
     """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
     engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
@@ -273,10 +279,10 @@ def backend_spec(name: str) -> BackendSpec:
 
 def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
                     max_context: int | None = None, dtype: str = DEFAULT_DTYPE,
-                    variant: str = DEFAULT_VARIANT, max_batch: int = 1) -> Loaded:
+                    variant: str = DEFAULT_VARIANT, max_batch: int = 1, threads: int | None = None) -> Loaded:
     """The backend `name` for `model_dir` running `method` (its trained tensors included), and the
     tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization; the cache
-    holds `max_batch` sequences."""
+    holds `max_batch` sequences; `threads`: the backend's compute threads (None: its default)."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
     spec = backend_spec(name)
@@ -285,7 +291,7 @@ def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: 
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context,
-                     max_batch, dtype=dtype, variant=variant)
+                     max_batch, threads, dtype=dtype, variant=variant)
 
 
 # --- many methods on one backend (runtime.BatchGenerator) ----------------------------------------------
@@ -304,7 +310,7 @@ def graph_of(methods: Sequence[str]) -> str:
 
 def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend: str = "torch", device: str = "cpu",
                           max_context: int | None = None, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
-                          variant: str = DEFAULT_VARIANT, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
+                          variant: str = DEFAULT_VARIANT, threads: int | None = None, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                      dict[str, "Method"]]:
     """One backend for `model_dir` with a cache of `max_batch` sequences, and every method of `methods`
     built on its graph (`method_options` go to the methods that take them)."""
@@ -327,12 +333,14 @@ def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend
                                    backend=backend, variant=variant, **{key: method_options[key] for key in known})
     carrier = next((m for m in built.values() if m.spec.graph == graph), None) or build_method(
         graph, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend, variant=variant)
-    runner, tokenizer = load_pretrained(backend, model_dir, carrier, device, max_context, dtype, variant, max_batch)
+    runner, tokenizer = load_pretrained(backend, model_dir, carrier, device, max_context, dtype, variant, max_batch,
+                                        threads)
     return runner, tokenizer, built
 
 
 def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
-                      max_context: int | None = None, max_batch: int = 1) -> tuple[Backend, "PreTrainedTokenizerBase",
+                      max_context: int | None = None, max_batch: int = 1,
+                      threads: int | None = None) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                   dict[str, "Method"]]:
     """An engine dir's backend with a cache of `max_batch` sequences, and the methods it serves
     (default: its own, then vanilla and ngram)."""
@@ -343,7 +351,8 @@ def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = No
     names = methods or list(dict.fromkeys([engine.manifest.method.name, "vanilla", "ngram"]))
     variant = engine_variant(engine.manifest)
     built = {name: engine_method(engine.manifest, name, device=device, variant=variant) for name in names}
-    return open_backend(engine.graph, device, max_batch=max_batch), engine.tokenizer, built
+    runner = open_backend(engine.graph, device, max_batch=max_batch, options=OrtOptions(threads=threads))
+    return runner, engine.tokenizer, built
 
 
 def _option_names(method: str) -> set[str]:

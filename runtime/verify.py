@@ -6,8 +6,8 @@
                                                           is the chosen one; the last choice is the bonus
 
 Greedy chooses the argmax. The sampling verifier (runtime/sampling.py) chooses a token drawn from
-the processed distribution with a uniform keyed by (seed, absolute position) and walks the same
-way, which is exact for deterministic drafts: the walk only reads `chosen`.
+the processed distribution by a Gumbel-max race whose noise is keyed by (seed, absolute position,
+token) and walks the same way, which is exact for deterministic drafts: the walk only reads `chosen`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from export.checkpoint import CheckpointError
 from export.manifest import DEFAULT_MAX_CONTEXT
 from export.methods import METHODS
 from export.paths import DEFAULT_MODEL_DIR
-from runtime.backends import DEFAULT_BACKEND, DTYPES
+from export.quantize import DEFAULT_VARIANT, VARIANTS
+from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, DTYPES
 from runtime.loading import BACKENDS
 from tools.bench.harness import BenchConfig, run_bench
 from tools.bench.report import format_table, write_report
@@ -74,6 +75,9 @@ class DecodingFlags:
 class GenerateFlags(ModelOptions, DecodingFlags):
     method: str = option(DEFAULT_METHOD, "decoding method", choices=tuple(METHODS))
     max_context: int = option(DEFAULT_MAX_CONTEXT, "cache entries: prompt + new tokens must fit")
+    dtype: str = option(DEFAULT_DTYPE, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)
+    variant: str = option(DEFAULT_VARIANT, "onnxruntime engine weights (int8 / int4: weight-only quantized)",
+                          choices=VARIANTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,7 +173,8 @@ def cmd_generate(cfg: GenerateCommand) -> int:
     """generate from one prompt, streaming the text"""
     decoding = cfg.decoding()   # bad options are refused before the model loads
     gen = Generator.from_pretrained(cfg.model, method=cfg.method, backend=cfg.backend, device=cfg.device,
-                                    max_context=cfg.max_context, **parse_options(cfg.option or []))
+                                    max_context=cfg.max_context, dtype=cfg.dtype, variant=cfg.variant,
+                                    **parse_options(cfg.option or []))
     result = Result([], "")
     for piece in gen.stream(cfg.prompt, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, result=result,
                             **dataclasses.asdict(decoding)):

@@ -149,7 +149,7 @@ def plan(facts: MachineFacts, out: Path, sizes: Sizes) -> list[Step]:
     trt_dir = ARTIFACTS_DIR / "engines" / "gpu-check" / key / "ppd"
     steps.append(Step("tensorrt-engine", (*py, "export", "engine", "--target", gpu, "--method", "ppd",
                                           "--out", str(trt_dir)), 300, trt_skip))
-    steps.append(Step("tensorrt-parity", (*py, "export", "check", str(trt_dir)), 120, trt_skip))
+    steps.append(Step("tensorrt-parity", (*py, "tools", "check", str(trt_dir)), 120, trt_skip))
     return steps
 
 

@@ -1,15 +1,14 @@
-"""Serving: an OpenAI-compatible HTTP server over runtime.Generator (`python -m tools serve`).
+"""Serving: an OpenAI-compatible HTTP server over runtime.BatchGenerator (started by `python -m tools
+serve`, tools/serving/cli.py; load-tested by `python -m tools.serving.loadgen`).
 
     schemas.py    request models (strict, bounded), the OpenAI error shape
-    jobs.py       one generation: prepare (encode + budget), run on a Generator, its events, stop trimming
-    worker.py     LocalEngine: one worker thread per Generator, a bounded queue (429), cancellation
+    jobs.py       one generation: prepare (encode + budget), its progress in a batch, its events, stop trimming
+    worker.py     LocalEngine: one worker thread per BatchGenerator, a bounded queue (429), cancellation
     responses.py  OpenAI response bodies and SSE chunks
     metrics.py    Prometheus metrics
     app.py        create_app(engine, model_id, ...): the FastAPI routes, auth, body limits
     spec.py       GeneratorSpec: what to load, picklable for Ray replicas
     ray_app.py    the same app as a Ray Serve ingress over generator replicas (optional extra)
-    cli.py        `python -m tools serve` flags and startup
-    loadgen.py    `python -m tools.serving.loadgen`: a bounded load test of a running server
 """
 
 from runtime.serving.app import create_app

@@ -1,8 +1,8 @@
 """One generation as a server runs it: the request an engine takes, its preparation (encode + budget
-check, before it is queued), the events it produces, and the loop that runs it on a Generator.
+check, before it is queued), and the events it produces.
 
-    GenerationRequest --prepare(generator)--> Job(prompt ids, budget, stop, decoding)    or ApiError 400
-    run_job(generator, job): Generator.stream -> Text... then Done | Failed              on the worker thread
+    GenerationRequest --prepare(batch)--> Job(prompt ids, budget, stop, decoding)     or ApiError 400
+    Job --submit to the worker's BatchGenerator--> JobProgress: Text... then Done       on the worker thread
 
 Everything here is plain picklable data, so Ray can carry a request to a replica and its events back.
 """
@@ -10,13 +10,13 @@ Everything here is plain picklable data, so Ray can carry a request to a replica
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jinja2
 
-from runtime.generator import Generator, Result
+from runtime.batch import BatchGenerator, BatchRequest
+from runtime.prompting import check_budget, encode_prompt
 from runtime.serving.schemas import ApiError
 from runtime.decoding import DecodingOptions
 
@@ -70,28 +70,29 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-def prepare(generator: Generator, request: GenerationRequest) -> Job:
+def prepare(batch: BatchGenerator, request: GenerationRequest) -> Job:
     """Encode the prompt and check the budget against the context (ApiError 400 with the numbers).
     Reads only the tokenizer and the backend's limits, so it may run beside a generating worker."""
     param = "prompt" if isinstance(request.prompt, str) or not isinstance(request.prompt[0], dict) else "messages"
+    info = batch.backend.info
     try:
         if isinstance(request.prompt, str):
-            # /v1/completions continues raw text: no chat template (a str given to Generator would get one).
-            prompt_ids = generator.tokenizer(request.prompt).input_ids
+            # /v1/completions continues raw text: no chat template (a str given to a generator would get one).
+            prompt_ids = batch.tokenizer(request.prompt).input_ids
             if not prompt_ids:
                 raise ValueError("prompt encodes to no tokens")
         else:
-            prompt_ids = generator.encode(request.prompt)
+            prompt_ids = encode_prompt(batch.tokenizer, request.prompt, info.vocab_size)
     except jinja2.TemplateError as exc:   # e.g. a template that insists on alternating roles
         raise ApiError(400, f"the model's chat template refused these messages: {exc}", param) from None
     except ValueError as exc:
         raise ApiError(400, str(exc), param) from None
+    draft = batch.max_draft_tokens
     max_tokens = request.max_tokens
     if max_tokens is None:   # OpenAI's default: as many tokens as the context leaves (at least 1)
-        max_tokens = max(1, generator.backend.info.max_context - len(prompt_ids)
-                         - generator.proposer.max_draft_tokens)
+        max_tokens = max(1, info.max_context - len(prompt_ids) - draft)
     try:
-        generator.check_budget(len(prompt_ids), max_tokens)
+        check_budget(len(prompt_ids), max_tokens, draft, info.max_context)
     except ValueError as exc:   # says the numbers: prompt + max_tokens + draft vs the context
         raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens",
                        "context_length_exceeded") from None
@@ -99,7 +100,7 @@ def prepare(generator: Generator, request: GenerationRequest) -> Job:
 
 
 class StopTrimmer:
-    """OpenAI leaves the stop string out of the text; Generator.stream returns text through it. Holds
+    """OpenAI leaves the stop string out of the text; a generator returns text through it. Holds
     back any tail that may still become a stop string, and drops the one that ends the text."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
@@ -123,32 +124,32 @@ class StopTrimmer:
         return self.text[self.sent:end], bool(matched)
 
 
-def run_job(generator: Generator, job: Job, emit: Callable[[Event], None]) -> bool:
-    """Run one job on the calling thread, emitting Text pieces then Done (or Failed). Returns False
-    when it was cancelled (nothing more is emitted then). Closing the stream stops the Generator
-    between two steps and releases it."""
-    result = Result([], "")
-    trimmer = StopTrimmer(job.stop)
-    pieces = generator.stream(job.prompt_ids, job.max_tokens, list(job.stop), result,
-                              temperature=job.decoding.temperature, top_p=job.decoding.top_p,
-                              top_k=job.decoding.top_k, seed=job.decoding.seed)
-    start = time.perf_counter()
-    try:
-        for piece in pieces:
-            if job.cancelled.is_set():
-                return False
-            if out := trimmer.add(piece):
-                emit(Text(out))
-    finally:
-        pieces.close()
-    if job.cancelled.is_set():
-        return False
-    rest, stopped = trimmer.finish()
-    if rest:
-        emit(Text(rest))
-    tokens = result.token_ids
-    ended = stopped or bool(tokens and tokens[-1] in generator.eos_token_ids) or len(tokens) < job.max_tokens
-    stats = result.stats
-    emit(Done(len(job.prompt_ids), len(tokens), "stop" if ended else "length", stats.steps,
-              stats.accepted_tokens, time.perf_counter() - start, result.seed))
-    return True
+class JobProgress:
+    """A job running in the worker's BatchGenerator: after each step, `update` emits its new text and,
+    once it has finished, Done."""
+
+    def __init__(self, batch: BatchGenerator, job: Job, emit: Callable[[Event], None]) -> None:
+        self.job, self.emit = job, emit
+        d = job.decoding
+        self.request: BatchRequest = batch.submit(job.prompt_ids, max_new_tokens=job.max_tokens, stop=job.stop,
+                                                  temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed=d.seed)
+        self._trimmer = StopTrimmer(job.stop)
+
+    def update(self) -> bool:
+        """Emit what the last step produced; True once the job has ended (Done, or cancelled: nothing)."""
+        request = self.request
+        if self.job.cancelled.is_set():
+            request.cancel()
+            return request.done
+        if out := self._trimmer.add(request.take_text()):
+            self.emit(Text(out))
+        if not request.done:
+            return False
+        rest, _ = self._trimmer.finish()
+        if rest:
+            self.emit(Text(rest))
+        result = request.result
+        stats = result.stats
+        self.emit(Done(len(self.job.prompt_ids), len(result.token_ids), request.finish_reason or "stop", stats.steps,
+                       stats.accepted_tokens, stats.seconds, result.seed))
+        return True

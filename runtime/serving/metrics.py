@@ -80,6 +80,8 @@ class _Derived(Collector):
                                 value=t["generated_tokens"] / seconds if seconds else 0.0)
         yield GaugeMetricFamily("ppdeploy_queue_depth", "requests waiting for a worker", value=s.queued)
         yield GaugeMetricFamily("ppdeploy_busy_workers", "workers generating now", value=s.busy)
+        yield GaugeMetricFamily("ppdeploy_batch_size", "generations decoding in the workers' batches now",
+                                value=s.batched)
         yield GaugeMetricFamily("ppdeploy_ready", "1 once the model is loaded", value=float(s.ready))
         yield CounterMetricFamily("ppdeploy_cancelled_generations", "generations stopped because the client left",
                                   value=s.cancelled)

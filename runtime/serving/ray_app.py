@@ -3,10 +3,11 @@ it; needs `pip install '.[serve-ray]'`).
 
     HTTP -> Ray proxy -> Ingress (the same FastAPI app as the in-process server: validation, SSE,
                          metrics, auth)  --handle.options(stream=True).generate-->  GeneratorReplica x N
-                                                                                    (max_ongoing_requests=1)
+                                                                                    (max_ongoing_requests
+                                                                                     = its max_batch)
 
-Each generator replica is a LocalEngine with one worker thread: it prepares the request (encode +
-budget: 400s come back as the stream's first event), then streams the events. Ray queues requests
+Each generator replica is a LocalEngine with one worker thread and its BatchGenerator: it prepares the
+request (encode + budget: 400s come back as the stream's first event), then streams the events. Ray queues requests
 for busy replicas, up to `max_queued_requests`; past that the handle raises BackPressureError, which
 the ingress answers with 429 + Retry-After. A client that goes away cancels the ingress request, which
 cancels the replica's stream, which cancels the job.
@@ -45,12 +46,13 @@ class Admitted:
     prompt_tokens: int
 
 
-@serve.deployment(name="generator", max_ongoing_requests=1)
+@serve.deployment(name="generator")
 class GeneratorReplica:
-    """One Generator on one worker thread; one request at a time (max_ongoing_requests=1)."""
+    """One BatchGenerator on one worker thread: up to its max_batch requests at a time (the deployment's
+    max_ongoing_requests, build_app), decoded together."""
 
     def __init__(self, spec: GeneratorSpec) -> None:
-        self.engine = LocalEngine(spec.load, replicas=1, queue_size=1)
+        self.engine = LocalEngine(spec.load, replicas=1, queue_size=spec.max_batch)
         self.engine.wait_ready()   # the replica is not healthy (gets no traffic) until the model has loaded
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Admitted | Event]:
@@ -158,9 +160,9 @@ def build_app(spec: GeneratorSpec, model_id: str, *, replicas: int, min_replicas
     """The Ray Serve application: `replicas` generator replicas, or autoscaling between min and max."""
     if min_replicas is not None and max_replicas is not None:
         scaling = {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                          "target_ongoing_requests": 1}}
+                                          "target_ongoing_requests": spec.max_batch}}
     else:
         scaling = {"num_replicas": replicas}
-    generator = GeneratorReplica.options(max_queued_requests=queue_size, ray_actor_options={"num_cpus": replica_cpus},
-                                         **scaling).bind(spec)
+    generator = GeneratorReplica.options(max_ongoing_requests=spec.max_batch, max_queued_requests=queue_size,
+                                         ray_actor_options={"num_cpus": replica_cpus}, **scaling).bind(spec)
     return Ingress.bind(generator, model_id, api_key, max_body_bytes)

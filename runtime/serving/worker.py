@@ -1,14 +1,17 @@
-"""The in-process engine: one worker thread per replica, each owning its Generator (a Generator is
-single-threaded: it owns one KV cache), all fed from one bounded queue.
+"""The in-process engine: one worker thread per replica, each owning a BatchGenerator (it owns one KV
+cache of `max_batch` sequences and is driven by one thread), all fed from one bounded queue.
 
-    request handler (event loop)                       worker thread (owns one Generator)
-    open(): prepare() in a thread -> 400               loads the Generator (engine not ready until all have)
-            queue.put_nowait(job)  -> 429 when full    job = queue.get(); run_job(generator, job, emit)
-    async for event in handle  <---- call_soon_threadsafe(emit) ----  Text..., Done | Failed
-    handle.cancel() (client gone) -> job.cancelled   checked after every piece: the stream is closed
+    request handler (event loop)                       worker thread (owns one BatchGenerator)
+    open(): prepare() in a thread -> 400               loads it (engine not ready until all have)
+            queue.put_nowait(job)  -> 429 when full    loop: take jobs while its batch has room (wait for
+                                                             one when it is empty); one step of the batch;
+    async for event in handle  <---- call_soon_threadsafe(emit) ----  each job's new Text..., Done | Failed
+    handle.cancel() (client gone) -> job.cancelled   checked after every step: its sequence is dropped and
+                                                     its cache cells freed before the next
 
 Admission is all-or-nothing at open(): a request is either queued (and then runs) or refused with 429
-and `Retry-After`; the queue holds at most `queue_size` waiting jobs, beside one running per worker.
+and `Retry-After`; the queue holds at most `queue_size` waiting jobs, beside up to `max_batch` running
+in each worker's batch.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from runtime.generator import Generator
-from runtime.serving.jobs import Done, Event, Failed, GenerationRequest, Job, prepare, run_job
+from runtime.batch import BatchGenerator
+from runtime.serving.jobs import Done, Event, Failed, GenerationRequest, Job, JobProgress, prepare
 from runtime.serving.schemas import ApiError
 
 log = logging.getLogger(__name__)
@@ -42,9 +45,10 @@ class EngineStatus:
 
     ready: bool
     error: str | None       # why loading failed, if it did
-    queued: int             # jobs waiting for a worker
+    queued: int             # jobs waiting for a place in a worker's batch
     busy: int               # workers generating now
     cancelled: int          # generations stopped because their client went away
+    batched: int = 0        # generations in the workers' batches now
 
 
 # The event that ends a cancelled job's iteration (nginx's "client closed request": nobody reads it).
@@ -89,17 +93,17 @@ class JobHandle:
 
 
 class LocalEngine:
-    """`replicas` Generators made by `factory`, each on its own worker thread, behind one queue."""
+    """`replicas` BatchGenerators made by `factory`, each on its own worker thread, behind one queue."""
 
-    def __init__(self, factory: Callable[[], Generator], replicas: int = 1,
+    def __init__(self, factory: Callable[[], BatchGenerator], replicas: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
         if replicas < 1 or queue_size < 1:
             raise ValueError(f"replicas and queue_size must be >= 1, got {replicas} and {queue_size}")
         self._jobs: queue.Queue[tuple[Job, JobHandle] | None] = queue.Queue(maxsize=queue_size)
-        self._generators: list[Generator] = []
-        self._settled = threading.Event()   # every worker has loaded its Generator, or one has failed
+        self._batches: list[BatchGenerator] = []
+        self._settled = threading.Event()   # every worker has loaded its generator, or one has failed
         self._lock = threading.Lock()
-        self._busy = self._cancelled = 0
+        self._busy = self._cancelled = self._batched = 0
         self._error: str | None = None
         self._threads = [threading.Thread(target=self._work, args=(factory,), name=f"generator-{i}", daemon=True)
                          for i in range(replicas)]
@@ -112,7 +116,7 @@ class LocalEngine:
         if not self.status().ready:
             raise ApiError(503, self._error or "the model is still loading; retry shortly", code="loading")
         # Tokenising a long prompt takes a while: keep the event loop free meanwhile.
-        job = await asyncio.to_thread(prepare, self._generators[0], request)
+        job = await asyncio.to_thread(prepare, self._batches[0], request)
         handle = JobHandle(job, len(job.prompt_ids))
         try:
             self._jobs.put_nowait((job, handle))
@@ -124,11 +128,11 @@ class LocalEngine:
 
     def status(self) -> EngineStatus:
         with self._lock:
-            ready = len(self._generators) == len(self._threads) and self._error is None
-            return EngineStatus(ready, self._error, self._jobs.qsize(), self._busy, self._cancelled)
+            ready = len(self._batches) == len(self._threads) and self._error is None
+            return EngineStatus(ready, self._error, self._jobs.qsize(), self._busy, self._cancelled, self._batched)
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until every worker has loaded its Generator (RuntimeError if one failed)."""
+        """Block until every worker has loaded its generator (RuntimeError if one failed)."""
         if not self._settled.wait(timeout):
             raise TimeoutError(f"the model did not load within {timeout}s")
         if self._error:
@@ -140,10 +144,10 @@ class LocalEngine:
             self._jobs.put(None)
 
     # --- the worker side (one thread per replica) -------------------------------------------------
-    def _work(self, factory: Callable[[], Generator]) -> None:
+    def _work(self, factory: Callable[[], BatchGenerator]) -> None:
         try:
             with _LOAD_LOCK:
-                generator = factory()
+                batch = factory()
         except Exception as exc:   # reported by /health and every request (503), and logged in full
             log.exception("loading the generator failed")
             with self._lock:
@@ -151,19 +155,49 @@ class LocalEngine:
             self._settled.set()
             return
         with self._lock:
-            self._generators.append(generator)
-            if len(self._generators) == len(self._threads):
+            self._batches.append(batch)
+            if len(self._batches) == len(self._threads):
                 self._settled.set()
-        while (item := self._jobs.get()) is not None:
-            job, handle = item
+        running: list[tuple[JobProgress, JobHandle]] = []
+        stopping = False
+        while running or not stopping:
+            stopping = self._take_jobs(batch, running, stopping)
+            if not running:
+                continue
             with self._lock:
-                self._busy += 1
+                self._busy, self._batched = self._busy + 1, self._batched + len(running)
             try:
-                finished = not job.cancelled.is_set() and run_job(generator, job, handle.emit)
-            except Exception as exc:   # the job fails, the worker lives on for the next one
+                batch.step()
+                ended = [(progress, handle) for progress, handle in running if progress.update()]
+            except Exception as exc:   # the step fails its jobs; the worker lives on for the next ones
                 log.exception("generation failed")
-                handle.emit(Failed(500, f"generation failed: {type(exc).__name__}: {exc}"))
-                finished = True
+                for progress, handle in running:
+                    progress.request.cancel()
+                    handle.emit(Failed(500, f"generation failed: {type(exc).__name__}: {exc}"))
+                batch.drop_cancelled()   # their sequences closed, their cache cells freed
+                ended = list(running)
             with self._lock:
-                self._busy -= 1
-                self._cancelled += not finished
+                self._busy, self._batched = self._busy - 1, self._batched - len(running)
+                self._cancelled += sum(progress.job.cancelled.is_set() for progress, _ in ended)
+            running[:] = [item for item in running if item not in ended]
+
+    def _take_jobs(self, batch: BatchGenerator, running: list, stopping: bool) -> bool:
+        """Move queued jobs into the batch while it has room, waiting for one when it is empty; True once
+        the shutdown sentinel was taken."""
+        while not stopping and len(running) < batch.max_batch:
+            try:
+                item = self._jobs.get(block=not running)
+            except queue.Empty:
+                break
+            if item is None:
+                return True
+            job, handle = item
+            if job.cancelled.is_set():   # its client left while it waited
+                with self._lock:
+                    self._cancelled += 1
+                continue
+            try:
+                running.append((JobProgress(batch, job, handle.emit), handle))
+            except ValueError as exc:    # prepare() checked it; a race with another limit answers 400
+                handle.emit(Failed(400, str(exc)))
+        return stopping

@@ -1,4 +1,4 @@
-"""Prompt sets for benchmarks and tests, read offline from the packages named in DESIGN.md."""
+"""Prompt sets for benchmarks and tests, read offline from the data packages of requirements-data.txt."""
 
 from __future__ import annotations
 

@@ -244,7 +244,7 @@ def _argmax_parity(step: int, label: str, runner: str, got: np.ndarray, want: np
 
 
 def default_parity_dir(engine_dir: str | Path) -> Path:
-    """Where `python -m export check` writes inputs.json and report.json: artifacts/parity/<model>/<target>/
+    """Where `python -m tools check` writes inputs.json and report.json: artifacts/parity/<model>/<target>/
     <method> for an engine dir under artifacts/engines, else <engine dir>-parity beside it (never inside
     the engine dir, which a re-export replaces whole)."""
     from export.paths import ARTIFACTS_DIR

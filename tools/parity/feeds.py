@@ -32,12 +32,12 @@ def load_feeds(path: str | Path) -> list[OrderedDict]:
     from polygraphy.logger import G_LOGGER
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"step inputs {path} do not exist; record them with `python -m export check ENGINE_DIR`")
+        raise FileNotFoundError(f"step inputs {path} do not exist; record them with `python -m tools check ENGINE_DIR`")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         feeds = load_json(str(path), description="recorded step inputs")
     if not isinstance(feeds, list) or not all(isinstance(f, dict) for f in feeds):
         raise ValueError(f"{path} is not Polygraphy input data (a JSON list of feed dicts); record it with "
-                         f"`python -m export check ENGINE_DIR`")
+                         f"`python -m tools check ENGINE_DIR`")
     return [OrderedDict(f) for f in feeds]
 
 

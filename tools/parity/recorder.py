@@ -1,4 +1,4 @@
-"""Real step inputs for parity checks (`python -m export check`, tools/parity/compare.py): the feeds the decode
+"""Real step inputs for parity checks (`python -m tools check`, tools/parity/compare.py): the feeds the decode
 loop gives a backend, recorded from the torch reference decoding real prompts with an engine's methods.
 
     prefill              the prompt as one chain on an empty cache (S = 0)

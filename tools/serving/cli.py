@@ -18,6 +18,7 @@ from export.checkpoint import CheckpointError
 from export.manifest import DEFAULT_MAX_CONTEXT
 from export.methods import METHODS
 from runtime.loading import BACKENDS
+from runtime.batch import DEFAULT_MAX_BATCH
 from runtime.generator import DEFAULT_DEVICE
 from tools.recommended import FASTEST_BACKEND, FASTEST_METHOD
 from runtime.serving.schemas import MAX_BODY_BYTES
@@ -45,8 +46,12 @@ class ServeFlags:
     max_context: int = option(DEFAULT_MAX_CONTEXT, "cache entries: prompt + max_tokens must fit")
     served_model_name: str | None = option(None, "the `model` clients ask for (default: the model's name)")
     api_key: str | None = option(None, f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, if set)")
-    replicas: int = option(1, "Generators, each on its own worker thread (Ray replicas with --ray)")
-    queue_size: int = option(DEFAULT_QUEUE_SIZE, "requests that may wait for a Generator; beyond them: 429")
+    replicas: int = option(1, "generators, each on its own worker thread (Ray replicas with --ray)")
+    max_batch: int = option(DEFAULT_MAX_BATCH, "requests each generator decodes together in every step "
+                                               "(continuous batching, runtime.BatchGenerator)")
+    queue_size: int = option(DEFAULT_QUEUE_SIZE, "requests that may wait for a place in a batch; beyond them: 429")
+    threads: int | None = option(None, "compute threads of each generator (default: every core for one replica; "
+                                       "with --ray, each replica's --replica-cpus)")
     max_body_bytes: int = option(MAX_BODY_BYTES, "largest request body accepted (else 413)")
     ray: bool = option(False, "scale out on Ray Serve: an ingress deployment + generator replicas")
     min_replicas: int | None = option(None, "--ray: autoscale between --min-replicas and --max-replicas")
@@ -62,14 +67,24 @@ class ServeCommand(ServeFlags):
     def spec(self) -> GeneratorSpec:
         method = self.method or (None if self.engine else SERVE_METHOD)
         return GeneratorSpec(self.model, self.engine, method, self.backend, self.device, self.max_context,
-                             parse_options(self.option or []))
+                             parse_options(self.option or []), self.max_batch, self.generator_threads())
+
+    def generator_threads(self) -> int | None:
+        """--threads, else a Ray replica's CPU share (two replicas on two cores must not each spin up a
+        thread per core), else the backend's default."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, int(self.replica_cpus)) if self.ray else None
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
 
     def check(self) -> None:
-        if self.replicas < 1 or self.queue_size < 1:
-            raise ValueError(f"--replicas and --queue-size must be >= 1, got {self.replicas}, {self.queue_size}")
+        if self.replicas < 1 or self.queue_size < 1 or self.max_batch < 1:
+            raise ValueError(f"--replicas, --queue-size and --max-batch must be >= 1, got {self.replicas}, "
+                             f"{self.queue_size}, {self.max_batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         autoscale = (self.min_replicas, self.max_replicas)
         if any(n is not None for n in autoscale):
             if not self.ray or None in autoscale or not 1 <= self.min_replicas <= self.max_replicas:

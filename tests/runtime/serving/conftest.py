@@ -16,6 +16,7 @@ import pytest
 import torch
 import uvicorn
 
+from runtime.batch import BatchGenerator
 from runtime.generator import Generator
 from runtime.serving.app import create_app
 from runtime.serving.worker import LocalEngine
@@ -105,17 +106,20 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="package")
-def make_generator(tiny_model_dir) -> Callable[[], Generator]:
-    return lambda: Generator.from_pretrained(tiny_model_dir, method=METHOD)
+def make_generator(tiny_model_dir) -> Callable[..., BatchGenerator]:
+    """What a server worker loads: a BatchGenerator of the served method (`max_batch` requests per step)."""
+    return lambda max_batch=4: BatchGenerator.from_pretrained(tiny_model_dir, methods=(METHOD,), max_batch=max_batch)
 
 
 @pytest.fixture(scope="package")
-def reference(make_generator) -> Generator:
-    """A lone Generator of the served configuration: what every server answer must equal."""
-    return make_generator()
+def reference(tiny_model_dir) -> Generator:
+    """A lone Generator of the served configuration: what every server answer must equal, whichever
+    other requests shared its batch."""
+    return Generator.from_pretrained(tiny_model_dir, method=METHOD)
 
 
-def serve(factory: Callable[[], Generator], replicas: int = 1, queue_size: int = 64, **app_options) -> Iterator[Served]:
+def serve(factory: Callable[[], BatchGenerator], replicas: int = 1, queue_size: int = 64,
+          **app_options) -> Iterator[Served]:
     engine = LocalEngine(factory, replicas, queue_size)
     app = create_app(engine, MODEL_ID, **app_options)
     with ServerThread(app) as server:

@@ -1,9 +1,8 @@
 """Admission and cancellation: a full queue is 429 with Retry-After, a client that goes away stops its
-generation within a step and frees the worker; /metrics counts it all."""
+generation within a step and frees its place in the batch; /metrics counts it all."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import socket
@@ -12,17 +11,17 @@ import time
 
 import pytest
 
-from runtime.generator import Generator
+from runtime.batch import BatchGenerator
 from tests.runtime.serving.conftest import MODEL_ID, metric, serve, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
 class Paced:
-    """A Generator whose stream waits at a gate, then takes `delay` seconds per piece: a worker the test
-    can hold busy, and generations long enough to be cut off."""
+    """A BatchGenerator whose steps wait at a gate, then take `delay` seconds each: a worker the test can
+    hold busy, and generations long enough to be cut off."""
 
-    def __init__(self, inner: Generator, delay: float = 0.0) -> None:
+    def __init__(self, inner: BatchGenerator, delay: float = 0.0) -> None:
         self.inner, self.delay = inner, delay
         self.gate = threading.Event()
         self.gate.set()
@@ -31,21 +30,21 @@ class Paced:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def stream(self, *args, **kwargs):
+    def step(self) -> bool:
         self.gate.wait(60)
-        with contextlib.closing(self.inner.stream(*args, **kwargs)) as pieces:
-            for piece in pieces:
-                time.sleep(self.delay)
-                self.pieces += 1
-                yield piece
+        ran = self.inner.step()
+        time.sleep(self.delay)
+        self.pieces += ran
+        return ran
 
 
 @pytest.fixture(scope="module")
 def paced(make_generator):
+    """One request at a time (max_batch 1), so a second one waits in the queue of one."""
     holder = {}
 
     def factory():
-        holder["gen"] = Paced(make_generator())
+        holder["gen"] = Paced(make_generator(max_batch=1))
         return holder["gen"]
 
     for served in serve(factory, queue_size=1):
@@ -143,9 +142,11 @@ def test_metrics_count_requests_tokens_and_timings(served):
 
 def test_an_error_after_the_stream_began_is_an_error_event(make_generator):
     class Breaks(Paced):
-        def stream(self, *args, **kwargs):
-            yield from list(super().stream(*args, **kwargs))[:2]
-            raise RuntimeError("the device fell over")
+        def step(self) -> bool:
+            if self.pieces >= 3:
+                self.pieces = 0
+                raise RuntimeError("the device fell over")
+            return super().step()
 
     for served in serve(lambda: Breaks(make_generator())):
         conn = http.client.HTTPConnection("127.0.0.1", served.server.port, timeout=30)

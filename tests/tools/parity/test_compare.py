@@ -1,4 +1,4 @@
-"""python -m export check: real step inputs recorded from the decode loop, saved in Polygraphy's input
+"""python -m tools check: real step inputs recorded from the decode loop, saved in Polygraphy's input
 format, and every runner compared with the torch step through Polygraphy's Comparator."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tiny_engine(tmp_path_factory, real_model_dir) -> Manifest:
 
 @pytest.fixture(scope="module")
 def tiny_check(tiny_engine, tmp_path_factory):
-    """`python -m export check` on the tiny engine: (exit code, out dir)."""
+    """`python -m tools check` on the tiny engine: (exit code, out dir)."""
     out = tmp_path_factory.mktemp("parity")
     return export_main(["check", str(tiny_engine.dir), "--out", str(out)]), out
 

@@ -105,7 +105,7 @@ def test_llama_cpp_tokenizes_like_us_and_decodes_greedily(real_model_dir, smoke_
 @needs_llama_cpp
 def test_llama_cpp_f32_greedy_equals_our_fp32_vanilla(real_model_dir, smoke_prompts):
     """Same f32 weights, same argmax: llama.cpp's tokens are ours on the smoke prompts (a difference
-    would have to be a top-2 tie at rounding level, DESIGN.md "Lossless, precisely")."""
+    would have to be a top-2 tie at rounding level, the README's "Lossless, precisely")."""
     from export.manifest import DEFAULT_MAX_CONTEXT
     from runtime.generator import Generator
     from tools.peers.llamacpp_gguf import ensure_gguf
