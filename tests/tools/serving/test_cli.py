@@ -81,4 +81,21 @@ def test_loadgen_reports_the_figures(served, capsys):
 
     assert loadgen(["--url", served.url, "--requests", "6", "--concurrency", "3", "--max-tokens", "4"]) == 0
     line = capsys.readouterr().out
-    assert "6 requests: 6 answered, 0 refused (429), 0 failed" in line and "time to first token p50" in line
+    assert "6 requests: 6 answered, 0 refused (429), 0 failed, 0 retries" in line and "time to first token p50" in line
+
+
+def test_loadgen_retries_after_429_as_the_server_asks(served, monkeypatch):
+    """A client refused with 429 waits the Retry-After it was sent, then sends the request again."""
+    from tools.serving import loadgen
+    from tools.serving.loadgen import LoadConfig, Outcome, one_request
+
+    answers = iter([(Outcome(429, 0.01, None, 0), 0.05), (Outcome(429, 0.02, None, 0), 0.05),
+                    (Outcome(200, 0.5, 0.1, 4), 0.0)])
+    slept = []
+    monkeypatch.setattr(loadgen, "attempt", lambda cfg, model, key, start: next(answers))
+    monkeypatch.setattr(loadgen.time, "sleep", slept.append)
+    outcome = one_request(LoadConfig(retry=True), "tiny", None)
+    assert outcome.status == 200 and outcome.refusals == 2 and slept == [0.05, 0.05]
+    refused = iter([(Outcome(429, 0.01, None, 0), 1.0)] * 3)
+    monkeypatch.setattr(loadgen, "attempt", lambda cfg, model, key, start: next(refused))
+    assert one_request(LoadConfig(retry=False), "tiny", None).status == 429
