@@ -5,6 +5,12 @@ of one decode step with T tokens (candidates + prompt tokens) over a fixed commi
 `latency(T)` reads a monotone fit of the medians (isotonic: a bigger tree is never cheaper; on a
 busy machine single medians jitter) and interpolates linearly between measured sizes.
 
+A profile may also hold batched steps (`batch`): for B sequences stepped together (packed,
+runtime/backends/packing.py), the median seconds of a step in which each carries a tree of T tokens,
+over T in the profile's sizes up to B T <= its largest size. `batch_latency(B)` is then the cost of a
+step as a function of each sequence's tree size: what the tree search for B sequences at a time needs
+(a per-sequence rate of E(tree) / L_B(T)).
+
 A profile is "measured" (on the device it names), or "roofline": modelled from a GPU's datasheet by
 trees/roofline.py for a GPU this machine does not have, with the table row used in `roofline`.
 A measured profile always wins over a modelled one (tools/treesearch/files.py find_profile).
@@ -64,6 +70,9 @@ class LatencyProfile:
                                                  # torch step, a modelled profile, or not recorded
     cpu_isa: str | None = None                   # a CPU's vector extensions (export/devices.py cpu_isa): CPUs
                                                  # share the key "cpu"; None: a GPU's, or not recorded
+    # ((B, (seconds at sizes[0], sizes[1], ...)), ...): batched steps of B sequences, B > 1, each with a
+    # tree of `sizes[i]` tokens; as many sizes as were measured for that B (at least 1)
+    batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +95,39 @@ class LatencyProfile:
         fitted = monotone_fit(np.asarray(seconds))
         fitted.setflags(write=False)
         object.__setattr__(self, "fitted", fitted)
+        batch = tuple((int(b), tuple(float(s) for s in times)) for b, times in self.batch)
+        if any(b < 2 or not 1 <= len(times) <= len(sizes) or not all(np.isfinite(s) and s > 0 for s in times)
+               for b, times in batch) or len({b for b, _ in batch}) != len(batch):
+            raise ProfileError("a profile's batched steps need distinct batch sizes B >= 2, each with 1..len(sizes) "
+                               "positive medians")
+        object.__setattr__(self, "batch", tuple(sorted(batch)))
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes with measured steps: 1 (the profile itself) and those of `batch`."""
+        return (1, *(b for b, _ in self.batch))
+
+    def batch_latency(self, batch: int):
+        """tokens -> seconds of a step of `batch` sequences each with a tree of `tokens` tokens (monotone
+        fit, linear between measured sizes); batch 1 is `latency`."""
+        if batch == 1:
+            return self.latency
+        times = dict(self.batch).get(batch)
+        if times is None:
+            raise ProfileError(f"no batched steps of B={batch} in this profile (it has {list(self.batch_sizes)}): "
+                               f"measure them with `python -m tools trees profile --batch-sizes {batch}`")
+        sizes, fitted = self.sizes[: len(times)], monotone_fit(np.asarray(times))
+
+        def latency(tokens: int) -> float:
+            if not 1 <= tokens <= sizes[-1]:
+                raise ProfileError(f"{tokens} tokens per sequence is outside the sizes measured for B={batch} "
+                                   f"(1..{sizes[-1]})")
+            return float(np.interp(tokens, sizes, fitted))
+        return latency
+
+    def batch_max_tokens(self, batch: int) -> int:
+        """The largest tree per sequence measured for `batch` sequences at a time."""
+        return self.max_tokens if batch == 1 else self.sizes[len(dict(self.batch)[batch]) - 1]
 
     @property
     def max_tokens(self) -> int:
@@ -129,6 +171,7 @@ class LatencyProfile:
             "seconds": [round(s, 7) for s in self.seconds],
             **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {}),
             **({"cpu_isa": self.cpu_isa} if self.cpu_isa is not None else {}),
+            **({"batch": {str(b): [round(s, 7) for s in times] for b, times in self.batch}} if self.batch else {}),
         }
 
     @classmethod
@@ -145,7 +188,8 @@ class LatencyProfile:
                        roofline=tuple(dict(data.get("roofline", {})).items()),
                        quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None,
                        variant=str(data.get("variant", DEFAULT_VARIANT)),   # profiles before the field: fp32
-                       graph_sha256=data.get("graph_sha256"), cpu_isa=data.get("cpu_isa"))
+                       graph_sha256=data.get("graph_sha256"), cpu_isa=data.get("cpu_isa"),
+                       batch=tuple((int(b), tuple(times)) for b, times in dict(data.get("batch", {})).items()))
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

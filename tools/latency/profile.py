@@ -84,3 +84,40 @@ def fan_tree(size: int) -> Tree:
     while len(paths) < size - 1:  # grow deeper along rank 0 once the first level is full
         paths.append(paths[-1 if len(paths) >= width else 0] + (0,))
     return Tree(paths=tuple(paths[: size - 1]), topk=max(width, 1))
+
+
+def batch_latency_samples(backend, batch: int, sizes: tuple[int, ...], context: int = DEFAULT_CONTEXT,
+                          repeats: int = DEFAULT_REPEATS, warmup: int = 2, seed: int = 0) -> dict[int, list[float]]:
+    """Seconds of each of `repeats` timed steps of `batch` sequences together (one packed step,
+    runtime/backends/packing.py), each over `context` committed entries of its own and each with a fan
+    tree of T tokens, per T of `sizes`: the step and every sequence's readout, as the BatchGenerator
+    waits for them. `backend` must hold `batch` sequences (a BatchBackend of max_batch >= batch)."""
+    if batch > backend.info.max_batch:
+        raise ValueError(f"B={batch} sequences do not fit a backend of max_batch {backend.info.max_batch}")
+    rng = np.random.default_rng(seed)
+    vocab = backend.info.vocab_size
+    verifier = GreedyVerifier()
+    backend.reset()
+    slots = [backend.open_sequence() for _ in range(batch)]
+    for slot in slots:   # one prefill each (a long prompt is not what is timed)
+        prefill = Draft.prefill(rng.integers(0, vocab, size=max(context, 1)))
+        (output,) = backend.step_batch([(slot, prefill)])
+        read_step(output, prefill, verifier)
+        backend.commit_batch([(slot, range(prefill.size))])
+    samples: dict[int, list[float]] = {}
+    for size in sizes:
+        drafts = [(slot, Draft(rng.integers(0, vocab, size=size), Layout.from_parents(fan_tree(size).buffers.parents)))
+                  for slot in slots]
+        times = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            for output, (_, draft) in zip(backend.step_batch(drafts), drafts):
+                read_step(output, draft, verifier)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
+        samples[size] = times
+    for slot in slots:
+        backend.close_sequence(slot)
+    backend.reset()
+    return samples

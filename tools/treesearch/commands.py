@@ -80,6 +80,9 @@ class ProfileCommand:
     context: int = option(DEFAULT_CONTEXT, "committed cache entries while timing")
     repeats: int = option(DEFAULT_REPEATS, "timed steps per size (median), spread over rounds")
     rounds: int = option(5, "sweeps over all sizes, so that load changes on a shared machine hit every size alike")
+    batch_sizes: str = option("", "comma list of B > 1: also time steps of B sequences together, each with a tree of "
+                                  "every size up to B x T <= --max-tokens (what the tree search for B requests at a "
+                                  "time reads; e.g. 2,4,8,16)")
     out: str | None = option(None, "output JSON (default: latency-<device>-<backend>[-<variant>].json next to the "
                                    "checkpoint)")
     force: bool = option(False, "write the profile even when the machine was busy (load, spread of the repeats: "

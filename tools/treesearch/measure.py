@@ -15,7 +15,7 @@ from export.devices import cpu_isa
 from tools.treesearch.ngram_acceptance import NgramStatsConfig
 from tools.treesearch.commands import (PROG, NgramStatsCommand, ProfileCommand, StatsCommand, checkpoint_path,
                                    variant_flag)
-from tools.treesearch.files import (check_variant_backend, ngram_stats_filename, package_versions,
+from tools.treesearch.files import (check_variant_backend, ngram_stats_filename, package_versions, parse_int_list,
                                 present, stats_filename)
 from trees.devices import device_key, profile_filename
 from trees.latency import LatencyProfile
@@ -97,7 +97,11 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     from transformers import AutoConfig
 
     from runtime.loading import load_pretrained
-    from tools.latency.profile import latency_rounds
+    import statistics
+
+    from tqdm import tqdm
+
+    from tools.latency.profile import batch_latency_samples, latency_rounds
     from runtime.methods import build_method
     from trees.quiet import Quietness, load_per_core, refuse_busy_start
 
@@ -105,6 +109,10 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     device, kind, name = present(cfg.gpu, cfg.device)
     if cfg.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
+    batch_sizes = parse_int_list(cfg.batch_sizes, f"--batch-sizes takes a comma list of integers, got "
+                                 f"{cfg.batch_sizes!r}", "") if cfg.batch_sizes else ()
+    if any(b < 2 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes are B > 1 (B = 1 is the profile itself), got {list(batch_sizes)}")
     command = f"{PROG} profile --gpu {cfg.gpu} --backend {cfg.backend}{variant_flag(cfg)}"
     refuse_busy_start("the latency profile", cfg.force, command)
     model_config = AutoConfig.from_pretrained(cfg.model_dir)
@@ -113,13 +121,20 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     method = build_method(cfg.method, cfg.model_dir, model_config.vocab_size, model_config.hidden_size,
                           backend=cfg.backend, variant=cfg.variant, **options)
     backend, _ = load_pretrained(cfg.backend, cfg.model_dir, method, device=device,
-                              max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens), variant=cfg.variant)
+                                 max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens), variant=cfg.variant,
+                                 max_batch=max(batch_sizes, default=1))
     if cfg.rounds < 1 or cfg.repeats < 1:
         raise ValueError("--repeats and --rounds must be >= 1")
     sizes = tuple(range(1, cfg.max_tokens + 1))
     per_round = -(-cfg.repeats // cfg.rounds)
     load_before = load_per_core()
     medians, samples = latency_rounds(backend, sizes, cfg.context, cfg.repeats, cfg.rounds)
+    batch = []
+    for b in tqdm(batch_sizes, desc="batched steps", disable=not batch_sizes):
+        per_sequence = tuple(s for s in sizes if b * s <= cfg.max_tokens)
+        timed = batch_latency_samples(backend, b, per_sequence, cfg.context, cfg.repeats)
+        batch.append((b, tuple(statistics.median(timed[s]) for s in per_sequence)))
+        samples.update({(b, s): times for s, times in timed.items()})
     quiet = Quietness.measure(load_before, samples.values()).refuse_if_busy("the latency profile", cfg.force, command)
     seconds = tuple(medians[s] for s in sizes)
     key = device_key(kind, name)
@@ -128,11 +143,12 @@ def measure_profile(cfg: ProfileCommand) -> Path:
                              model_fingerprint=model_fingerprint(cfg.model_dir),
                              versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet,
                              variant=cfg.variant, graph_sha256=backend.info.graph_sha256,
-                             cpu_isa=cpu_isa() if kind == "cpu" else None)
+                             cpu_isa=cpu_isa() if kind == "cpu" else None, batch=tuple(batch))
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend, cfg.variant)
     profile.save(out)
     print(f"wrote {out}: {name}, {profile.engine}: T=1 {1e3 * profile.latency(1):.1f} ms, "
           + ", ".join(f"T={t} {1e3 * profile.latency(t):.1f} ms" for t in (2, 8, 16, 32, 64) if t <= cfg.max_tokens)
+          + "".join(f"; B={b}: T=1 {1e3 * times[0]:.1f} ms" for b, times in profile.batch)
           + f"; machine {quiet.summary()}")
     return out
 
