@@ -223,6 +223,9 @@ def make_model_dir(source: HFSource | GGUFSource | PackageSource, out_dir: Path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         check_model_dir(tmp)
+        tmp.chmod(0o755)   # mkdtemp makes it private; a model dir is shared like any build output
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -9,7 +9,8 @@ may see all of them); `tree_mask` is additive (0 = visible, the dtype's lowest f
 hidden) and only covers the T new tokens. A family with sliding-window layers (Mistral, Gemma 3,
 Qwen with use_sliding_window, Phi-3 with sliding_window) takes two more additive masks, used on its
 sliding layers instead: the tree mask and the committed entries restricted to the window, built on
-the host by export/masks.py (a node at position p sees positions > p - window). The KV cache keeps
+the host by export/masks.py (a node at position p sees positions > p - window; the graph takes the
+elementwise minimum of tree_mask and sliding_tree_mask, which is the latter when built from the former). The KV cache keeps
 its full length for sliding layers too: every layer's cache is [S, Hkv, D] and the window is only a
 mask, so one cache layout and one commit serve every family.
 
@@ -237,13 +238,15 @@ class StepModel(nn.Module):
         ropes = [self.rope(position_ids, dtype, i) for i in range(len(self.rope_specs))]
         masks = {}
         for kind in dict.fromkeys(self.family.layer_types):
-            pair = (tree_mask, past_mask)
+            tree, past = tree_mask.to(dtype), None if past_mask is None else past_mask.to(dtype)
             if kind == SLIDING:
                 if sliding_tree_mask is None or sliding_past_mask is None:
                     raise ValueError("this model has sliding-window layers: pass sliding_tree_mask and "
                                      "sliding_past_mask (StepModel.sliding_masks or export.masks.sliding_window_masks)")
-                pair = (sliding_tree_mask, sliding_past_mask)
-            tree, past = (None if m is None else m.to(dtype) for m in pair)
+                # The minimum of two additive masks hides what either hides: sliding_tree_mask itself when it
+                # was built from this tree mask (export/masks.py). It also keeps tree_mask an input of a graph
+                # whose every layer slides (Mistral, Phi-3), so every graph takes the same inputs.
+                tree, past = torch.minimum(tree, sliding_tree_mask.to(dtype)), sliding_past_mask.to(dtype)
             if self.row_exact:   # S read here, after the casts: the order the Llama graph was always traced in
                 tree, past = row_exact_mask(tree, past, past_key.shape[0], self.num_heads // self.num_kv_heads), None
             cos, sin = ropes[self.ropes[kind]]
