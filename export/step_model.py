@@ -64,7 +64,7 @@ from export.families import SLIDING, FamilyRecord, RopeSpec, family_record
 from export.ht import HiddenTransfer, TransferMaps
 from export.masks import lowest_mask_value, sliding_window_masks
 
-__all__ = ["DecoderLayer", "HiddenTransfer", "LayerInputs", "StepModel", "lowest_mask_value"]
+__all__ = ["DecoderLayer", "HiddenTransfer", "LayerInputs", "StepInputs", "StepModel", "lowest_mask_value"]
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -132,6 +132,14 @@ class LayerInputs:
     rotary_dim: int
     tree_mask: torch.Tensor            # [T, T] additive; row_exact: the [G T, S + T] mask with the past folded in
     past_mask: torch.Tensor | None     # [T, S] additive, or None: every committed entry visible
+
+
+@dataclass
+class StepInputs:
+    """What a step's layers take besides their cache, built once per step by StepModel.step_inputs."""
+
+    tree_mask: torch.Tensor            # [T, T] additive in the model dtype (HT finds pseudo rows' sources with it)
+    layers: dict[str, LayerInputs]     # per attention kind the model has (full, sliding)
 
 
 class StepModel(nn.Module):
@@ -228,17 +236,19 @@ class StepModel(nn.Module):
             past_positions = torch.arange(past_positions, device=tree_mask.device)
         return sliding_window_masks(tree_mask, position_ids, past_positions, self.family.sliding_window, past_mask)
 
-    def layer_inputs(self, position_ids: torch.Tensor, dtype: torch.dtype, tree_mask: torch.Tensor,
-                     past_key: torch.Tensor, past_mask: torch.Tensor | None = None,
-                     sliding_tree_mask: torch.Tensor | None = None, sliding_past_mask: torch.Tensor | None = None
-                     ) -> dict[str, LayerInputs]:
+    def step_inputs(self, position_ids: torch.Tensor, dtype: torch.dtype, tree_mask: torch.Tensor,
+                    past_key: torch.Tensor, past_mask: torch.Tensor | None = None,
+                    sliding_tree_mask: torch.Tensor | None = None, sliding_past_mask: torch.Tensor | None = None
+                    ) -> StepInputs:
         """RoPE and masks of each attention kind the model has, once per step. Sliding layers take the
         sliding masks (required when the model has them: StepModel.sliding_masks builds them). `past_key`
         is any layer's cache [S, Hkv, D]: row_exact's masks read S from it."""
         ropes = [self.rope(position_ids, dtype, i) for i in range(len(self.rope_specs))]
-        masks = {}
+        tree_mask = tree_mask.to(dtype)     # each mask cast once (a traced .to is a Cast node even when a no-op)
+        past_mask = None if past_mask is None else past_mask.to(dtype)
+        layers = {}
         for kind in dict.fromkeys(self.family.layer_types):
-            tree, past = tree_mask.to(dtype), None if past_mask is None else past_mask.to(dtype)
+            tree, past = tree_mask, past_mask
             if kind == SLIDING:
                 if sliding_tree_mask is None or sliding_past_mask is None:
                     raise ValueError("this model has sliding-window layers: pass sliding_tree_mask and "
@@ -250,8 +260,8 @@ class StepModel(nn.Module):
             if self.row_exact:   # S read here, after the casts: the order the Llama graph was always traced in
                 tree, past = row_exact_mask(tree, past, past_key.shape[0], self.num_heads // self.num_kv_heads), None
             cos, sin = ropes[self.ropes[kind]]
-            masks[kind] = LayerInputs(cos, sin, self.rope_specs[self.ropes[kind]].rotary_dim, tree, past)
-        return masks
+            layers[kind] = LayerInputs(cos, sin, self.rope_specs[self.ropes[kind]].rotary_dim, tree, past)
+        return StepInputs(tree_mask, layers)
 
     def attention(self, layer: DecoderLayer, x: torch.Tensor, inputs: LayerInputs, past_key: torch.Tensor,
                   past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,12 +310,12 @@ class StepModel(nn.Module):
         the sliding masks (required when the model has sliding layers) replace tree_mask and past_mask
         on sliding layers."""
         h = self.embed(input_ids)
-        inputs = self.layer_inputs(position_ids, h.dtype, tree_mask, past_keys[0], past_mask,
-                                   sliding_tree_mask, sliding_past_mask)
+        inputs = self.step_inputs(position_ids, h.dtype, tree_mask, past_keys[0], past_mask,
+                                  sliding_tree_mask, sliding_past_mask)
         split = self.num_layers if self.transfer is None else self.transfer.layer + 1
         h, keys, values = self.run_layers(h, inputs, past_keys, past_values, 0, split)
         if self.transfer is not None:
-            h = self.transfer(h, input_ids, position_ids, tree_mask.to(h.dtype))
+            h = self.transfer(h, input_ids, position_ids, inputs.tree_mask)
             h, upper_keys, upper_values = self.run_layers(h, inputs, past_keys, past_values, split, self.num_layers)
             keys, values = keys + upper_keys, values + upper_values
         return self.final_hidden(h), torch.stack(keys), torch.stack(values)
@@ -317,15 +327,15 @@ class StepModel(nn.Module):
         """[T, H] final hidden states -> [T, V] (Gemma 2-style final soft-capping where the family has it)."""
         return softcap(hidden @ self.lm_head_t, self.family.final_softcap)
 
-    def run_layers(self, h: torch.Tensor, inputs: dict[str, LayerInputs], past_keys: list[torch.Tensor],
+    def run_layers(self, h: torch.Tensor, inputs: StepInputs, past_keys: list[torch.Tensor],
                    past_values: list[torch.Tensor], start: int, stop: int
                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Decoder layers start..stop-1 on the residual stream h [T, H] (past_* indexed by absolute
-        layer, `inputs` from layer_inputs); returns h after layer stop-1 and the new K/V of those layers."""
+        layer, `inputs` from step_inputs); returns h after layer stop-1 and the new K/V of those layers."""
         new_keys, new_values = [], []
         for i in range(start, stop):
             layer = self.layers[i]
-            a, k, v = self.attention(layer, self.norm(h, layer.input_norm), inputs[layer.kind],
+            a, k, v = self.attention(layer, self.norm(h, layer.input_norm), inputs.layers[layer.kind],
                                      past_keys[i], past_values[i])
             h = h + (a if layer.attn_out_norm is None else self.norm(a, layer.attn_out_norm))
             m = self.mlp(layer, self.norm(h, layer.post_norm))

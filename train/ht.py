@@ -76,7 +76,7 @@ def sample_forward(model: StepModel, seq: np.ndarray, context_len: int, ends_wit
         empty = [torch.zeros(0, model.num_kv_heads, model.head_dim, device=device)] * layers
         h = model.embed(torch.from_numpy(seq).to(device))
         positions, mask = torch.arange(s, device=device), causal_mask(s).to(device)
-        inputs = model.layer_inputs(positions, h.dtype, mask, empty[0], None, *model.sliding_masks(mask, positions, 0))
+        inputs = model.step_inputs(positions, h.dtype, mask, empty[0], None, *model.sliding_masks(mask, positions, 0))
         h_l, keys, values = model.run_layers(h, inputs, empty, empty, 0, split)                   # h_l [S, H]
         h_top, upper_keys, upper_values = model.run_layers(h_l, inputs, empty, empty, split, layers)
         keys, values = keys + upper_keys, values + upper_values
@@ -87,7 +87,7 @@ def sample_forward(model: StepModel, seq: np.ndarray, context_len: int, ends_wit
     # Sliding-window layers see, of the sequence, positions 0..q inside the window (export/masks.py).
     tree_mask, past_mask = groups.tree_mask.to(device), groups.past_mask.to(device)
     group_positions = groups.position_ids.to(device)
-    inputs = model.layer_inputs(group_positions, pseudo.dtype, tree_mask, keys[0], past_mask,
+    inputs = model.step_inputs(group_positions, pseudo.dtype, tree_mask, keys[0], past_mask,
                                 *model.sliding_masks(tree_mask, group_positions, s, past_mask))
     h, _, _ = model.run_layers(pseudo.reshape(len(qs) * k, -1), inputs, keys, values, split, layers)
     logits = model.logits(model.final_hidden(h)).view(len(qs), k, -1)
