@@ -114,6 +114,9 @@ class HFSource:
     """A transformers checkpoint dir (any weight format transformers reads, any dtype)."""
     path: Path
 
+    def __str__(self) -> str:
+        return f"checkpoint dir {self.path}"
+
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         path = Path(self.path)
         config_path = path / "config.json"
@@ -129,6 +132,9 @@ class HFSource:
 class GGUFSource:
     """A GGUF file: dequantized to fp32 by transformers (needs `gguf`)."""
     path: Path
+
+    def __str__(self) -> str:
+        return f"GGUF {self.path}"
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         path = Path(self.path)
@@ -200,6 +206,9 @@ DEFAULT_PACKAGE = DEFAULT_MODEL_DIR.name
 @dataclass(frozen=True)
 class PackageSource:
     name: str = DEFAULT_PACKAGE
+
+    def __str__(self) -> str:
+        return f"packaged model {self.name}"
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if self.name not in PACKAGED_MODELS:

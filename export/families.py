@@ -58,7 +58,8 @@ class FamilySpec:
     scaled_embedding: bool = False       # embeddings x sqrt(hidden), the factor in the model dtype (Gemma)
     query_scalar: str | None = None      # config attribute q is scaled by **-0.5 (default: head_dim)
     activation: str = "hidden_act"       # config attribute naming the MLP activation
-    sliding: str = "none"                # "none", "layer_types" (config.layer_types) or "all" (when config.sliding_window)
+    sliding: str = "none"                # "none", "layer_types" (from config.layer_types) or "all" (every
+                                         # layer, when config.sliding_window is set)
     rope_per_layer_type: bool = False    # rope_parameters keyed by layer type (Gemma: local base on sliding layers)
     attn_softcap: str | None = None      # config attribute of the score soft-cap (none of today's families uses one)
     final_softcap: str | None = None     # config attribute of the logit soft-cap (Gemma)

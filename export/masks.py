@@ -94,7 +94,8 @@ def sliding_window_masks(tree_mask: Array, positions: Array, past_positions: Arr
     past_seen = in_window(positions, past_positions, window)                                     # [T, S]
     if past_mask is not None:
         if tuple(past_mask.shape) != (t, past_positions.shape[0]):
-            raise ValueError(f"past_mask must be [T, S] = [{t}, {past_positions.shape[0]}], got {tuple(past_mask.shape)}")
+            raise ValueError(f"past_mask must be [T, S] = [{t}, {past_positions.shape[0]}], "
+                             f"got {tuple(past_mask.shape)}")
         past_seen = past_seen & visible(past_mask)
     return additive(tree_seen, dtype), additive(past_seen, dtype)
 

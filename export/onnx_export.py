@@ -9,8 +9,8 @@ The graph has exactly StepModel.forward's signature, with the per-layer cache as
 (past_key.{i}, past_value.{i}: [S, Hkv, D]) so a runtime can bind each layer's committed prefix by
 pointer. A family with sliding-window layers has two more inputs after tree_mask, the additive
 sliding_tree_mask [T, T] and sliding_past_mask [T, S] (export/masks.py builds them); the manifest's
-model record names them and the window. Everything is written into a temp dir next to `out_dir` and swapped in at the end: a
-reader never sees a half-written engine dir.
+model record names them and the window. Everything is written into a temp dir next to `out_dir`
+and swapped in at the end: a reader never sees a half-written engine dir.
 
 Exporter choice (measured here, torch 2.13): the TorchScript exporter (`dynamo=False`) traces this
 model in ~1 s (tiny) / ~20 s (135M) with opset 17 and IR 8 and needs nothing beyond torch; the

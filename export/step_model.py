@@ -6,32 +6,36 @@
 
 Batch is 1 and implicit. `past_*` are the S committed entries (on global layers every tree node
 may see all of them); `tree_mask` is additive (0 = visible, the dtype's lowest finite value =
-hidden) and only covers the T new tokens. A family with sliding-window layers (Mistral, Gemma 3,
-Qwen with use_sliding_window, Phi-3 with sliding_window) takes two more additive masks, used on its
-sliding layers instead: the tree mask and the committed entries restricted to the window, built on
-the host by export/masks.py (a node at position p sees positions > p - window; the graph takes the
-elementwise minimum of tree_mask and sliding_tree_mask, which is the latter when built from the former). The KV cache keeps
-its full length for sliding layers too: every layer's cache is [S, Hkv, D] and the window is only a
-mask, so one cache layout and one commit serve every family.
+hidden) and only covers the T new tokens. The step never writes the cache: it returns the new
+entries and the runtime commits the accepted ones. This is the exact signature the ONNX exporter
+traces; only training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached
+after different positions of one cached sequence), the traced step leaves it None.
 
 One step serves every supported family (export/families.py): the family record read from the
 checkpoint's config says which biases, norms, activation, embedding scale, RoPE per layer type,
-window and soft-capping the layers use; nothing here looks at `model_type`. The step never writes the cache: it returns the new entries and the
-runtime commits the accepted ones. This is the exact signature the ONNX exporter traces; only
-training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached after
-different positions of one cached sequence), the traced step leaves it None.
+window and soft-capping the layers use; nothing here looks at `model_type`. A family with
+sliding-window layers (Mistral, Gemma 3, Qwen with use_sliding_window, Phi-3 with sliding_window)
+takes two more additive masks, used on its sliding layers: the tree mask and the committed entries
+restricted to the window, built on the host by export/masks.py (a node at position p sees positions
+> p - window). The graph takes the elementwise minimum of tree_mask and sliding_tree_mask (the latter
+itself when built from the former), so tree_mask stays an input where every layer slides. The KV
+cache keeps its full length for sliding layers too: every layer's cache is [S, Hkv, D] and the
+window is only a mask, so one cache layout and one commit serve every family.
 
 Token ids >= vocab_size are method slots, so every backend takes plain int64 ids; the LM head
-keeps the vocabulary size. With an extra embedding table (PPD prompt tokens) they select its rows;
-with HT transfer maps (export/ht.py) id vocab_size + j is a pseudo slot whose row is replaced,
-right after layer l, by map j applied to its source node's layer-l state (`HiddenTransfer`). The
-two are mutually exclusive.
+keeps the vocabulary size. With an extra embedding table (PPD prompt tokens) they select its rows
+(layer-0 inputs as they are: Gemma's embedding scale applies to vocabulary rows only); with HT
+transfer maps (export/ht.py) id vocab_size + j is a pseudo slot whose row is replaced, right after
+layer l, by map j applied to its source node's layer-l state (`HiddenTransfer`). The two are
+mutually exclusive.
 
 Why a compact forward instead of transformers' own model with a 4-D mask (measured on the 2-core
-CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused,
-(phi3 checkpoints store them fused already), which makes MKL's small-M GEMMs of tree steps 1.5-2x faster than nn.Linear's [out, in] layout;
-and attention over past and new keys is one softmax over two score blocks, so the cache is never
-concatenated (no copy of the cache per layer per step).
+CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused
+(phi3 checkpoints store them fused already), which makes MKL's small-M GEMMs of tree steps 1.5-2x
+faster than nn.Linear's [out, in] layout; and attention over past and new keys is one softmax over
+two score blocks, so the cache is never concatenated (no copy of the cache per layer per step). The
+Llama graph is node for node the one exported before families existed (tests/export/
+test_onnx_export.py pins it): features a family lacks add no node.
 
 `row_exact=True` computes the same attention with every sum's bits independent of how the step was
 cut: not of T, of where a tree put a node's ancestors, or of which earlier tokens were committed by
@@ -119,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.qk_norm = None
         if family.qk_norm:   # [Hq + Hkv, D]: q's norm on each query head, k's on each kv head (one norm of qk)
             hq, hkv = family.num_heads, family.num_kv_heads
-            self.qk_norm = _norm_weight(torch.cat([attn.q_norm.weight.expand(hq, -1), attn.k_norm.weight.expand(hkv, -1)]),
-                                        family)
+            q_norm, k_norm = attn.q_norm.weight.expand(hq, -1), attn.k_norm.weight.expand(hkv, -1)
+            self.qk_norm = _norm_weight(torch.cat([q_norm, k_norm]), family)
 
 
 @dataclass
