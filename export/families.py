@@ -64,6 +64,11 @@ class FamilySpec:
     attn_softcap: str | None = None      # config attribute of the score soft-cap (none of today's families uses one)
     final_softcap: str | None = None     # config attribute of the logit soft-cap (Gemma)
     fused_weights: bool = False          # checkpoint stores qkv_proj [(Hq + 2 Hkv) D, H] and gate_up_proj [2I, H]
+    gguf_architecture: str | None = None  # its GGUF `general.architecture` (default: the family name)
+
+    @property
+    def gguf_name(self) -> str:
+        return self.gguf_architecture or self.name
 
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
@@ -135,6 +140,11 @@ class FamilyRecord:
 
     def rope_of(self, layer_type: str) -> RopeSpec:
         return dict(self.rope)[layer_type]
+
+
+def gguf_family(architecture: str) -> FamilySpec | None:
+    """The family whose GGUFs declare `architecture` (llama.cpp's name), or None."""
+    return next((spec for spec in FAMILIES.values() if spec.gguf_name == architecture), None)
 
 
 def family_spec(model_type: str | None) -> FamilySpec:
