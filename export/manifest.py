@@ -31,7 +31,11 @@ MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
 FORMAT_NAME = "ppdeploy-step"
 # Bump when the graph contract changes (names, axes, semantics): older exports become stale.
-FORMAT_VERSION = 2   # 2: method.weights_sha256 (was extra_embeddings_sha256), ht graphs
+# 2: method.weights_sha256 (was extra_embeddings_sha256), ht graphs
+# 3: model families: model.family, model.rope, and for sliding-window families the graph inputs
+#    sliding_tree_mask / sliding_past_mask (model.sliding_mask_inputs) with model.sliding_window and
+#    model.sliding_layers, what a runtime builds those masks from (export/masks.py)
+FORMAT_VERSION = 3
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_TREE = 64
 TREE_AXIS, CACHE_AXIS = "T", "S"
@@ -92,6 +96,18 @@ class ModelRecord:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    family: str                   # export/families.py: llama, qwen2, qwen3, mistral, gemma3, phi3
+    sliding_window: int | None = None          # window of the sliding layers (None: no layer slides)
+    sliding_layers: tuple[int, ...] = ()       # which layers use sliding_tree_mask / sliding_past_mask
+    # The graph's sliding-window mask inputs, built by export.masks.sliding_window_masks from the tree
+    # mask, the nodes' and the committed entries' positions and `sliding_window`; () = none.
+    sliding_mask_inputs: tuple[str, ...] = ()
+    rope: dict = field(default_factory=dict)   # per layer type: rope_type, theta, rotary_dim (informational)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelRecord":
+        return cls(**{**data, "sliding_layers": tuple(data.get("sliding_layers", ())),
+                      "sliding_mask_inputs": tuple(data.get("sliding_mask_inputs", ()))})
 
 
 @dataclass(frozen=True)
@@ -224,7 +240,7 @@ class Manifest:
                 ir_version=int(data["ir_version"]),
                 max_context=int(data["max_context"]),
                 max_tree=int(data["max_tree"]),
-                model=ModelRecord(**data["model"]),
+                model=ModelRecord.from_json(data["model"]),
                 method=MethodRecord(**method),
                 inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
                 outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),

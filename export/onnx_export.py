@@ -7,8 +7,10 @@
 
 The graph has exactly StepModel.forward's signature, with the per-layer cache as separate inputs
 (past_key.{i}, past_value.{i}: [S, Hkv, D]) so a runtime can bind each layer's committed prefix by
-pointer. Everything is written into a temp dir next to `out_dir` and swapped in at the end: a
-reader never sees a half-written engine dir.
+pointer. A family with sliding-window layers has two more inputs after tree_mask, the additive
+sliding_tree_mask [T, T] and sliding_past_mask [T, S] (export/masks.py builds them); the manifest's
+model record names them and the window. Everything is written into a temp dir next to `out_dir`
+and swapped in at the end: a reader never sees a half-written engine dir.
 
 Exporter choice (measured here, torch 2.13): the TorchScript exporter (`dynamo=False`) traces this
 model in ~1 s (tiny) / ~20 s (135M) with opset 17 and IR 8 and needs nothing beyond torch; the
@@ -34,8 +36,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from export.checkpoint import load_checkpoint, model_fingerprint
-from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, ONNX_NAME, TREE_AXIS, AxisRange, FileRecord, Manifest, MethodRecord,
+from export.families import manifest_fields
+from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, ONNX_NAME, TREE_AXIS,
+                             AxisRange, FileRecord, Manifest, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
+from export.masks import SLIDING_MASK_INPUTS, SLIDING_PAST_MASK, SLIDING_TREE_MASK
 from export.methods import EXPORT_METHODS, METHODS, MethodExtras
 from export.onnx_files import DATA_SUFFIX, check_replaceable, file_record, save_with_external_data, swap_in
 from export.quantize import DEFAULT_VARIANT, ROW_EXACT_ATTENTION, check_variant
@@ -81,16 +86,23 @@ class ExportConfig:
 
 
 class StepGraph(nn.Module):
-    """StepModel.forward with the cache as flat inputs: past_key.0..L-1, then past_value.0..L-1."""
+    """StepModel.forward with flat inputs: input_ids, position_ids, tree_mask, [sliding_tree_mask,
+    sliding_past_mask,] past_key.0..L-1, then past_value.0..L-1."""
 
     def __init__(self, step: StepModel) -> None:
         super().__init__()
         self.step = step
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.step.num_layers
-        return self.step(input_ids, position_ids, tree_mask, list(past[:n]), list(past[n:]))
+        sliding, past = rest[: len(rest) - 2 * n], rest[len(rest) - 2 * n :]
+        return self.step(input_ids, position_ids, tree_mask, list(past[:n]), list(past[n:]), None, *sliding)
+
+
+def mask_input_names(step: StepModel) -> tuple[str, ...]:
+    """The sliding-window mask inputs of this model's graph: both, or none when no layer slides."""
+    return SLIDING_MASK_INPUTS if step.family.has_sliding_layers else ()
 
 
 def io_specs(step: StepModel, dtype: torch.dtype) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -98,10 +110,12 @@ def io_specs(step: StepModel, dtype: torch.dtype) -> tuple[tuple[TensorSpec, ...
     fdt = str(dtype).removeprefix("torch.")
     n, hkv, d = step.num_layers, step.num_kv_heads, step.head_dim
     t, s = TREE_AXIS, CACHE_AXIS
+    sliding = {SLIDING_TREE_MASK: (t, t), SLIDING_PAST_MASK: (t, s)}    # additive, used on sliding layers
     inputs = (
         TensorSpec("input_ids", "int64", (t,)),
         TensorSpec("position_ids", "int64", (t,)),
         TensorSpec("tree_mask", fdt, (t, t)),                  # additive: 0 visible, finfo.min hidden
+        *(TensorSpec(name, fdt, sliding[name]) for name in mask_input_names(step)),
         *(TensorSpec(f"past_key.{i}", fdt, (s, hkv, d)) for i in range(n)),
         *(TensorSpec(f"past_value.{i}", fdt, (s, hkv, d)) for i in range(n)),
     )
@@ -129,7 +143,8 @@ def trace_inputs(step: StepModel, dtype: torch.dtype) -> tuple[torch.Tensor, ...
     if step.num_extra_tokens:
         ids[-1] = step.vocab_size  # not needed for tracing (it records ops, not values); keeps the example honest
     past = [torch.zeros(s, step.num_kv_heads, step.head_dim, dtype=dtype) for _ in range(2 * step.num_layers)]
-    return (ids, torch.arange(s, s + t), torch.zeros(t, t, dtype=dtype), *past)
+    sliding = [torch.zeros(t, t, dtype=dtype), torch.zeros(t, s, dtype=dtype)][: len(mask_input_names(step))]
+    return (ids, torch.arange(s, s + t), torch.zeros(t, t, dtype=dtype), *sliding, *past)
 
 
 def trace_to_onnx(step: StepModel, dtype: torch.dtype, path: Path) -> None:
@@ -295,8 +310,9 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         external_data=(file_record(work, ONNX_NAME + DATA_SUFFIX),),
         dtype=inputs[2].dtype, opset=OPSET, ir_version=IR_VERSION,
         max_context=config.max_context, max_tree=config.max_tree,
-        model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, int(step.config.hidden_size),
-                          step.num_layers, step.num_kv_heads, step.head_dim),
+        model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, step.hidden_size,
+                          step.num_layers, step.num_kv_heads, step.head_dim,
+                          sliding_mask_inputs=mask_input_names(step), **manifest_fields(step.family)),
         method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
         inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from export.manifest import Manifest
+from export.masks import sliding_window_masks
 
 # Max |diff| allowed between a node's row in the tree step and the same node scored along its own path
 # alone: atol + rtol * max|logit| of that row (logits are O(10)). fp32 (ordinary attention, measured on the
@@ -123,7 +124,13 @@ class StepRunner:
         t = len(ids)
         ids, positions, mask = pad_rows(np.asarray(ids, np.int64), np.asarray(positions, np.int64),
                                         mask.astype(self.dtype), self.manifest.min_step_rows)
-        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask, **self.past}
+        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask}
+        model = self.manifest.model
+        if model.sliding_mask_inputs:   # sliding-window families: the window over positions 0..S-1 and the tree
+            past_positions = np.arange(self.past["past_key.0"].shape[0])
+            feeds.update(zip(model.sliding_mask_inputs,
+                             sliding_window_masks(mask, positions, past_positions, model.sliding_window)))
+        feeds.update(self.past)
         logits, keys, values = self.session.run(["logits", "new_keys", "new_values"], feeds)
         return logits[:t], keys[:, :t], values[:, :t]
 

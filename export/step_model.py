@@ -1,26 +1,41 @@
 """The step function: one forward pass over a token tree on top of a committed KV cache.
 
-    step(input_ids [T], position_ids [T], tree_mask [T, T], past_keys[l] [S, Hkv, D], past_values[l])
+    step(input_ids [T], position_ids [T], tree_mask [T, T], past_keys[l] [S, Hkv, D], past_values[l]
+         [, sliding_tree_mask [T, T], sliding_past_mask [T, S]])
         -> logits [T, V], new_keys [L, T, Hkv, D], new_values [L, T, Hkv, D]
 
-Batch is 1 and implicit. `past_*` are the S committed entries (every tree node may see all of
-them); `tree_mask` is additive (0 = visible, the dtype's lowest finite value = hidden) and only
-covers the T new tokens. The step never writes the cache: it returns the new entries and the
-runtime commits the accepted ones. This is the exact signature the ONNX exporter traces; only
-training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached after
-different positions of one cached sequence), the traced step leaves it None.
+Batch is 1 and implicit. `past_*` are the S committed entries (on global layers every tree node
+may see all of them); `tree_mask` is additive (0 = visible, the dtype's lowest finite value =
+hidden) and only covers the T new tokens. The step never writes the cache: it returns the new
+entries and the runtime commits the accepted ones. This is the exact signature the ONNX exporter
+traces; only training passes the optional additive `past_mask` [T, S] (PPD prompt groups attached
+after different positions of one cached sequence), the traced step leaves it None.
+
+One step serves every supported family (export/families.py): the family record read from the
+checkpoint's config says which biases, norms, activation, embedding scale, RoPE per layer type,
+window and soft-capping the layers use; nothing here looks at `model_type`. A family with
+sliding-window layers (Mistral, Gemma 3, Qwen with use_sliding_window, Phi-3 with sliding_window)
+takes two more additive masks, used on its sliding layers: the tree mask and the committed entries
+restricted to the window, built on the host by export/masks.py (a node at position p sees positions
+> p - window). The graph takes the elementwise minimum of tree_mask and sliding_tree_mask (the latter
+itself when built from the former), so tree_mask stays an input where every layer slides. The KV
+cache keeps its full length for sliding layers too: every layer's cache is [S, Hkv, D] and the
+window is only a mask, so one cache layout and one commit serve every family.
 
 Token ids >= vocab_size are method slots, so every backend takes plain int64 ids; the LM head
-keeps the vocabulary size. With an extra embedding table (PPD prompt tokens) they select its rows;
-with HT transfer maps (export/ht.py) id vocab_size + j is a pseudo slot whose row is replaced,
-right after layer l, by map j applied to its source node's layer-l state (`HiddenTransfer`). The
-two are mutually exclusive.
+keeps the vocabulary size. With an extra embedding table (PPD prompt tokens) they select its rows
+(layer-0 inputs as they are: Gemma's embedding scale applies to vocabulary rows only); with HT
+transfer maps (export/ht.py) id vocab_size + j is a pseudo slot whose row is replaced, right after
+layer l, by map j applied to its source node's layer-l state (`HiddenTransfer`). The two are
+mutually exclusive.
 
-Why a compact forward instead of transformers' LlamaModel with a 4-D mask (measured on the 2-core
-CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused,
-which makes MKL's small-M GEMMs of tree steps 1.5-2x faster than nn.Linear's [out, in] layout;
-and attention over past and new keys is one softmax over two score blocks, so the cache is never
-concatenated (no copy of the cache per layer per step).
+Why a compact forward instead of transformers' own model with a 4-D mask (measured on the 2-core
+CPU, see README): the weights are stored pre-transposed ([in, out]) and q/k/v and gate/up fused
+(phi3 checkpoints store them fused already), which makes MKL's small-M GEMMs of tree steps 1.5-2x
+faster than nn.Linear's [out, in] layout; and attention over past and new keys is one softmax over
+two score blocks, so the cache is never concatenated (no copy of the cache per layer per step). The
+Llama graph is node for node the one exported before families existed (tests/export/
+test_onnx_export.py pins it): features a family lacks add no node.
 
 `row_exact=True` computes the same attention with every sum's bits independent of how the step was
 cut: not of T, of where a tree put a node's ancestors, or of which earlier tokens were committed by
@@ -43,129 +58,140 @@ slower than these ops).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from export.ht import TransferMaps
+from export.attention import apply_rope, attention, rms_norm, row_exact_attention, row_exact_mask, softcap
+from export.families import SLIDING, FamilyRecord, RopeSpec, family_record
+from export.ht import HiddenTransfer, TransferMaps
+from export.masks import lowest_mask_value, sliding_window_masks
 
-
-def lowest_mask_value(dtype: torch.dtype) -> float:
-    """Additive mask value for hidden entries: finite, so fp16 never produces NaN."""
-    return torch.finfo(dtype).min
-
-
-def rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
-    # `half` = D / 2 passed in: x.shape[-1] // 2 would be traced as Shape/Gather/Div nodes per layer
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers' LlamaRMSNorm: normalise in fp32, scale in the weight's dtype.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+__all__ = ["DecoderLayer", "HiddenTransfer", "LayerInputs", "StepInputs", "StepModel", "lowest_mask_value"]
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
-class DecoderLayer(nn.Module):
-    """One Llama block with fused, pre-transposed projection weights."""
+def _norm_weight(weight: torch.Tensor, family: FamilyRecord) -> nn.Parameter:
+    """An RMSNorm's scale as the step multiplies it: Llama's w in the model dtype, Gemma's 1 + w in fp32
+    (exactly what Gemma3RMSNorm computes every call, so the same bits)."""
+    if family.norm_scale_fp32:
+        return _frozen(family.norm_offset + weight.float())
+    return _frozen(weight + family.norm_offset if family.norm_offset else weight)
 
-    def __init__(self, hf_layer: nn.Module) -> None:
+
+def _bias(*linears: nn.Module) -> nn.Parameter:
+    return _frozen(torch.cat([linear.bias for linear in linears]))
+
+
+class DecoderLayer(nn.Module):
+    """One decoder block with fused, pre-transposed projection weights, and the family's biases and norms
+    (None where the family has none). `kind` is its attention: full or sliding window."""
+
+    def __init__(self, hf_layer: nn.Module, family: FamilyRecord, kind: str) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.input_norm = _frozen(hf_layer.input_layernorm.weight)
-        self.post_norm = _frozen(hf_layer.post_attention_layernorm.weight)
+        self.kind = kind
+        norm = lambda module: _norm_weight(module.weight, family)  # noqa: E731
+        self.input_norm = norm(hf_layer.input_layernorm)
+        # post_norm is the norm before the MLP (its HF name differs: Gemma's post_attention_layernorm
+        # normalises the attention output, its pre_feedforward_layernorm is the MLP's input norm).
+        self.attn_out_norm = self.mlp_out_norm = None
+        if family.sandwich_norms:
+            self.attn_out_norm = norm(hf_layer.post_attention_layernorm)
+            self.post_norm = norm(hf_layer.pre_feedforward_layernorm)
+            self.mlp_out_norm = norm(hf_layer.post_feedforward_layernorm)
+        else:
+            self.post_norm = norm(hf_layer.post_attention_layernorm)
+        if family.fused_weights:   # phi3: already q | k | v and gate | up
+            qkv, gate_up = (attn.qkv_proj,), (mlp.gate_up_proj,)
+        else:
+            qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
         # [H, (Hq + 2 Hkv) D]: columns are q | k | v
-        self.qkv_t = _frozen(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t())
+        self.qkv_t = _frozen(torch.cat([linear.weight for linear in qkv]).t())
         self.o_t = _frozen(attn.o_proj.weight.t())                                   # [Hq D, H]
-        self.gate_up_t = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t())  # [H, 2I]
+        self.gate_up_t = _frozen(torch.cat([linear.weight for linear in gate_up]).t())  # [H, 2I]
         self.down_t = _frozen(mlp.down_proj.weight.t())                             # [I, H]
         self.intermediate = int(mlp.down_proj.weight.shape[1])   # I, a Python int: constant slices when traced
+        self.qkv_bias = _bias(*qkv) if family.qkv_bias else None                    # [(Hq + 2 Hkv) D]
+        self.o_bias = _bias(attn.o_proj) if family.o_bias else None                 # [H]
+        self.gate_up_bias = _bias(*gate_up) if family.mlp_bias else None            # [2I]
+        self.down_bias = _bias(mlp.down_proj) if family.mlp_bias else None          # [H]
+        self.qk_norm = None
+        if family.qk_norm:   # [Hq + Hkv, D]: q's norm on each query head, k's on each kv head (one norm of qk)
+            hq, hkv = family.num_heads, family.num_kv_heads
+            q_norm, k_norm = attn.q_norm.weight.expand(hq, -1), attn.k_norm.weight.expand(hkv, -1)
+            self.qk_norm = _norm_weight(torch.cat([q_norm, k_norm]), family)
 
 
-class HiddenTransfer(nn.Module):
-    """HT's transfer maps inside the step: after layer `layer`, each pseudo row (id vocab_size + j)
-    becomes `h_src @ weight[j] + bias[j]`, h_src the layer-`layer` state of the row's source node.
+@dataclass
+class LayerInputs:
+    """What every layer of one attention kind takes in a step, built once per step (not per layer)."""
 
-    The source is found in-graph from the step's own inputs, with no data-dependent Python control
-    flow (so torch.onnx.export traces it): among the rows a pseudo row may see (tree_mask == 0) that
-    hold real tokens, the one with the largest position id. Pseudo slots hang off a node as a chain,
-    so the visible real rows are that node and its ancestors, whose positions (depths) all differ:
-    the largest is the node itself, never a node of another branch. Pseudo rows' K/V at layers
-    <= l are junk, but only later pseudo rows of the same chain see them and pseudo KV is never
-    committed."""
+    cos: torch.Tensor                  # [T, 1, rotary_dim] in the model dtype
+    sin: torch.Tensor
+    rotary_dim: int
+    tree_mask: torch.Tensor            # [T, T] additive; row_exact: the [G T, S + T] mask with the past folded in
+    past_mask: torch.Tensor | None     # [T, S] additive, or None: every committed entry visible
 
-    def __init__(self, maps: TransferMaps, vocab_size: int) -> None:
-        super().__init__()
-        self.layer = maps.layer
-        self.vocab_size = vocab_size
-        self.num_maps = maps.num_maps
-        self.weight = _frozen(maps.weight)     # [k, H, H] ([in, out])
-        self.bias = _frozen(maps.bias)         # [k, H]
 
-    def source_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    tree_mask: torch.Tensor) -> torch.Tensor:
-        """[T] index of each row's source: the nearest real (non-pseudo) row it sees; a real row's is itself."""
-        is_real = input_ids < self.vocab_size                                       # [T]
-        visible_real = (tree_mask == 0) & is_real.unsqueeze(0)                      # [T, T]
-        score = torch.where(visible_real, position_ids.to(torch.float32).unsqueeze(0), -1.0)
-        return score.argmax(dim=-1)
+@dataclass
+class StepInputs:
+    """What a step's layers take besides their cache, built once per step by StepModel.step_inputs."""
 
-    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                tree_mask: torch.Tensor) -> torch.Tensor:
-        # h: [T, H] output of layer `layer` -> same, pseudo rows replaced by their transferred state
-        t = h.shape[0]
-        source = h.index_select(0, self.source_rows(input_ids, position_ids, tree_mask))      # [T, H]
-        mapped = torch.matmul(source, self.weight.to(h.dtype)) + self.bias.to(h.dtype).unsqueeze(1)  # [k, T, H]
-        slot = (input_ids - self.vocab_size).clamp(min=0, max=self.num_maps - 1)             # [T] map j
-        pseudo = mapped.gather(0, slot.view(1, t, 1).expand(1, t, h.shape[1])).squeeze(0)   # [T, H]
-        return torch.where((input_ids >= self.vocab_size).unsqueeze(-1), pseudo, h)
-
-    def transfer(self, source: torch.Tensor) -> torch.Tensor:
-        """[G, H] layer-l states of G source positions -> [G, k, H] pseudo states (training)."""
-        return (torch.matmul(source, self.weight) + self.bias.unsqueeze(1)).transpose(0, 1)
+    tree_mask: torch.Tensor            # [T, T] additive in the model dtype (HT finds pseudo rows' sources with it)
+    layers: dict[str, LayerInputs]     # per attention kind the model has (full, sliding)
 
 
 class StepModel(nn.Module):
-    def __init__(self, hf_model: LlamaForCausalLM, extra_embeddings: torch.Tensor | None = None,
+    def __init__(self, hf_model: nn.Module, extra_embeddings: torch.Tensor | None = None,
                  transfer_maps: TransferMaps | None = None, row_exact: bool = False) -> None:
+        """`hf_model`: a transformers causal LM of a supported family (export/families.py), e.g. from
+        export.checkpoint.load_checkpoint; its weights are copied into the step's layout."""
         super().__init__()
         self.row_exact = row_exact
         if extra_embeddings is not None and transfer_maps is not None:
             raise ValueError("a step model takes PPD prompt-token rows or HT transfer maps, not both: "
                              "build it for one method")
-        config: LlamaConfig = hf_model.config
-        for name in ("attention_bias", "mlp_bias"):
-            if getattr(config, name, False):
-                raise ValueError(f"checkpoints with {name}=True are not supported yet")
-        self.config = config
-        self.vocab_size = config.vocab_size
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.eps = config.rms_norm_eps
-        self.layers = nn.ModuleList(DecoderLayer(layer) for layer in hf_model.model.layers)
-        self.final_norm = _frozen(hf_model.model.norm.weight)
+        family = family_record(hf_model.config)
+        self.family = family
+        self.vocab_size = family.vocab_size
+        self.hidden_size = family.hidden_size
+        self.num_layers = family.num_layers
+        self.num_heads = family.num_heads
+        self.num_kv_heads = family.num_kv_heads
+        self.head_dim = family.head_dim
+        self.eps = family.rms_norm_eps
+        self.layers = nn.ModuleList(DecoderLayer(layer, family, kind)
+                                    for layer, kind in zip(hf_model.model.layers, family.layer_types))
+        self.final_norm = _norm_weight(hf_model.model.norm.weight, family)
         self.lm_head_t = _frozen(hf_model.lm_head.weight.t())                   # [H, V]
         # Tied checkpoints look embeddings up in the head's columns: no second [V, H] copy.
-        self.tied = bool(config.tie_word_embeddings)
+        self.tied = family.tied_head
         self.embed_weight = None if self.tied else _frozen(hf_model.model.embed_tokens.weight)
-        rotary = LlamaRotaryEmbedding(config)
-        self.register_buffer("inv_freq", rotary.inv_freq.float().clone(), persistent=False)
-        self.rope_scaling = float(rotary.attention_scaling)
+        # Gemma: sqrt(H) as an fp32 scalar, cast to the model dtype where it is applied (as transformers does).
+        self.register_buffer("embed_scale", None if family.embed_scale is None else torch.tensor(family.embed_scale),
+                             persistent=False)
+        # One inv_freq buffer per distinct RoPE (Gemma: one for global, one for sliding layers); the first
+        # is `inv_freq`, the name a one-RoPE graph has always had.
+        self.ropes: dict[str, int] = {}        # layer kind -> index of its RoPE in rope_specs
+        self.rope_specs: list[RopeSpec] = []
+        for kind, spec in family.rope:
+            if spec not in self.rope_specs:
+                name = "inv_freq" if not self.rope_specs else f"inv_freq_{len(self.rope_specs)}"
+                self.register_buffer(name, torch.tensor(spec.inv_freq, dtype=torch.float32), persistent=False)
+                self.rope_specs.append(spec)
+            self.ropes[kind] = self.rope_specs.index(spec)
         # [E, H] rows for ids vocab_size .. vocab_size + E - 1 (PPD prompt tokens), or None.
         self.extra_embeddings = None if extra_embeddings is None else _frozen(extra_embeddings)
         self.transfer = None
         if transfer_maps is not None:
-            if transfer_maps.hidden_size != config.hidden_size:
+            if transfer_maps.hidden_size != family.hidden_size:
                 raise ValueError(f"transfer maps of hidden size {transfer_maps.hidden_size} do not fit a model of "
-                                 f"hidden size {config.hidden_size}: use maps trained for this model")
+                                 f"hidden size {family.hidden_size}: use maps trained for this model")
             if transfer_maps.layer >= self.num_layers:
                 raise ValueError(f"transfer maps read layer {transfer_maps.layer}, but the model has layers "
                                  f"0..{self.num_layers - 1}: use maps trained for this model")
@@ -178,12 +204,12 @@ class StepModel(nn.Module):
         return 0 if self.extra_embeddings is None else int(self.extra_embeddings.shape[0])
 
     def embed_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids: [T] in 0..V-1 -> [T, H]
-        if self.tied:
-            return self.lm_head_t.t()[input_ids]
-        return self.embed_weight[input_ids]
+        # input_ids: [T] in 0..V-1 -> [T, H], the input of layer 0 (Gemma: scaled by sqrt(H))
+        rows = self.lm_head_t.t()[input_ids] if self.tied else self.embed_weight[input_ids]
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [T, H] layer-0 inputs; PPD rows (ids >= vocab_size) are layer-0 inputs as they are."""
         if self.transfer is not None:  # pseudo slots: any harmless row (token 0); replaced after layer l
             return self.embed_vocab(torch.where(input_ids < self.vocab_size, input_ids, 0))
         if self.extra_embeddings is None:
@@ -193,125 +219,139 @@ class StepModel(nn.Module):
         extra = self.extra_embeddings[(input_ids - self.vocab_size).clamp(min=0, max=self.num_extra_tokens - 1)]
         return torch.where(is_extra, extra.to(vocab.dtype), vocab)
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: [T] -> cos, sin: [T, 1, D] (broadcast over heads)
-        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [T] -> cos, sin: [T, 1, rotary_dim] (broadcast over heads), of RoPE `index`
+        spec = self.rope_specs[index]
+        inv_freq = getattr(self, "inv_freq" if index == 0 else f"inv_freq_{index}")
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
-        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        cos = (emb.cos() * spec.attention_scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * spec.attention_scaling).to(dtype).unsqueeze(1)
         return cos, sin
 
-    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  tree_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-                  past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sliding_masks(self, tree_mask: torch.Tensor, position_ids: torch.Tensor, past_positions: torch.Tensor | int,
+                      past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(sliding_tree_mask [T, T], sliding_past_mask [T, S]) for a step of this model (export/masks.py),
+        or (None, None) when no layer slides, so callers pass `*model.sliding_masks(...)` for any family.
+        `past_positions` [S], or S for committed entries at positions 0..S-1."""
+        if not self.family.has_sliding_layers:
+            return None, None
+        if isinstance(past_positions, int):
+            past_positions = torch.arange(past_positions, device=tree_mask.device)
+        return sliding_window_masks(tree_mask, position_ids, past_positions, self.family.sliding_window, past_mask)
+
+    def step_inputs(self, position_ids: torch.Tensor, dtype: torch.dtype, tree_mask: torch.Tensor,
+                    past_key: torch.Tensor, past_mask: torch.Tensor | None = None,
+                    sliding_tree_mask: torch.Tensor | None = None, sliding_past_mask: torch.Tensor | None = None
+                    ) -> StepInputs:
+        """RoPE and masks of each attention kind the model has, once per step. Sliding layers take the
+        sliding masks (required when the model has them: StepModel.sliding_masks builds them). `past_key`
+        is any layer's cache [S, Hkv, D]: row_exact's masks read S from it."""
+        ropes = [self.rope(position_ids, dtype, i) for i in range(len(self.rope_specs))]
+        tree_mask = tree_mask.to(dtype)     # each mask cast once (a traced .to is a Cast node even when a no-op)
+        past_mask = None if past_mask is None else past_mask.to(dtype)
+        layers = {}
+        for kind in dict.fromkeys(self.family.layer_types):
+            tree, past = tree_mask, past_mask
+            if kind == SLIDING:
+                if sliding_tree_mask is None or sliding_past_mask is None:
+                    raise ValueError("this model has sliding-window layers: pass sliding_tree_mask and "
+                                     "sliding_past_mask (StepModel.sliding_masks or export.masks.sliding_window_masks)")
+                # The minimum of two additive masks hides what either hides: sliding_tree_mask itself when it
+                # was built from this tree mask (export/masks.py). It also keeps tree_mask an input of a graph
+                # whose every layer slides (Mistral, Phi-3), so every graph takes the same inputs.
+                tree, past = torch.minimum(tree, sliding_tree_mask.to(dtype)), sliding_past_mask.to(dtype)
+            if self.row_exact:   # S read here, after the casts: the order the Llama graph was always traced in
+                tree, past = row_exact_mask(tree, past, past_key.shape[0], self.num_heads // self.num_kv_heads), None
+            cos, sin = ropes[self.ropes[kind]]
+            layers[kind] = LayerInputs(cos, sin, self.rope_specs[self.ropes[kind]].rotary_dim, tree, past)
+        return StepInputs(tree_mask, layers)
+
+    def attention(self, layer: DecoderLayer, x: torch.Tensor, inputs: LayerInputs, past_key: torch.Tensor,
+                  past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        group = hq // hkv
         qkv = x @ layer.qkv_t                                                   # [T, (Hq + 2 Hkv) D]
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
         qk = qkv[:, : (hq + hkv) * d].view(-1, hq + hkv, d)          # -1, not t: no shape arithmetic traced
-        qk = qk * cos + rotate_half(qk, d // 2) * sin                                   # RoPE on q and k at once
+        if layer.qk_norm is not None:
+            qk = rms_norm(qk, layer.qk_norm, self.eps, self.family.norm_scale_fp32)
+        qk = apply_rope(qk, inputs.cos, inputs.sin, inputs.rotary_dim, d)      # RoPE on q and k at once
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d :].view(-1, hkv, d)
-        if self.row_exact:   # tree_mask is the step's row_exact_mask [G T, S + T], past_mask folded in
-            return self.row_exact_attention(q, k, v, tree_mask, past_key, past_value) @ layer.o_t, k, v
-        # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
-        qg = (q * d ** -0.5).view(t, hkv, group, d).permute(1, 2, 0, 3)
-        past_scores = torch.matmul(qg, past_key.permute(1, 2, 0).unsqueeze(1))       # [Hkv, G, T, S]
-        if past_mask is not None:
-            past_scores = past_scores + past_mask                                    # [T, S] additive
-        new_scores = torch.matmul(qg, k.permute(1, 2, 0).unsqueeze(1)) + tree_mask   # [Hkv, G, T, T]
-        probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1).float(), dim=-1).to(x.dtype)
-        s = past_key.shape[0]
-        out = (torch.matmul(probs[..., :s], past_value.permute(1, 0, 2).unsqueeze(1))
-               + torch.matmul(probs[..., s:], v.permute(1, 0, 2).unsqueeze(1)))           # [Hkv, G, T, D]
-        out = out.permute(2, 0, 1, 3).reshape(t, hq * d)
-        return out @ layer.o_t, k, v
-
-    def row_exact_mask(self, tree_mask: torch.Tensor, past_mask: torch.Tensor | None,
-                       past_length: torch.Tensor | int) -> torch.Tensor:
-        """The additive mask of row_exact_attention, built once per step (not per layer): [G T, S + T],
-        the tree mask [T, T] after S visible past columns (or past_mask [T, S]), repeated for the G
-        query heads of a kv head (row g T + t is head g's query t)."""
-        t = tree_mask.shape[0]
-        mask = nn.functional.pad(tree_mask, (past_length, 0))
-        if past_mask is not None:
-            mask = mask + nn.functional.pad(past_mask, (0, t))
-        return mask.repeat(self.num_heads // self.num_kv_heads, 1)
-
-    def row_exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                            past_key: torch.Tensor, past_value: torch.Tensor) -> torch.Tensor:
-        """The attention of `attention` with every sum's bits independent of T, of where the tree put a
-        node's ancestors and of which earlier tokens were committed by which step (the past/new split):
-        q [T, Hq, D] after RoPE, k, v [T, Hkv, D], mask from row_exact_mask -> [T, Hq D] in q's dtype.
-        A score is one dot over D by one GEMM kernel, exp is per element; the softmax's sum and the sum
-        over keys run in float64 (fp32 products are exact in fp64, and fp64 sums of a few thousand terms
-        are ~1e-16 off, so the fp32 result no longer depends on how the sums are ordered or grouped)."""
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        group = hq // hkv
-        wide = torch.float64
-        # Query rows of a kv head stacked: [Hkv, G T, D], so the score GEMM has M = G T (never MLAS's
-        # M = 1 kernel when G > 1). Past and new keys (and values) in one GEMM each: an empty past as a
-        # GEMM of its own (K or N = 0) crashed onnxruntime 1.31 (SIGFPE) after its graph fusions. Each
-        # score is one dot over D in the cache dtype, the same bits whatever T and the split.
-        qg = (q * d ** -0.5).view(-1, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, -1, d)
-        keys = torch.cat((past_key, k), dim=0)                                                   # [S + T, Hkv, D]
-        scores = torch.matmul(qg, keys.permute(1, 2, 0)) + mask                                  # [Hkv, G T, S + T]
-        # Softmax spelled out, its sums in fp64: the max, the subtraction and exp are per element in the
-        # cache dtype (the same bits wherever the element sits: checked for onnxruntime's vectorised exp),
-        # widened exactly. onnxruntime's fp64 Softmax and fp64 Exp are scalar code, 3-5x slower.
-        exps = (scores - scores.amax(dim=-1, keepdim=True)).exp().to(wide)                     # [Hkv, G T, S + T]
-        values = torch.cat((past_value, v), dim=0).permute(1, 0, 2).to(wide)                    # [Hkv, S + T, D]
-        out = torch.matmul(exps, values) / exps.sum(dim=-1, keepdim=True)                       # [Hkv, G T, D]
-        return out.to(q.dtype).view(hkv, group, -1, d).permute(2, 0, 1, 3).reshape(-1, hq * d)
+        scale, cap = self.family.attention_scale, self.family.attn_softcap
+        if self.row_exact:   # inputs.tree_mask is the [G T, S + T] row_exact_mask, past_mask folded in
+            out = row_exact_attention(q, k, v, inputs.tree_mask, past_key, past_value, (hq, hkv, d), scale, cap)
+        else:
+            out = attention(q, k, v, inputs.tree_mask, past_key, past_value, inputs.past_mask, t, (hq, hkv, d),
+                            scale, cap)
+        out = out @ layer.o_t
+        return (out if layer.o_bias is None else out + layer.o_bias), k, v
 
     def mlp(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         gate_up = x @ layer.gate_up_t                                             # [T, 2I]
+        if layer.gate_up_bias is not None:
+            gate_up = gate_up + layer.gate_up_bias
         gate, up = gate_up[:, : layer.intermediate], gate_up[:, layer.intermediate :]
-        return (nn.functional.silu(gate) * up) @ layer.down_t
+        if self.family.activation == "gelu_tanh":
+            act = nn.functional.gelu(gate, approximate="tanh")
+        else:
+            act = nn.functional.silu(gate)
+        out = (act * up) @ layer.down_t
+        return out if layer.down_bias is None else out + layer.down_bias
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps, self.family.norm_scale_fp32)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
                       past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
-                      past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      past_mask: torch.Tensor | None = None, sliding_tree_mask: torch.Tensor | None = None,
+                      sliding_past_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step without the LM head: final-normed hidden states [T, H] and the new KV.
-        `past_mask` [T, S] (additive, optional) hides committed entries from some rows."""
+        `past_mask` [T, S] (additive, optional) hides committed entries from some rows on global layers;
+        the sliding masks (required when the model has sliding layers) replace tree_mask and past_mask
+        on sliding layers."""
         h = self.embed(input_ids)
-        cos, sin = self.rope(position_ids, h.dtype)
-        tree_mask = tree_mask.to(h.dtype)
-        past_mask = None if past_mask is None else past_mask.to(h.dtype)
-        layer_mask, layer_past_mask = tree_mask, past_mask        # what each layer's attention takes
-        if self.row_exact:
-            layer_mask, layer_past_mask = self.row_exact_mask(tree_mask, past_mask, past_keys[0].shape[0]), None
+        inputs = self.step_inputs(position_ids, h.dtype, tree_mask, past_keys[0], past_mask,
+                                  sliding_tree_mask, sliding_past_mask)
         split = self.num_layers if self.transfer is None else self.transfer.layer + 1
-        h, keys, values = self.run_layers(h, cos, sin, layer_mask, past_keys, past_values, layer_past_mask, 0, split)
+        h, keys, values = self.run_layers(h, inputs, past_keys, past_values, 0, split)
         if self.transfer is not None:
-            h = self.transfer(h, input_ids, position_ids, tree_mask)
-            h, upper_keys, upper_values = self.run_layers(h, cos, sin, layer_mask, past_keys, past_values,
-                                                          layer_past_mask, split, self.num_layers)
+            h = self.transfer(h, input_ids, position_ids, inputs.tree_mask)
+            h, upper_keys, upper_values = self.run_layers(h, inputs, past_keys, past_values, split, self.num_layers)
             keys, values = keys + upper_keys, values + upper_values
         return self.final_hidden(h), torch.stack(keys), torch.stack(values)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return rms_norm(h, self.final_norm, self.eps)
+        return self.norm(h, self.final_norm)
 
-    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tree_mask: torch.Tensor,
-                   past_keys: list[torch.Tensor], past_values: list[torch.Tensor], past_mask: torch.Tensor | None,
-                   start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] final hidden states -> [T, V] (Gemma 2-style final soft-capping where the family has it)."""
+        return softcap(hidden @ self.lm_head_t, self.family.final_softcap)
+
+    def run_layers(self, h: torch.Tensor, inputs: StepInputs, past_keys: list[torch.Tensor],
+                   past_values: list[torch.Tensor], start: int, stop: int
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Decoder layers start..stop-1 on the residual stream h [T, H] (past_* indexed by absolute
-        layer); returns h after layer stop-1 and the new K/V of those layers."""
+        layer, `inputs` from step_inputs); returns h after layer stop-1 and the new K/V of those layers."""
         new_keys, new_values = [], []
         for i in range(start, stop):
             layer = self.layers[i]
-            a, k, v = self.attention(layer, rms_norm(h, layer.input_norm, self.eps), cos, sin, tree_mask,
-                                     past_keys[i], past_values[i], past_mask)
-            h = h + a
-            h = h + self.mlp(layer, rms_norm(h, layer.post_norm, self.eps))
+            a, k, v = self.attention(layer, self.norm(h, layer.input_norm), inputs.layers[layer.kind],
+                                     past_keys[i], past_values[i])
+            h = h + (a if layer.attn_out_norm is None else self.norm(a, layer.attn_out_norm))
+            m = self.mlp(layer, self.norm(h, layer.post_norm))
+            h = h + (m if layer.mlp_out_norm is None else self.norm(m, layer.mlp_out_norm))
             new_keys.append(k)
             new_values.append(v)
         return h, new_keys, new_values
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
                 past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
-                past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_mask: torch.Tensor | None = None, sliding_tree_mask: torch.Tensor | None = None,
+                sliding_past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, new_keys, new_values = self.hidden_states(input_ids, position_ids, tree_mask, past_keys, past_values,
-                                                          past_mask)
-        return hidden @ self.lm_head_t, new_keys, new_values
+                                                          past_mask, sliding_tree_mask, sliding_past_mask)
+        return self.logits(hidden), new_keys, new_values

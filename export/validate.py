@@ -2,8 +2,12 @@
 
 Run on every export, at shapes other than the traced one (T=3, S=5): real token ids from the
 model's own tokenizer, a past KV cache from a real prefill of that text, and real tree masks
-(ancestor masks of a branching tree, and a causal chain for the prefill profile). Every mismatch
-of every case is collected and reported at once with its max abs difference.
+(ancestor masks of a branching tree, and a causal chain for the prefill profile). A model with
+sliding-window layers gets its sliding masks (export/masks.py) in every case, and one more case whose
+cache is longer than the window: each tree node's window boundary p - window falls inside the
+committed entries, at a different entry per depth (and a tiny window also cuts through the tree and
+the prefill chain). Every mismatch of every case is collected and reported at once with its max abs
+difference.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from export.masks import SLIDING_PAST_MASK, SLIDING_TREE_MASK
 from export.step_model import StepModel, lowest_mask_value
 from trees import buffers_from_parents, causal_buffers
 
@@ -36,9 +41,12 @@ class Case:
         return f"{'chain' if self.chain else 'tree'} T={self.tree_size} S={self.cache_length}"
 
 
-def default_cases(max_tree: int) -> tuple[Case, ...]:
-    """Tree sizes 1, 5, 16 (capped by max_tree) on caches of 0, 7, 50 entries, plus a prefill chain."""
+def default_cases(max_tree: int, window: int | None = None) -> tuple[Case, ...]:
+    """Tree sizes 1, 5, 16 (capped by max_tree) on caches of 0, 7, 50 entries, plus a prefill chain; with a
+    sliding window, a tree on a cache of window + 3 entries (the window boundary inside the cache)."""
     cases = [Case(1, 0), Case(min(5, max_tree), 7), Case(min(16, max_tree), 50), Case(1, 50), Case(24, 0, chain=True)]
+    if window is not None:
+        cases.append(Case(min(16, max_tree), window + 3))
     return tuple(dict.fromkeys(cases))
 
 
@@ -110,8 +118,12 @@ def case_inputs(step: StepModel, tokens: np.ndarray, case: Case) -> dict[str, np
     dtype = next(step.parameters()).dtype
     mask = np.where(buffers.ancestor_mask, 0.0, lowest_mask_value(dtype))
     past_keys, past_values = prefill_cache(step, tokens[:s])
-    feed = {"input_ids": ids, "position_ids": s + buffers.depth,
-            "tree_mask": torch.tensor(mask, dtype=dtype).numpy()}
+    tree_mask = torch.tensor(mask, dtype=dtype)
+    positions = torch.from_numpy(s + buffers.depth)
+    feed = {"input_ids": ids, "position_ids": positions.numpy(), "tree_mask": tree_mask.numpy()}
+    sliding = step.sliding_masks(tree_mask, positions, s)
+    if sliding[0] is not None:
+        feed.update({SLIDING_TREE_MASK: sliding[0].numpy(), SLIDING_PAST_MASK: sliding[1].numpy()})
     feed.update({f"past_key.{i}": k.numpy() for i, k in enumerate(past_keys)})
     feed.update({f"past_value.{i}": v.numpy() for i, v in enumerate(past_values)})
     return feed
@@ -126,17 +138,20 @@ def prefill_cache(step: StepModel, prefix: np.ndarray) -> tuple[list[torch.Tenso
         return empty, list(empty)
     s = len(prefix)
     mask = torch.full((s, s), lowest_mask_value(dtype), dtype=dtype).triu(1)
-    _, keys, values = step(torch.from_numpy(prefix), torch.arange(s), mask, empty, list(empty))
+    positions = torch.arange(s)
+    _, keys, values = step(torch.from_numpy(prefix), positions, mask, empty, list(empty), None,
+                           *step.sliding_masks(mask, positions, 0))
     return list(keys.contiguous()), list(values.contiguous())
 
 
 @torch.no_grad()
 def torch_outputs(step: StepModel, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = step.num_layers
+    sliding = [torch.from_numpy(feed[name]) for name in (SLIDING_TREE_MASK, SLIDING_PAST_MASK) if name in feed]
     logits, keys, values = step(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["position_ids"]),
                                 torch.from_numpy(feed["tree_mask"]),
                                 [torch.from_numpy(feed[f"past_key.{i}"]) for i in range(n)],
-                                [torch.from_numpy(feed[f"past_value.{i}"]) for i in range(n)])
+                                [torch.from_numpy(feed[f"past_value.{i}"]) for i in range(n)], None, *sliding)
     return {"logits": logits.numpy(), "new_keys": keys.numpy(), "new_values": values.numpy()}
 
 
@@ -146,7 +161,7 @@ def validate_step_graph(onnx_path, step: StepModel, tokenizer: PreTrainedTokeniz
     torch step on the same inputs; compare every output of every case."""
     import onnxruntime as ort
 
-    cases = default_cases(max_tree) if cases is None else cases
+    cases = default_cases(max_tree, step.family.sliding_window) if cases is None else cases
     dtype = str(next(step.parameters()).dtype).removeprefix("torch.")
     atol, rtol = TOLERANCES[dtype]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -193,7 +193,7 @@ def prepare_data(config: DistillTrainConfig, hf_model, tokenizer, fingerprint: s
 class TrainingInputs:
     device: torch.device
     fingerprint: str           # of the frozen base model
-    hf_model: object           # transformers LlamaForCausalLM on `device`
+    hf_model: object           # the transformers causal LM (a supported family) on `device`
     train_data: DistillData
     val_data: DistillData
     data_seconds: float

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from train.sharegpt import chat_messages
 from trees.atomic import atomic_path
@@ -126,7 +126,7 @@ def build_context(tokenizer: PreTrainedTokenizerBase, conversation: dict, rng: n
     return ids[-max_context_tokens:]
 
 
-def eos_token_ids(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     if tokenizer.eos_token_id is not None:
@@ -135,7 +135,7 @@ def eos_token_ids(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -
 
 
 @torch.inference_mode()
-def greedy_continuations(model: LlamaForCausalLM, contexts: list[list[int]], max_new_tokens: int,
+def greedy_continuations(model: PreTrainedModel, contexts: list[list[int]], max_new_tokens: int,
                          eos_ids: list[int], pad_id: int) -> list[list[int]]:
     """One batched, left-padded greedy generate() call; each continuation ends at its first EOS
     (kept) or after max_new_tokens."""
@@ -166,7 +166,7 @@ def cache_path(cache_dir: Path, fingerprint: str, split: str, options: DistillOp
     return Path(cache_dir) / f"ppd-{fingerprint}-{split}-{digest}.npz"
 
 
-def prepare_samples(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, conversations: list[dict],
+def prepare_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[dict],
                     pool: np.ndarray, count: int, options: DistillOptions, cache_file: Path,
                     desc: str = "distill") -> DistillData:
     """The first `count` samples of `pool` (conversation indices), generating only those the

@@ -75,19 +75,22 @@ def sample_forward(model: StepModel, seq: np.ndarray, context_len: int, ends_wit
     with torch.no_grad():
         empty = [torch.zeros(0, model.num_kv_heads, model.head_dim, device=device)] * layers
         h = model.embed(torch.from_numpy(seq).to(device))
-        cos, sin = model.rope(torch.arange(s, device=device), h.dtype)
-        mask = causal_mask(s).to(device)
-        h_l, keys, values = model.run_layers(h, cos, sin, mask, empty, empty, None, 0, split)       # h_l [S, H]
-        h_top, upper_keys, upper_values = model.run_layers(h_l, cos, sin, mask, empty, empty, None, split, layers)
+        positions, mask = torch.arange(s, device=device), causal_mask(s).to(device)
+        inputs = model.step_inputs(positions, h.dtype, mask, empty[0], None, *model.sliding_masks(mask, positions, 0))
+        h_l, keys, values = model.run_layers(h, inputs, empty, empty, 0, split)                   # h_l [S, H]
+        h_top, upper_keys, upper_values = model.run_layers(h_l, inputs, empty, empty, split, layers)
         keys, values = keys + upper_keys, values + upper_values
         first_row = int(qs[0]) + 1
-        teacher_logp = torch.log_softmax((model.final_hidden(h_top[first_row:]) @ model.lm_head_t).float(), dim=-1)
+        teacher_logp = torch.log_softmax(model.logits(model.final_hidden(h_top[first_row:])).float(), dim=-1)
     groups = build_prompt_groups(qs, s, layout_config(k), model.vocab_size)
     pseudo = transfer.transfer(h_l[torch.from_numpy(qs).to(device)])                               # [G, k, H]
-    cos, sin = model.rope(groups.position_ids.to(device), pseudo.dtype)
-    h, _, _ = model.run_layers(pseudo.reshape(len(qs) * k, -1), cos, sin, groups.tree_mask.to(device), keys, values,
-                               groups.past_mask.to(device), split, layers)
-    logits = (model.final_hidden(h) @ model.lm_head_t).view(len(qs), k, -1)
+    # Sliding-window layers see, of the sequence, positions 0..q inside the window (export/masks.py).
+    tree_mask, past_mask = groups.tree_mask.to(device), groups.past_mask.to(device)
+    group_positions = groups.position_ids.to(device)
+    inputs = model.step_inputs(group_positions, pseudo.dtype, tree_mask, keys[0], past_mask,
+                                *model.sliding_masks(tree_mask, group_positions, s, past_mask))
+    h, _, _ = model.run_layers(pseudo.reshape(len(qs) * k, -1), inputs, keys, values, split, layers)
+    logits = model.logits(model.final_hidden(h)).view(len(qs), k, -1)
     student_logp = torch.log_softmax(logits.float(), dim=-1)                                       # [G, k, V]
     teacher = teacher_logp[(groups.target_rows - first_row).to(device)]                            # [G, k, V]
     return distill_scores(student_logp, teacher, weights)

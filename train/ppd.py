@@ -108,15 +108,19 @@ def sample_forward(model: StepModel, seq: np.ndarray, context_len: int, ends_wit
     s = len(seq)
     with torch.no_grad():
         empty = torch.zeros(0, model.num_kv_heads, model.head_dim, device=device)
+        positions, mask = torch.arange(s, device=device), causal_mask(s).to(device)
         hidden, keys, values = model.hidden_states(
-            torch.from_numpy(seq).to(device), torch.arange(s, device=device), causal_mask(s).to(device),
-            [empty] * model.num_layers, [empty] * model.num_layers)
+            torch.from_numpy(seq).to(device), positions, mask, [empty] * model.num_layers, [empty] * model.num_layers,
+            None, *model.sliding_masks(mask, positions, 0))
         first_row = int(qs[0]) + 1
-        teacher_logp = torch.log_softmax((hidden[first_row:] @ model.lm_head_t).float(), dim=-1)  # [R, V]
+        teacher_logp = torch.log_softmax(model.logits(hidden[first_row:]).float(), dim=-1)          # [R, V]
     groups = build_prompt_groups(qs, s, config, model.vocab_size)
-    h, _, _ = model.hidden_states(groups.input_ids.to(device), groups.position_ids.to(device),
-                                  groups.tree_mask.to(device), list(keys), list(values), groups.past_mask.to(device))
-    logits = (h @ model.lm_head_t).view(len(qs), config.num_virtual_tokens, -1)
+    # Sliding-window layers see, of the sequence, positions 0..q inside the window (export/masks.py).
+    tree_mask, past_mask = groups.tree_mask.to(device), groups.past_mask.to(device)
+    group_positions = groups.position_ids.to(device)
+    h, _, _ = model.hidden_states(groups.input_ids.to(device), group_positions, tree_mask, list(keys), list(values),
+                                  past_mask, *model.sliding_masks(tree_mask, group_positions, s, past_mask))
+    logits = model.logits(h).view(len(qs), config.num_virtual_tokens, -1)
     student_logp = torch.log_softmax(average_ensemble_logits(logits, config).float(), dim=-1)    # [G, N, V]
     teacher = teacher_logp[(groups.target_rows - first_row).to(device)]                          # [G, N, V]
     return distill_scores(student_logp, teacher, weights)

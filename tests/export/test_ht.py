@@ -106,15 +106,14 @@ def test_step_model_pseudo_row_equals_upper_layers_on_the_transferred_state(tiny
         got = model(torch.tensor(tokens), positions, mask, empty, empty)[0]
         # reference: the real chain alone, then the pseudo state by hand on top of its upper-layer KV
         h = model.embed(torch.tensor(tokens[:3]))
-        cos, sin = model.rope(positions[:3], h.dtype)
-        h_l, keys, values = model.run_layers(h, cos, sin, mask[:3, :3], empty, empty, None, 0, layer + 1)
-        _, up_k, up_v = model.run_layers(h_l, cos, sin, mask[:3, :3], empty, empty, None, layer + 1, model.num_layers)
+        inputs = model.step_inputs(positions[:3], h.dtype, mask[:3, :3], empty[0])
+        h_l, keys, values = model.run_layers(h, inputs, empty, empty, 0, layer + 1)
+        _, up_k, up_v = model.run_layers(h_l, inputs, empty, empty, layer + 1, model.num_layers)
         keys, values = keys + up_k, values + up_v
         pseudo = model.transfer.transfer(h_l[2:3]).reshape(1, -1)
-        cos, sin = model.rope(positions[3:], h.dtype)
-        out, _, _ = model.run_layers(pseudo, cos, sin, torch.zeros(1, 1), keys, values, None, layer + 1,
-                                     model.num_layers)
-        want = model.final_hidden(out) @ model.lm_head_t
+        inputs = model.step_inputs(positions[3:], h.dtype, torch.zeros(1, 1), keys[0])
+        out, _, _ = model.run_layers(pseudo, inputs, keys, values, layer + 1, model.num_layers)
+        want = model.logits(model.final_hidden(out))
     torch.testing.assert_close(got[:3], model(torch.tensor(tokens[:3]), positions[:3], mask[:3, :3], empty, empty)[0])
     torch.testing.assert_close(got[3:], want, rtol=1e-5, atol=1e-5)
 

@@ -53,6 +53,23 @@ def test_manifest_describes_the_graph(exported, tiny_dir):
     onnx.checker.check_model(str(m.onnx_path), full_check=True)
 
 
+# Node types of the 2-layer tiny Llama's fp32 graph as exported before model families existed: the real
+# model's latency profiles and trees were measured on that graph, so a Llama graph keeps exactly these ops
+# (the real SmolLM2 graph was checked byte-identical, model.onnx sha256 010e637a..., when families came).
+LLAMA_GRAPH_OPS = {"Add": 15, "Cast": 18, "Concat": 11, "Constant": 135, "Cos": 1, "Div": 5, "Gather": 5,
+                   "Identity": 4, "MatMul": 17, "Mul": 23, "Neg": 2, "Pow": 5, "ReduceMean": 5, "Reshape": 8,
+                   "Shape": 4, "Sigmoid": 2, "Sin": 1, "Slice": 20, "Softmax": 2, "Sqrt": 5, "Transpose": 13,
+                   "Unsqueeze": 23}
+
+
+def test_llama_graph_keeps_its_nodes(exported):
+    from collections import Counter
+
+    graph = onnx.load(str(exported.onnx_path), load_external_data=False).graph
+    assert dict(Counter(node.op_type for node in graph.node)) == LLAMA_GRAPH_OPS
+    assert exported.model.family == "llama" and exported.model.sliding_mask_inputs == ()
+
+
 def test_validation_ran_at_untraced_shapes(exported):
     shapes = {(v["tree_size"], v["cache_length"]) for v in exported.validation}
     assert {(1, 0), (5, 7), (16, 50), (24, 0)} <= shapes          # traced at T=3, S=5

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from export.checkpoint import load_checkpoint
 from export.step_model import StepModel, lowest_mask_value
@@ -77,13 +76,13 @@ def test_mask_value_is_finite_in_fp16():
     assert torch.isfinite(torch.tensor(lowest_mask_value(torch.float16), dtype=torch.float16))
 
 
-def test_unsupported_bias_is_refused(tiny_model_dir):
-    from transformers import LlamaConfig
+def test_a_model_of_another_family_is_refused_naming_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
-    with pytest.raises(ValueError, match="attention_bias"):
-        StepModel(LlamaForCausalLM(cfg))
+    from export.families import FamilyError
+
+    with pytest.raises(FamilyError, match=r"'gpt2' is not a supported family.*llama \(llama\)"):
+        StepModel(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)))
 
 
 def test_row_exact_attention_computes_the_same_step(tiny):

@@ -15,6 +15,7 @@ from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ht import TransferMaps, layout_config, load_transfer_maps, transfer_map_metadata
 from export.ppd import attach_prompt_tokens
 from export.step_model import StepModel, lowest_mask_value
+from tests.export.tiny_families import tiny_model
 from tests.train.conftest import (assert_cli_reports_a_missing_dataset, assert_loss_lowered, interrupt_and_resume,
                                   tiny_run_fixtures)
 from train.__main__ import build_parser, main
@@ -24,9 +25,10 @@ from trees import buffers_from_parents
 from trees.config_args import config_from_args
 
 
-@pytest.fixture(scope="module")
-def tiny_ht_step(tiny_model_dir):
-    hf, _ = load_checkpoint(tiny_model_dir)
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_ht_step(request, tiny_model_dir):
+    """The tiny Llama, and a tiny Gemma 3 whose sliding window (5) bites in a 14-token sample."""
+    hf = load_checkpoint(tiny_model_dir)[0] if request.param == "llama" else tiny_model(request.param)
     hidden = hf.config.hidden_size
     g = torch.Generator().manual_seed(0)
     maps = TransferMaps(torch.eye(hidden) + 0.3 * torch.randn(3, hidden, hidden, generator=g) / hidden ** 0.5,
@@ -61,8 +63,10 @@ def test_pseudo_pass_matches_the_inference_step(tiny_ht_step, monkeypatch):
                                                model.vocab_size)
         buffers = buffers_from_parents(parents)
         mask = torch.where(torch.tensor(buffers.ancestor_mask), 0.0, lowest_mask_value(torch.float32))
+        depth = torch.tensor(buffers.depth)
         with torch.no_grad():
-            logits, _, _ = model(torch.tensor(tokens), torch.tensor(buffers.depth), mask, empty, empty)
+            logits, _, _ = model(torch.tensor(tokens), depth, mask, empty, empty, None,
+                                 *model.sliding_masks(mask, depth, 0))
         torch.testing.assert_close(captured["student"][g], torch.log_softmax(logits[q + 1:], -1), rtol=1e-4,
                                    atol=1e-4)
 

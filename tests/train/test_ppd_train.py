@@ -13,6 +13,7 @@ import train.ppd as train_ppd_module
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.ppd import PPDConfig, attach_prompt_tokens, load_prompt_tokens, prompt_token_metadata
 from export.step_model import StepModel, lowest_mask_value
+from tests.export.tiny_families import tiny_model
 from tests.train.conftest import (assert_cli_reports_a_missing_dataset, assert_loss_lowered, interrupt_and_resume,
                                   tiny_run_fixtures)
 from train.__main__ import build_parser, main
@@ -49,9 +50,10 @@ def test_prompt_groups_layout():
     assert (g.tree_mask[~(g.tree_mask == 0)] == lowest_mask_value(torch.float32)).all()
 
 
-@pytest.fixture(scope="module")
-def tiny_step(tiny_model_dir):
-    hf, _ = load_checkpoint(tiny_model_dir)
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_step(request, tiny_model_dir):
+    """The tiny Llama, and a tiny Gemma 3 whose sliding window (5) bites in a 14-token sample."""
+    hf = load_checkpoint(tiny_model_dir)[0] if request.param == "llama" else tiny_model(request.param)
     model = StepModel(hf)
     config = PPDConfig(num_prompt_tokens=3, ensemble=2)
     model.extra_embeddings = torch.nn.Parameter(
@@ -61,24 +63,34 @@ def tiny_step(tiny_model_dir):
 
 @torch.no_grad()
 def test_two_pass_training_forward_matches_one_tree_per_position(tiny_step):
-    """Sequence KV once + all groups behind a past mask == a separate tree (chain + prompt nodes) per q."""
+    """Sequence KV once + all groups behind a past mask == a separate tree (chain + prompt nodes) per q;
+    on sliding-window layers the groups see only the window's part of positions 0..q."""
     model, config = tiny_step
     torch.manual_seed(0)
     seq = torch.randint(0, model.vocab_size, (14,))
     s, qs = len(seq), np.array([7, 9, 10])
     empty = [torch.zeros(0, model.num_kv_heads, model.head_dim)] * model.num_layers
-    _, keys, values = model(seq, torch.arange(s), causal_mask(s), empty, empty)
+    positions = torch.arange(s)
+    _, keys, values = model(seq, positions, causal_mask(s), empty, empty, None,
+                            *model.sliding_masks(causal_mask(s), positions, 0))
     groups = build_prompt_groups(qs, s, config, model.vocab_size)
     batched, _, _ = model(groups.input_ids, groups.position_ids, groups.tree_mask, list(keys), list(values),
-                          groups.past_mask)
+                          groups.past_mask, *model.sliding_masks(groups.tree_mask, groups.position_ids, s,
+                                                                 groups.past_mask))
     m = config.num_virtual_tokens
     for g, q in enumerate(qs):
         parents, tokens = attach_prompt_tokens(list(range(-1, q)), seq[: q + 1].tolist(), int(q), config,
                                                model.vocab_size)
         buffers = buffers_from_parents(parents)
         mask = torch.where(torch.tensor(buffers.ancestor_mask), 0.0, lowest_mask_value(torch.float32))
-        logits, _, _ = model(torch.tensor(tokens), torch.tensor(buffers.depth), mask, empty, empty)
+        depth = torch.tensor(buffers.depth)
+        logits, _, _ = model(torch.tensor(tokens), depth, mask, empty, empty, None,
+                             *model.sliding_masks(mask, depth, 0))
         torch.testing.assert_close(batched[g * m:(g + 1) * m], logits[q + 1:], rtol=1e-4, atol=1e-4)
+    if model.family.has_sliding_layers:   # the window matters here: without it the groups would differ
+        wide = model(groups.input_ids, groups.position_ids, groups.tree_mask, list(keys), list(values),
+                     groups.past_mask, groups.tree_mask, groups.past_mask)[0]
+        assert (wide - batched).abs().max() > 1e-2
 
 
 def test_loss_reaches_only_the_prompt_embeddings(tiny_step):

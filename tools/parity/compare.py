@@ -84,9 +84,6 @@ def tolerance_for(tolerances: Mapping[str, Tolerance], output: str) -> Tolerance
     return tolerances.get(output, tolerances[""])
 
 
-# --- runners ---------------------------------------------------------------------------------------------
-
-
 # --- the comparison --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

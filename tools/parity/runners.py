@@ -60,6 +60,7 @@ class StepRunner(BaseRunner):
     def __init__(self, step: StepModel, manifest: Manifest, name: str = REFERENCE) -> None:
         super().__init__(name=name, prefix="torch-step")
         self.step = step
+        self.step_mask_inputs = manifest.model.sliding_mask_inputs
         self._inputs, self._outputs = manifest.inputs, manifest.outputs
 
     def get_input_metadata_impl(self):
@@ -75,8 +76,10 @@ class StepRunner(BaseRunner):
             return t.to(dtype) if cast else t
 
         start = time.perf_counter()
+        sliding = [tensor(name) for name in self.step_mask_inputs]     # sliding-window families only
         outputs = self.step(tensor("input_ids", False), tensor("position_ids", False), tensor("tree_mask"),
-                            [tensor(f"past_key.{i}") for i in range(n)], [tensor(f"past_value.{i}") for i in range(n)])
+                            [tensor(f"past_key.{i}") for i in range(n)], [tensor(f"past_value.{i}") for i in range(n)],
+                            None, *sliding)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((spec.name, out.numpy().astype(spec.dtype, copy=False))
                            for spec, out in zip(self._outputs, outputs))
