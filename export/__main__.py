@@ -74,6 +74,7 @@ class ExportOptions:
     dtype: str = option(ExportConfig.dtype, "graph precision (fp16 for GPU targets)", choices=tuple(DTYPES))
     max_context: int = option(ExportConfig.max_context, "cache entries")
     max_tree: int = option(ExportConfig.max_tree, "largest decode tree T")
+    max_batch: int = option(ExportConfig.max_batch, "sequences decoded together per step (runtime.BatchGenerator)")
     validate: bool = option(ExportConfig.validate, "check onnxruntime against the torch step")
     quantize: str = option(DEFAULT_VARIANT, "weight-only quantized variant of the fp32 graph (onnxruntime "
                                             "MatMulNBits, " + ", ".join(f"{v}: block {s.block_size}, accuracy "
@@ -84,7 +85,8 @@ class ExportOptions:
         checkpoint = self.checkpoint or METHODS[self.method].default_checkpoint
         return ExportConfig(model_dir=Path(self.model), out_dir=out, method=self.method,
                             checkpoint=None if checkpoint is None else Path(checkpoint), dtype=self.dtype,
-                            max_context=self.max_context, max_tree=self.max_tree, validate=self.validate,
+                            max_context=self.max_context, max_tree=self.max_tree, max_batch=self.max_batch,
+                            validate=self.validate,
                             variant=self.quantize)
 
 
@@ -169,9 +171,9 @@ def install_trees(manifest: Manifest, device: str, backend: str) -> None:
 
 
 def engine_gpu(cfg: EngineCommand, out: Path) -> int:
-    """A GPU target: the fp16 export (if stale), the trees for this GPU, then the TensorRT engine, whose
-    decode profile is tuned (opt T) for the installed tree's size; a graph without a tree (vanilla)
-    is tuned for one-token steps."""
+    """A GPU target: the fp16 export (if stale), the trees for this GPU, then the TensorRT engine of static
+    steps (export/trt/profiles.py): the installed tree's size for 1..max_batch sequences (one-token steps
+    for a graph without a tree: vanilla) and a prefill chunk, over the cells of max_batch sequences."""
     from export.engine import engine_tree_path, ensure_export
     from export.trt.build import build_engine
     from export.trt.profiles import tree_size
@@ -179,8 +181,8 @@ def engine_gpu(cfg: EngineCommand, out: Path) -> int:
     manifest = ensure_export(cfg.target_config(out)).manifest
     install_trees(manifest, "cuda", "tensorrt")
     tree = engine_tree_path(manifest)
-    opt_tree = tree_size(tree, manifest.method.options.get("ensemble", 1)) if tree.is_file() else 1
-    build_engine(manifest, cfg.target, opt_tree)
+    size = tree_size(tree, manifest.method.options.get("ensemble", 1)) if tree.is_file() else 1
+    build_engine(manifest, cfg.target, size, cfg.max_batch)
     print(f"engine ready: {manifest.dir}")
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from export.checkpoint import model_fingerprint
-from export.manifest import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError
+from export.manifest import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, Manifest, ManifestError
 from export.methods import METHODS, MethodExtras
 from export.onnx_export import DTYPES, ExportConfig, export_onnx, load_method_extras
 from export.paths import ARTIFACTS_DIR
@@ -84,9 +84,10 @@ def stale_reason(directory: Path, config: ExportConfig, extras: MethodExtras, ve
     quantization = quantization_stale_reason(manifest, config.variant)
     if quantization is not None:
         return quantization
-    if manifest.max_context < config.max_context or manifest.max_tree < config.max_tree:
-        return (f"budget max_context={manifest.max_context}, max_tree={manifest.max_tree} is smaller than "
-                f"wanted {config.max_context}, {config.max_tree}")
+    if (manifest.max_context < config.max_context or manifest.max_tree < config.max_tree
+            or manifest.max_batch < config.max_batch):
+        return (f"budget max_context={manifest.max_context}, max_tree={manifest.max_tree}, max_batch={manifest.max_batch} "
+                f"is smaller than wanted {config.max_context}, {config.max_tree}, {config.max_batch}")
     return None
 
 
@@ -153,7 +154,7 @@ def build_ort_engine(config: ExportConfig, extras: MethodExtras | None = None, d
 
 def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, device_type: str = "cpu",
                    max_context: int = DEFAULT_MAX_CONTEXT, max_tree: int = DEFAULT_MAX_TREE,
-                   variant: str = DEFAULT_VARIANT) -> Manifest:
+                   variant: str = DEFAULT_VARIANT, max_batch: int = DEFAULT_MAX_BATCH) -> Manifest:
     """The engine dir serving `graph` (vanilla, ppd, ht) with `extras` for `model_dir` on a device
     type: artifacts/engines/<model>/<cpu|cuda>/<graph>[-<variant>]/, exported (and validated) when
     missing or stale and optimised for onnxruntime, keyed by the trained tensors' hash; a quantized
@@ -161,7 +162,7 @@ def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, devi
     stderr (stdout is the generated text)."""
     config = ExportConfig(Path(model_dir), engine_dir(model_dir, device_type, graph, variant), method=graph,
                           checkpoint=extras.checkpoint, max_context=max_context, max_tree=max(DEFAULT_MAX_TREE, max_tree),
-                          variant=variant)
+                          max_batch=max(DEFAULT_MAX_BATCH, max_batch), variant=variant)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     return build_ort_engine(config, extras, device_type, log=log, verify_files=False,
                             source_dir=engine_dir(model_dir, device_type, graph))

@@ -12,9 +12,12 @@ The exporter writes it; the TensorRT builder and the runtime read only it (never
 A quantized variant's dir (export/quantize.py) has the same layout: its model.onnx is the quantized
 graph and `quantization` records how it was made (absent = fp32).
 
-Symbolic axes: T = tree nodes of one step, S = committed cache entries. Two shape profiles:
-`decode` (T in 1..max_tree, the trees of the decode loop) and `prefill` (T up to
-max_context - max_tree, the prompt as one chain); both take S in 0..max_context - max_tree.
+Symbolic axes: T = tree nodes of one step, S = cache cells bound (committed entries of the sequences in
+the step; a `past_mask` [T, S] says which each node sees). An engine serves up to `max_batch` sequences
+per step, each of up to `max_context` entries with trees of up to `max_tree` nodes. Two shape profiles:
+`decode` (T in 1..max_batch * max_tree, the packed trees of the decode loop) and `prefill` (T up to
+max_context - max_tree, a prompt as one chain, or chunks of prompts beside trees); both take S in
+0..max_batch * max_context - max_tree.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ FORMAT_NAME = "ppdeploy-step"
 # 3: model families: model.family, model.rope, and for sliding-window families the graph inputs
 #    sliding_tree_mask / sliding_past_mask (model.sliding_mask_inputs) with model.sliding_window and
 #    model.sliding_layers, what a runtime builds those masks from (export/masks.py)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4   # 3: model families (sliding-window masks); 4: past_mask input, max_batch
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_MAX_TREE = 64
+DEFAULT_MAX_BATCH = 16   # sequences an engine's profiles and a backend's buffers allow per step
 TREE_AXIS, CACHE_AXIS = "T", "S"
 PROFILES = ("decode", "prefill")
 
@@ -141,6 +145,7 @@ class Manifest:
     validation: tuple[dict, ...] = ()               # per-case max abs differences measured at export
     ort_optimized: dict | None = None               # see export/ort_optimize.py
     quantization: dict | None = None                # weight-only variant (export/quantize.py); None = fp32
+    max_batch: int = DEFAULT_MAX_BATCH              # sequences per step (packed: runtime/backends/packing.py)
 
     # --- derived views ---------------------------------------------------------------------
     @property
@@ -171,14 +176,18 @@ class Manifest:
 
     def profile_shapes(self, profile: str) -> dict[str, tuple[list[int], list[int], list[int]]]:
         """Input name -> (min, opt, max) concrete shapes: what a TensorRT optimization profile takes."""
-        axes = self.profiles[profile]
+        return self.input_shapes(self.profiles[profile])
+
+    def input_shapes(self, axes: dict[str, AxisRange]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        """Input name -> (min, opt, max) concrete shapes for ranges of the symbolic axes (T, S)."""
         pick = lambda spec, which: [getattr(axes[d], which) if isinstance(d, str) else d for d in spec.shape]  # noqa: E731
         return {t.name: (pick(t, "min"), pick(t, "opt"), pick(t, "max")) for t in self.inputs}
 
     # --- checks the runtime and builders call ------------------------------------------------
     def check_tree_size(self, tree_size: int) -> None:
-        """Refuse a decode tree with more nodes than the engine was built for."""
-        limit = self.profiles["decode"][TREE_AXIS].max
+        """Refuse a decode tree with more nodes than the engine was built for (one sequence's: the decode
+        profile holds max_batch of them)."""
+        limit = self.max_tree
         if tree_size > limit:
             raise ShapeError(
                 f"a tree of {tree_size} nodes is larger than this engine's max tree size {limit} "
@@ -190,10 +199,10 @@ class Manifest:
         """Refuse a step (T new tokens over S cached) that no profile of the engine covers."""
         if tree_size < 1:
             raise ShapeError(f"a step needs at least one token, got T={tree_size}")
-        if tree_size + cache_length > self.max_context:
+        if tree_size + cache_length > self.max_context * self.max_batch:
             raise ShapeError(
-                f"T={tree_size} new tokens on S={cache_length} cached exceed this engine's max_context "
-                f"{self.max_context}; re-export with a larger --max-context"
+                f"T={tree_size} new tokens on S={cache_length} cached exceed this engine's {self.max_batch} sequences "
+                f"of max_context {self.max_context}; re-export with a larger --max-context or --max-batch"
             )
         for axes in self.profiles.values():
             if tree_size in axes[TREE_AXIS] and cache_length in axes[CACHE_AXIS]:
@@ -240,6 +249,7 @@ class Manifest:
                 ir_version=int(data["ir_version"]),
                 max_context=int(data["max_context"]),
                 max_tree=int(data["max_tree"]),
+                max_batch=int(data["max_batch"]),
                 model=ModelRecord.from_json(data["model"]),
                 method=MethodRecord(**method),
                 inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),

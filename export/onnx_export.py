@@ -6,10 +6,11 @@
         -> validate against the torch step at untraced shapes (export/validate.py) -> manifest.json
 
 The graph has exactly StepModel.forward's signature, with the per-layer cache as separate inputs
-(past_key.{i}, past_value.{i}: [S, Hkv, D]) so a runtime can bind each layer's committed prefix by
-pointer. A family with sliding-window layers has two more inputs after tree_mask, the additive
-sliding_tree_mask [T, T] and sliding_past_mask [T, S] (export/masks.py builds them); the manifest's
-model record names them and the window. Everything is written into a temp dir next to `out_dir`
+(past_key.{i}, past_value.{i}: [S, Hkv, D]) so a runtime can bind each layer's cells by pointer, and
+the additive past_mask [T, S] saying which cells each node sees (its own sequence's: many sequences
+share a step, runtime/backends/packing.py). A family with sliding-window layers has two more inputs
+after it, the additive sliding_tree_mask [T, T] and sliding_past_mask [T, S] (export/masks.py builds
+them); the manifest's model record names them and the window. Everything is written into a temp dir next to `out_dir`
 and swapped in at the end: a reader never sees a half-written engine dir.
 
 Exporter choice (measured here, torch 2.13): the TorchScript exporter (`dynamo=False`) traces this
@@ -37,7 +38,8 @@ from torch import nn
 
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.families import manifest_fields
-from export.manifest import (CACHE_AXIS, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION, ONNX_NAME, TREE_AXIS,
+from export.manifest import (CACHE_AXIS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION,
+                             ONNX_NAME, TREE_AXIS,
                              AxisRange, FileRecord, Manifest, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
 from export.masks import SLIDING_MASK_INPUTS, SLIDING_PAST_MASK, SLIDING_TREE_MASK
@@ -64,6 +66,7 @@ class ExportConfig:
     dtype: str = "fp32"
     max_context: int = DEFAULT_MAX_CONTEXT
     max_tree: int = DEFAULT_MAX_TREE
+    max_batch: int = DEFAULT_MAX_BATCH     # sequences per step the profiles allow (runtime.BatchGenerator)
     validate: bool = True
     variant: str = DEFAULT_VARIANT            # fp32, or a weight-only quantized variant (export/quantize.py)
     # Bitwise row-independent attention (StepModel row_exact). No CLI flag: a quantized variant whose
@@ -78,6 +81,8 @@ class ExportConfig:
             raise ValueError(f"unknown method {self.method!r} for export; choose one of {', '.join(EXPORT_METHODS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_batch < 1:
+            raise ValueError(f"need max_batch >= 1, got {self.max_batch}")
         if self.max_tree < 1 or self.max_context < 2 * self.max_tree:
             raise ValueError(f"need max_tree >= 1 and max_context >= 2 * max_tree, got max_tree={self.max_tree}, "
                              f"max_context={self.max_context}")
@@ -86,7 +91,7 @@ class ExportConfig:
 
 
 class StepGraph(nn.Module):
-    """StepModel.forward with flat inputs: input_ids, position_ids, tree_mask, [sliding_tree_mask,
+    """StepModel.forward with flat inputs: input_ids, position_ids, tree_mask, past_mask, [sliding_tree_mask,
     sliding_past_mask,] past_key.0..L-1, then past_value.0..L-1."""
 
     def __init__(self, step: StepModel) -> None:
@@ -94,10 +99,10 @@ class StepGraph(nn.Module):
         self.step = step
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor,
-                *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_mask: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.step.num_layers
         sliding, past = rest[: len(rest) - 2 * n], rest[len(rest) - 2 * n :]
-        return self.step(input_ids, position_ids, tree_mask, list(past[:n]), list(past[n:]), None, *sliding)
+        return self.step(input_ids, position_ids, tree_mask, list(past[:n]), list(past[n:]), past_mask, *sliding)
 
 
 def mask_input_names(step: StepModel) -> tuple[str, ...]:
@@ -115,6 +120,7 @@ def io_specs(step: StepModel, dtype: torch.dtype) -> tuple[tuple[TensorSpec, ...
         TensorSpec("input_ids", "int64", (t,)),
         TensorSpec("position_ids", "int64", (t,)),
         TensorSpec("tree_mask", fdt, (t, t)),                  # additive: 0 visible, finfo.min hidden
+        TensorSpec("past_mask", fdt, (t, s)),                  # additive: which cache cells each node sees
         *(TensorSpec(name, fdt, sliding[name]) for name in mask_input_names(step)),
         *(TensorSpec(f"past_key.{i}", fdt, (s, hkv, d)) for i in range(n)),
         *(TensorSpec(f"past_value.{i}", fdt, (s, hkv, d)) for i in range(n)),
@@ -127,12 +133,15 @@ def io_specs(step: StepModel, dtype: torch.dtype) -> tuple[tuple[TensorSpec, ...
     return inputs, outputs
 
 
-def shape_profiles(max_context: int, max_tree: int) -> dict[str, dict[str, AxisRange]]:
-    """decode: the loop's trees; prefill: the prompt as one chain. Both leave room for one tree."""
+def shape_profiles(max_context: int, max_tree: int, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, dict[str, AxisRange]]:
+    """decode: the loop's trees, of up to max_batch sequences packed; prefill: a prompt as one chain (or
+    chunks beside others' trees). Both leave room for one tree; S counts every sequence's cells."""
     max_cache = max_context - max_tree
+    max_cells = max_batch * max_context - max_tree
     return {
-        "decode": {TREE_AXIS: AxisRange(1, min(16, max_tree), max_tree), CACHE_AXIS: AxisRange(0, min(256, max_cache), max_cache)},
-        "prefill": {TREE_AXIS: AxisRange(1, min(128, max_cache), max_cache), CACHE_AXIS: AxisRange(0, 0, max_cache)},
+        "decode": {TREE_AXIS: AxisRange(1, min(16, max_tree), max_batch * max_tree),
+                   CACHE_AXIS: AxisRange(0, min(256, max_cells), max_cells)},
+        "prefill": {TREE_AXIS: AxisRange(1, min(128, max_cache), max_cache), CACHE_AXIS: AxisRange(0, 0, max_cells)},
     }
 
 
@@ -144,7 +153,7 @@ def trace_inputs(step: StepModel, dtype: torch.dtype) -> tuple[torch.Tensor, ...
         ids[-1] = step.vocab_size  # not needed for tracing (it records ops, not values); keeps the example honest
     past = [torch.zeros(s, step.num_kv_heads, step.head_dim, dtype=dtype) for _ in range(2 * step.num_layers)]
     sliding = [torch.zeros(t, t, dtype=dtype), torch.zeros(t, s, dtype=dtype)][: len(mask_input_names(step))]
-    return (ids, torch.arange(s, s + t), torch.zeros(t, t, dtype=dtype), *sliding, *past)
+    return (ids, torch.arange(s, s + t), torch.zeros(t, t, dtype=dtype), torch.zeros(t, s, dtype=dtype), *sliding, *past)
 
 
 def trace_to_onnx(step: StepModel, dtype: torch.dtype, path: Path) -> None:
@@ -309,13 +318,13 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         onnx=file_record(work, ONNX_NAME),
         external_data=(file_record(work, ONNX_NAME + DATA_SUFFIX),),
         dtype=inputs[2].dtype, opset=OPSET, ir_version=IR_VERSION,
-        max_context=config.max_context, max_tree=config.max_tree,
+        max_context=config.max_context, max_tree=config.max_tree, max_batch=config.max_batch,
         model=ModelRecord(model_dir.name, str(model_dir), fingerprint, step.vocab_size, step.hidden_size,
                           step.num_layers, step.num_kv_heads, step.head_dim,
                           sliding_mask_inputs=mask_input_names(step), **manifest_fields(step.family)),
         method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
-        inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree),
+        inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree, config.max_batch),
         exporter={**exporter_versions(), **({"row_exact_attention": ROW_EXACT_ATTENTION} if config.row_exact else {})},
     )
 

@@ -120,11 +120,13 @@ class StepRunner:
 
     def run(self, ids: Sequence[int], positions: Sequence[int], mask: np.ndarray) -> tuple[np.ndarray, ...]:
         """logits [T, V], new keys and values [L, T, Hkv, D]; a step of fewer than the manifest's
-        min_step_rows rows runs padded, as the runtime runs it (runtime/draft.py Layout.padded)."""
+        min_step_rows rows runs padded, as the runtime runs it (runtime/backends/packing.py)."""
         t = len(ids)
         ids, positions, mask = pad_rows(np.asarray(ids, np.int64), np.asarray(positions, np.int64),
                                         mask.astype(self.dtype), self.manifest.min_step_rows)
-        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask}
+        s = self.past["past_key.0"].shape[0]
+        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask,
+                 "past_mask": np.zeros((len(ids), s), self.dtype)}   # one sequence: every cached entry is its own
         model = self.manifest.model
         if model.sliding_mask_inputs:   # sliding-window families: the window over positions 0..S-1 and the tree
             past_positions = np.arange(self.past["past_key.0"].shape[0])

@@ -260,7 +260,9 @@ class StepModel(nn.Module):
                 # The minimum of two additive masks hides what either hides: sliding_tree_mask itself when it
                 # was built from this tree mask (export/masks.py). It also keeps tree_mask an input of a graph
                 # whose every layer slides (Mistral, Phi-3), so every graph takes the same inputs.
-                tree, past = torch.minimum(tree, sliding_tree_mask.to(dtype)), sliding_past_mask.to(dtype)
+                tree, sliding_past = torch.minimum(tree, sliding_tree_mask.to(dtype)), sliding_past_mask.to(dtype)
+                # Likewise the past: sliding_past_mask already hides what past_mask hides (export/masks.py).
+                past = sliding_past if past is None else torch.minimum(past, sliding_past)
             if self.row_exact:   # S read here, after the casts: the order the Llama graph was always traced in
                 tree, past = row_exact_mask(tree, past, past_key.shape[0], self.num_heads // self.num_kv_heads), None
             cos, sin = ropes[self.ropes[kind]]

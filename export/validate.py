@@ -35,16 +35,21 @@ class Case:
     tree_size: int       # T
     cache_length: int    # S
     chain: bool = False  # a causal chain (prefill) instead of a branching tree
+    # Every third cache cell hidden by the past mask (cells of another sequence sharing the step): the
+    # nodes see the others, at positions 0.. in order.
+    shared_cache: bool = False
 
     @property
     def label(self) -> str:
-        return f"{'chain' if self.chain else 'tree'} T={self.tree_size} S={self.cache_length}"
+        shared = ", a third of the cells another sequence's" if self.shared_cache else ""
+        return f"{'chain' if self.chain else 'tree'} T={self.tree_size} S={self.cache_length}{shared}"
 
 
 def default_cases(max_tree: int, window: int | None = None) -> tuple[Case, ...]:
     """Tree sizes 1, 5, 16 (capped by max_tree) on caches of 0, 7, 50 entries, plus a prefill chain; with a
     sliding window, a tree on a cache of window + 3 entries (the window boundary inside the cache)."""
-    cases = [Case(1, 0), Case(min(5, max_tree), 7), Case(min(16, max_tree), 50), Case(1, 50), Case(24, 0, chain=True)]
+    cases = [Case(1, 0), Case(min(5, max_tree), 7), Case(min(16, max_tree), 50), Case(1, 50), Case(24, 0, chain=True),
+             Case(min(5, max_tree), 31, shared_cache=True)]
     if window is not None:
         cases.append(Case(min(16, max_tree), window + 3))
     return tuple(dict.fromkeys(cases))
@@ -117,11 +122,24 @@ def case_inputs(step: StepModel, tokens: np.ndarray, case: Case) -> dict[str, np
         ids[t - extra:] = step.vocab_size + np.arange(extra)
     dtype = next(step.parameters()).dtype
     mask = np.where(buffers.ancestor_mask, 0.0, lowest_mask_value(dtype))
+    own = np.arange(s) % 3 != 2 if case.shared_cache else np.ones(s, dtype=bool)   # the cells this sequence owns
+    # The cache as the step sees it: this sequence's committed entries at positions 0.. in its own cells,
+    # and (shared_cache) another prefix's entries in every third cell, which the past mask hides.
     past_keys, past_values = prefill_cache(step, tokens[:s])
+    if case.shared_cache:
+        other_keys, other_values = prefill_cache(step, tokens[::-1][:s].copy())
+        past_keys = [torch.where(torch.from_numpy(own)[:, None, None], k[np.cumsum(own) - 1], o)
+                     for k, o in zip(past_keys, other_keys)]
+        past_values = [torch.where(torch.from_numpy(own)[:, None, None], v[np.cumsum(own) - 1], o)
+                       for v, o in zip(past_values, other_values)]
+    length = int(own.sum())
     tree_mask = torch.tensor(mask, dtype=dtype)
-    positions = torch.from_numpy(s + buffers.depth)
-    feed = {"input_ids": ids, "position_ids": positions.numpy(), "tree_mask": tree_mask.numpy()}
-    sliding = step.sliding_masks(tree_mask, positions, s)
+    past_mask = torch.tensor(np.where(own[None, :], 0.0, lowest_mask_value(dtype)), dtype=dtype).expand(t, s)
+    positions = torch.from_numpy(length + buffers.depth)
+    past_positions = torch.from_numpy(np.where(own, np.cumsum(own) - 1, -1))
+    feed = {"input_ids": ids, "position_ids": positions.numpy(), "tree_mask": tree_mask.numpy(),
+            "past_mask": past_mask.contiguous().numpy()}
+    sliding = step.sliding_masks(tree_mask, positions, past_positions, past_mask)
     if sliding[0] is not None:
         feed.update({SLIDING_TREE_MASK: sliding[0].numpy(), SLIDING_PAST_MASK: sliding[1].numpy()})
     feed.update({f"past_key.{i}": k.numpy() for i, k in enumerate(past_keys)})
@@ -151,7 +169,8 @@ def torch_outputs(step: StepModel, feed: dict[str, np.ndarray]) -> dict[str, np.
     logits, keys, values = step(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["position_ids"]),
                                 torch.from_numpy(feed["tree_mask"]),
                                 [torch.from_numpy(feed[f"past_key.{i}"]) for i in range(n)],
-                                [torch.from_numpy(feed[f"past_value.{i}"]) for i in range(n)], None, *sliding)
+                                [torch.from_numpy(feed[f"past_value.{i}"]) for i in range(n)],
+                                torch.from_numpy(feed["past_mask"]), *sliding)
     return {"logits": logits.numpy(), "new_keys": keys.numpy(), "new_values": values.numpy()}
 
 

@@ -204,13 +204,19 @@ class BatchGenerator:
         self._admit()
         if not self._running:
             return False
-        work, budget = [], self.prefill_chunk   # prompt tokens this step may prefill, newcomers in admission order
+        work, prompt_budget = [], self.prefill_chunk   # prompt tokens this step may prefill (newcomers in order)
+        room = self.backend.info.max_step_tokens or float("inf")   # nodes one step holds (static steps)
         for request in self._running:
-            draft, kind = self._draft(request, budget)
-            if kind in ("chunk", "prefill"):
-                budget -= draft.size if kind == "chunk" else len(request.prompt_ids) - request.prefilled
-            if draft is not None:
-                work.append((request, draft, kind))
+            draft, kind = self._draft(request, min(prompt_budget, room))
+            if draft is None or draft.size > room:
+                continue   # it waits for the next step
+            if kind != "decode":
+                prompt_budget -= draft.layout.first_verified + 1
+            room -= draft.size
+            work.append((request, draft, kind))
+        if not work:
+            raise ValueError(f"no running request's draft fits one step of at most {room} nodes: use a smaller tree "
+                             "or an engine with larger steps")
         outputs = self.backend.step_batch([(request.slot, draft) for request, draft, _ in work])
         self.steps += 1
         accepted = []
@@ -242,19 +248,20 @@ class BatchGenerator:
                 request.state, request.started = RUNNING, time.perf_counter()
                 self._running.append(request)
 
-    def _draft(self, request: BatchRequest, budget: int) -> tuple[Draft | None, str]:
+    def _draft(self, request: BatchRequest, budget: float) -> tuple[Draft | None, str]:
         """The request's draft this step: ("chunk") a part of its prompt, ("prefill") the prompt's last
         part with what its method attaches to it, ("decode") its method's tree; None ("wait") when the
-        step's prefill `budget` is spent on earlier newcomers."""
+        step has no room for any of its prompt (`budget`: the prompt tokens and nodes left this step)."""
         remaining = len(request.prompt_ids) - request.prefilled
         if remaining == 0:
             return request.proposer.propose(request.history), "decode"
-        if budget <= 0:
+        budget = int(min(budget, remaining))
+        if budget < 1:
             return None, "wait"
-        chunk = request.prompt_ids[request.prefilled: request.prefilled + budget]
-        if len(chunk) < remaining:
-            return Draft.chain(chunk), "chunk"
-        return request.proposer.prefill_draft(chunk), "prefill"
+        rest = request.prompt_ids[request.prefilled:]
+        if remaining <= budget:   # the rest, with what the method attaches (a step without room for it: wait)
+            return request.proposer.prefill_draft(rest), "prefill"
+        return Draft.prefill(rest[:budget]), "chunk"
 
     def _advance(self, request: BatchRequest, draft: Draft, kind: str, output) -> list[int]:
         """Verify and emit one request's step; the nodes to commit."""
@@ -262,7 +269,7 @@ class BatchGenerator:
         stats.steps += 1
         if kind == "chunk":
             request.prefilled += draft.size
-            return list(range(draft.size))
+            return list(range(draft.size))   # its choice is not read: the next chunk continues the prompt
         readout = read_step(output, draft, request.verifier)
         if kind == "prefill":
             n = len(request.prompt_ids) - request.prefilled

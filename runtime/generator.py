@@ -22,6 +22,7 @@ from runtime.loading import backend_spec, load_engine, load_pretrained, open_bac
 from runtime.methods import build_method, engine_method
 from runtime.prompting import Prompt, check_budget, encode_prompt
 from runtime.proposers import Proposer
+from runtime.proposers.base import prefill_drafts
 from runtime.readout import StepReadout, read_step, torch_threads
 from runtime.decoding import DecodingOptions
 from runtime.verify import Verifier, make_verifier, walk
@@ -161,10 +162,11 @@ class Generator:
         """Prefill, then propose -> step -> verify -> commit -> observe, one DecodeStep per pass."""
         verifier = verifier or make_verifier(DecodingOptions())
         self.backend.reset()
-        draft = self.proposer.prefill_draft(prompt_ids)
-        readout = self.run_step(draft, verifier, stats)
-        path = list(range(len(prompt_ids)))
-        self.backend.commit(path)
+        # One prefill step, or chunks that fit an engine of static steps (runtime/backends/base.py ModelInfo).
+        for draft, last in prefill_drafts(prompt_ids, self.proposer, self.backend.info.max_step_tokens):
+            readout = self.run_step(draft, verifier, stats)
+            path = list(range(draft.layout.first_verified + 1))   # the chunk's prompt nodes
+            self.backend.commit(path)
         self.proposer.observe(draft, readout, path)
         history = list(prompt_ids) + [readout.chosen_after(path[-1])]
         yield DecodeStep(history[-1:], draft, readout, path)

@@ -104,9 +104,10 @@ class KVCache:
         return slot
 
     # --- the step's view and the commit ----------------------------------------------------------------
-    def past(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-layer [used, Hkv, D] views of the bound cells (contiguous: layer-major layout)."""
-        s = self.used
+    def past(self, cells: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer [cells, Hkv, D] views of the bound cells (contiguous: layer-major layout); default the
+        cells in use, `capacity` for a static step."""
+        s = self.used if cells is None else cells
         return [k[:s] for k in self.keys], [v[:s] for v in self.values]
 
     def check_room(self, slot: int, count: int) -> None:

@@ -197,7 +197,7 @@ def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_c
                          f"(`python -m export onnx --dtype {dtype} --out DIR`) and load it with "
                          f"Generator.from_engine(DIR)")
     manifest = prepare_engine(model_dir, method.spec.graph, method.extras, torch.device(device).type, max_context,
-                              method.proposer.max_draft_tokens, variant)
+                              method.proposer.max_draft_tokens, variant, max_batch)
     check_engine_variant(manifest, variant)
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     graph = onnxruntime_graph(manifest, device, max_context)

@@ -110,8 +110,10 @@ def build_context(tokenizer: PreTrainedTokenizerBase, conversation: dict, rng: n
     """Chat-formatted conversation up to a random point inside a random assistant turn.
 
     The turns before the chosen assistant turn go through the chat template (with the generation
-    prompt), then the first c tokens of that turn's text follow, c uniform in 0..len-1. None when
-    the conversation has no assistant turn after a user turn.
+    prompt), then the first c tokens of that turn's text follow, c uniform in 0..len-1. A model whose
+    tokenizer has no chat template (a base model, prompted with raw text at run time) gets the turns'
+    texts one after another, separated by blank lines. None when the conversation has no assistant
+    turn after a user turn.
     """
     messages = chat_messages(conversation)
     turns = [t for t, m in enumerate(messages)
@@ -119,10 +121,14 @@ def build_context(tokenizer: PreTrainedTokenizerBase, conversation: dict, rng: n
     if not turns:
         return None
     turn = turns[int(rng.integers(len(turns)))]
-    head = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
     reply = tokenizer(messages[turn]["content"], add_special_tokens=False).input_ids
     cut = int(rng.integers(len(reply))) if reply else 0
-    ids = tokenizer(head, add_special_tokens=False).input_ids + reply[:cut]
+    if tokenizer.chat_template is None:   # raw text, as the runtime prompts a base model (BOS included)
+        head = "".join(m["content"] + "\n\n" for m in messages[:turn])
+        ids = tokenizer(head).input_ids + reply[:cut]
+    else:
+        head = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(head, add_special_tokens=False).input_ids + reply[:cut]
     return ids[-max_context_tokens:]
 
 

@@ -3,8 +3,8 @@ bindings docs and Polygraphy's loaders; kept thin: everything it decides is in p
 
     OnnxParser.parse_from_file(model.onnx)   external data is read from beside the file
     network: strongly typed                  TensorRT 11 always is; 10.x gets the creation flag, by name
-    config:  TF32 cleared (fp32 parity), builder optimization level, one optimization profile per
-             manifest profile (decode, prefill), the timing cache beside the plan (reused, then saved)
+    config:  TF32 cleared (fp32 parity), builder optimization level, one static optimization profile per
+             step size (export/trt/profiles.py), the timing cache beside the plan (reused, then saved)
     build_serialized_network                 None on failure: raised with what the logger captured
 
 Nothing is written unless the build succeeds; then engine.plan, timing.cache and, last, engine.json
@@ -19,10 +19,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from export.manifest import TREE_AXIS, FileRecord, Manifest, ManifestError, check_file, sha256_file
+from export.manifest import FileRecord, Manifest, ManifestError, check_file, sha256_file
 from export.trt.key import (PLAN_NAME, TIMING_CACHE_NAME, BuilderSettings, DeviceFacts, EngineKey, EngineRecord,
                             present_facts)
-from export.trt.profiles import EngineProfile, engine_profiles
+from export.trt.profiles import EngineProfile, static_profiles, step_sizes
 from trees.atomic import write_atomic
 
 
@@ -123,13 +123,15 @@ def current_record(directory: Path, key: EngineKey) -> EngineRecord | None:
     return record if record.key == key else None
 
 
-def build_engine(manifest: Manifest, target: str, decode_opt_tree: int | None = None,
+def build_engine(manifest: Manifest, target: str, tree: int = 1, max_batch: int = 1,
                  settings: BuilderSettings = BuilderSettings(), *, trt: ModuleType | None = None,
                  device: DeviceFacts | None = None, force: bool = False,
                  log: Callable[[str], None] = print) -> EngineRecord:
     """Build engine.plan (+ timing.cache, engine.json) in the manifest's dir for the GPU present,
-    unless an engine with the same key is already there (`force` rebuilds). `trt` and `device`
-    default to the real tensorrt module and the facts of cuda:0."""
+    unless an engine with the same key is already there (`force` rebuilds): static steps of the installed
+    tree's T (`tree`) for up to `max_batch` sequences and of a prefill chunk, over the cells of max_batch
+    sequences of the manifest's max_context. `trt` and `device` default to the real tensorrt module and
+    the facts of cuda:0."""
     if trt is None:
         from export.trt.host import import_tensorrt
 
@@ -137,7 +139,7 @@ def build_engine(manifest: Manifest, target: str, decode_opt_tree: int | None = 
     device = present_facts("cuda", trt.__version__) if device is None else device
     for record in (manifest.onnx, *manifest.external_data):  # the key names these hashes: make them true
         check_file(manifest.dir, record)
-    profiles = engine_profiles(manifest, decode_opt_tree)
+    profiles = static_profiles(manifest, step_sizes(tree, max_batch), max_batch * manifest.max_context)
     key = EngineKey.build(manifest, profiles, settings, device)
     existing = None if force else current_record(manifest.dir, key)
     if existing is not None:
@@ -145,9 +147,9 @@ def build_engine(manifest: Manifest, target: str, decode_opt_tree: int | None = 
         return existing
     cache_path = manifest.dir / TIMING_CACHE_NAME
     timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
-    tuned = ", ".join(f"{p.name} opt T={p.axes[TREE_AXIS].opt}" for p in profiles)
     log(f"building a TensorRT {trt.__version__} engine for {device.gpu_name} from {manifest.onnx_path} "
-        f"(profiles: {tuned}; this takes minutes)")
+        f"(static steps {', '.join(p.name for p in profiles)} over {max_batch * manifest.max_context} cells; "
+        f"this takes minutes)")
     start = time.perf_counter()
     plan, timing_cache = build_plan(trt, manifest.onnx_path, profiles, settings, timing_cache)
     seconds = time.perf_counter() - start

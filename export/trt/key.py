@@ -100,11 +100,11 @@ class EngineKey:
                                 f"has {_short(have)}")
         if self.dtype != manifest.dtype:
             problems.append(f"dtype: the engine was built for {self.dtype}, the manifest says {manifest.dtype}")
-        built_ranges = [(p.name, _ranges(p.shapes)) for p in self.profiles]
-        manifest_ranges = [(name, _ranges(manifest.profile_shapes(name))) for name in manifest.profiles]
-        if built_ranges != manifest_ranges:
-            problems.append(f"profiles: the engine's {[n for n, _ in built_ranges]} (min/max shapes) are not the "
-                            f"manifest's {[n for n, _ in manifest_ranges]}")
+        # Each static profile's input shapes must be what the manifest's inputs give at its (T, S).
+        stale = [p.name for p in self.profiles if not p.static or _ranges(p.shapes) != _ranges(manifest.input_shapes(p.axes))]
+        if stale:
+            problems.append(f"profiles: the engine's {stale} are not static steps of the manifest's inputs "
+                            f"({', '.join(manifest.input_names[:5])}, ...)")
         for what, built, have in (("TensorRT version", self.device.tensorrt_version, device.tensorrt_version),
                                   ("GPU", self.device.gpu_name, device.gpu_name),
                                   ("compute capability", self.device.compute_capability, device.compute_capability),

@@ -1,21 +1,26 @@
-"""TensorRT optimization profiles from the manifest: one per manifest profile, in the manifest's
-order (decode, then prefill), so a profile's index in the engine is its position here.
+"""TensorRT optimization profiles of a static-step engine: one profile per step size T, each with
+min = opt = max, all over the same number of cache cells S (every cell of the cache, the ones not in use
+hidden by the past mask: runtime/backends/packing.py).
 
-Each input gets (min, opt, max) shapes from `Manifest.profile_shapes`; the only change is decode's
-opt T, which becomes the size of the tree installed for the device (TensorRT tunes its kernels for
-opt, and the decode loop runs that tree on almost every step).
+Why static: with the committed length S as a dynamic axis, 60 of the 63 inputs change shape at every
+step and TensorRT re-specialises; at one shape per profile it never does, the kernels chosen are the
+same at every step (so a row's result depends only on its own inputs), and execute_async_v3 can be
+captured in a CUDA graph once per profile. The step sizes are the installed tree's T (times each batch
+size the engine serves) and a prefill chunk; longer prompts are prefilled in chunks of the largest.
+A profile's index in the engine is its position here (sizes ascending).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.manifest import CACHE_AXIS, TREE_AXIS, AxisRange, Manifest, ManifestError, ShapeError
 from trees import load_ppd_trees
 
-DECODE = "decode"
+PREFILL_STEP = 64      # nodes of the largest static step: prompts are prefilled in chunks of it
 Shapes = dict[str, tuple[list[int], list[int], list[int]]]   # input name -> (min, opt, max)
 
 
@@ -29,6 +34,10 @@ class EngineProfile:
 
     def covers(self, tree_size: int, cache_length: int) -> bool:
         return tree_size in self.axes[TREE_AXIS] and cache_length in self.axes[CACHE_AXIS]
+
+    @property
+    def static(self) -> bool:
+        return all(r.min == r.max for r in self.axes.values())
 
     def to_json(self) -> dict:
         return {"name": self.name, "axes": {a: dataclasses.asdict(r) for a, r in self.axes.items()},
@@ -45,22 +54,34 @@ def tree_size(tree_file: str | Path, ensemble: int = 1) -> int:
     return load_ppd_trees(tree_file).max_tokens(ensemble)
 
 
-def engine_profiles(manifest: Manifest, decode_opt_tree: int | None = None) -> tuple[EngineProfile, ...]:
-    """The engine's profiles; `decode_opt_tree` (the installed tree's T; None keeps the manifest's
-    opt) is clamped into decode's T range."""
-    profiles = {name: dict(axes) for name, axes in manifest.profiles.items()}
-    if decode_opt_tree is not None:
-        if DECODE not in profiles:
-            raise ManifestError(f"{manifest.dir} has no {DECODE!r} profile (profiles: {', '.join(profiles)}); re-export it")
-        t = profiles[DECODE][TREE_AXIS]
-        profiles[DECODE][TREE_AXIS] = AxisRange(t.min, min(max(decode_opt_tree, t.min), t.max), t.max)
-    tuned = dataclasses.replace(manifest, profiles=profiles)
-    return tuple(EngineProfile(name, axes, tuned.profile_shapes(name)) for name, axes in profiles.items())
+def step_sizes(tree: int, max_batch: int = 1, prefill: int = PREFILL_STEP) -> tuple[int, ...]:
+    """The static step sizes of an engine: the tree's T for 1, 2, 4, ... up to max_batch sequences, and the
+    prefill chunk (at least as large as the largest of them)."""
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]
+    sizes = {tree * b for b in batches}
+    return tuple(sorted(sizes | {max(prefill, max(sizes))}))
+
+
+def static_profiles(manifest: Manifest, sizes: Sequence[int], cells: int) -> tuple[EngineProfile, ...]:
+    """One profile per step size (min = opt = max), each over `cells` cache cells; refused when the
+    manifest's own ranges do not allow them (re-export with a larger --max-tree / --max-batch)."""
+    sizes = tuple(sorted(set(int(s) for s in sizes)))
+    if not sizes or sizes[0] < 1 or cells < 1:
+        raise ManifestError(f"static steps need sizes >= 1 and cells >= 1, got {list(sizes)} and {cells}")
+    largest_tree = max(axes[TREE_AXIS].max for axes in manifest.profiles.values())
+    if sizes[-1] > largest_tree or cells > manifest.max_batch * manifest.max_context:
+        raise ManifestError(f"{manifest.dir} takes steps of at most {largest_tree} nodes over "
+                            f"{manifest.max_batch * manifest.max_context} cells, not {sizes[-1]} over {cells}: "
+                            "re-export it with a larger --max-tree or --max-batch")
+    profiles = []
+    for size in sizes:
+        axes = {TREE_AXIS: AxisRange(size, size, size), CACHE_AXIS: AxisRange(cells, cells, cells)}
+        profiles.append(EngineProfile(f"T={size}", axes, manifest.input_shapes(axes)))
+    return tuple(profiles)
 
 
 def select_profile(profiles: tuple[EngineProfile, ...], tree_size: int, cache_length: int) -> int:
-    """Index of the first profile covering a step of T new tokens over S cached (decode before
-    prefill, so decode steps keep decode's tuned kernels)."""
+    """Index of the first profile covering a step of T nodes over S cells (sizes ascending: the smallest)."""
     for index, profile in enumerate(profiles):
         if profile.covers(tree_size, cache_length):
             return index

@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from export.manifest import Manifest
-from export.step_model import lowest_mask_value
+from export.masks import lowest_mask_value, sliding_window_masks
 from export.trt.key import DeviceFacts, EngineRecord
 from runtime.backends.layouts import DeviceLayout, LayoutCache
 from runtime.backends.packing import StepPlan, plan_step
@@ -77,6 +77,32 @@ class ModelInfo:
     # Profiles and statistics record it, so `trees build` notices when an engine's graph has changed.
     graph_sha256: str | None = None
     max_batch: int = 1     # sequences whose cache cells fit at once (each up to max_context)
+    sliding_window: int | None = None   # the model's sliding-window layers see this far back (None: none slide)
+    # Static steps (GPU engines: CUDA graphs, TensorRT): every step runs at one of these T, padded, over
+    # all the cache's cells; a longer draft is refused, so the generators cut prefills into chunks that fit
+    # (StaticSteps). None: each step at its own T over the cells in use (the CPU).
+    step_sizes: tuple[int, ...] | None = None
+
+    @property
+    def max_step_tokens(self) -> int | None:
+        """The most nodes one step may hold (static steps), or None (any)."""
+        return None if self.step_sizes is None else max(self.step_sizes)
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """One step's inputs on the backend's device, what `_run` binds (runtime/backends/packing.py)."""
+
+    ids: torch.Tensor                   # [T] int64
+    positions: torch.Tensor             # [T] int64 absolute positions
+    tree_mask: torch.Tensor             # [T, T] additive
+    past_mask: torch.Tensor | None      # [T, S] additive; None: every bound cell visible to every row
+    past_length: int                    # S: the cache cells bound
+    sliding: tuple[torch.Tensor, torch.Tensor] | None = None   # sliding_tree_mask [T, T], sliding_past_mask [T, S]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,18 @@ class BatchBackend(Backend, Protocol):
     def step_batch(self, drafts: Sequence[tuple[int, Draft]]) -> list[StepOutput]:
         ...
 
+    def _static_shape(self, nodes: int) -> tuple[int, int] | None:
+        """(T, S) of a static step of `nodes` real nodes: the smallest step size that holds them (after the
+        engine's minimum), over every cell of the cache; None for dynamic steps."""
+        sizes = self.info.step_sizes
+        if sizes is None:
+            return None
+        fits = [size for size in sorted(sizes) if size >= max(nodes, self._min_rows)]
+        if not fits:
+            raise ValueError(f"a step of {nodes} nodes exceeds this engine's largest static step ({max(sizes)} "
+                             "nodes): cut the prefill into chunks that fit (the generators do) or use a smaller tree")
+        return fits[0], self._cache.capacity
+
     def commit_batch(self, accepted: Sequence[tuple[int, Sequence[int]]]) -> None:
         ...
 
@@ -147,16 +185,13 @@ class CacheOwner:
     _last: tuple[StepPlan, torch.Tensor, torch.Tensor] | None = None   # the last step's plan, new keys, values
     _solo: int | None = None         # the sequence of the one-sequence API
     _min_rows: int = 1               # fewest rows a step runs with (Manifest.min_step_rows)
-    _static: tuple[int, int] | None = None   # every step padded to this (T, S) (GPU engines), or None
     _closed: bool = False
 
     def _check_shape(self, tree_size: int, past_length: int) -> None:
         """Refuse a packed step the engine's shapes cannot take (e.g. Manifest.check_step_shape)."""
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
-             past_mask: torch.Tensor | None, past_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward pass: ids, positions [T]; tree_mask [T, T]; past_mask [T, S] or None (all S bound
-        cells visible) -> logits [T, V], new keys and values [L, T, Hkv, D] (valid until the next step)."""
+    def _run(self, inputs: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass -> logits [T, V], new keys and values [L, T, Hkv, D] (valid until the next step)."""
         raise NotImplementedError
 
     # --- one sequence --------------------------------------------------------------------------------
@@ -205,7 +240,8 @@ class CacheOwner:
             raise ValueError("a step takes at most one draft per sequence")
         for slot, draft in drafts:
             self._cache.check_room(slot, draft.size)
-        plan = plan_step(drafts, self._cache, lowest_mask_value(self.info.dtype), self._min_rows, self._static)
+        plan = plan_step(drafts, self._cache, lowest_mask_value(self.info.dtype), self._min_rows,
+                         self._static_shape(sum(draft.size for _, draft in drafts)))
         self._check_shape(plan.size, plan.past_length)
         layouts = [self._layouts.get(draft.layout) for _, draft in drafts]
         device = self.info.device
@@ -218,10 +254,28 @@ class CacheOwner:
             tree_mask = torch.from_numpy(plan.tree_mask).to(device, self.info.dtype)
             past_mask = torch.from_numpy(plan.past_mask).to(device, self.info.dtype)
             positions = torch.from_numpy(plan.positions).to(device)
-        logits, keys, values = self._run(ids, positions, tree_mask, past_mask, plan.past_length)
+        sliding = None
+        if self.info.sliding_window is not None:   # the window over each cell's own position (runtime/kv_cache.py)
+            past_positions = torch.from_numpy(self._cache.positions[: plan.past_length]).to(device)
+            sliding = sliding_window_masks(tree_mask, positions, past_positions, self.info.sliding_window, past_mask,
+                                           self.info.dtype)
+        inputs = StepTensors(ids, positions, tree_mask, past_mask, plan.past_length, sliding)
+        logits, keys, values = self._run(inputs)
         self._last = (plan, keys, values)
         return [StepOutput(logits[plan.rows(i)], positions[plan.rows(i)], layout)
                 for i, layout in enumerate(layouts)]
+
+    def _static_shape(self, nodes: int) -> tuple[int, int] | None:
+        """(T, S) of a static step of `nodes` real nodes: the smallest step size that holds them (after the
+        engine's minimum), over every cell of the cache; None for dynamic steps."""
+        sizes = self.info.step_sizes
+        if sizes is None:
+            return None
+        fits = [size for size in sorted(sizes) if size >= max(nodes, self._min_rows)]
+        if not fits:
+            raise ValueError(f"a step of {nodes} nodes exceeds this engine's largest static step ({max(sizes)} "
+                             "nodes): cut the prefill into chunks that fit (the generators do) or use a smaller tree")
+        return fits[0], self._cache.capacity
 
     def commit_batch(self, accepted: Sequence[tuple[int, Sequence[int]]]) -> None:
         """Append each sequence's accepted nodes (indices into its own draft) of the last step."""

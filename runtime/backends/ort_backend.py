@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from export.ort_optimize import graph_optimization_level
-from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo
+from runtime.backends.base import MANIFEST_TORCH_DTYPES, CacheOwner, EngineGraph, ModelInfo, StepTensors
 from runtime.backends.layouts import LayoutCache
 from runtime.kv_cache import KVCache
 
@@ -75,7 +75,8 @@ class OrtBackend(CacheOwner):
         # CPU: sampled vanilla 49.5 -> 54.3 tokens/s, the readout itself is small).
         self.info = ModelInfo(m.vocab_size, self.manifest.method.num_extra_tokens, max_context, device, dtype,
                               readout_threads=1 if device.type == "cpu" else None,
-                              graph_sha256=self.manifest.onnx.sha256, max_batch=max_batch)
+                              graph_sha256=self.manifest.onnx.sha256, max_batch=max_batch,
+                              sliding_window=m.sliding_window if m.sliding_mask_inputs else None)
         self._cache = KVCache(m.num_layers, max_context, m.num_kv_heads, m.head_dim, dtype, device,
                               capacity=max_context * max_batch)
         self._layouts = LayoutCache(device, dtype)
@@ -87,7 +88,6 @@ class OrtBackend(CacheOwner):
         # Layer i's bound cells start at its layer's first row: these addresses never change.
         self._past = [(f"past_key.{i}", k.data_ptr()) for i, k in enumerate(self._cache.keys)] + \
                      [(f"past_value.{i}", v.data_ptr()) for i, v in enumerate(self._cache.values)]
-        self._has_past_mask = "past_mask" in self.manifest.input_names
         self._visible = torch.zeros(0, dtype=dtype, device=device)   # an all-visible past mask, grown as needed
         self._step_inputs: tuple[torch.Tensor, ...] = ()  # keeps the bound inputs alive until the next step
         # Steps smaller than the graph's minimum run padded (Manifest.min_step_rows, runtime/backends/packing.py).
@@ -122,24 +122,20 @@ class OrtBackend(CacheOwner):
                                         device=self.info.device)
         return self._visible[: t * s].view(t, s)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
-             past_mask: torch.Tensor | None, past_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t, s = len(ids), past_length
+    def _run(self, inputs: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, s = inputs.size, inputs.past_length
         m = self.manifest.model
-        if past_mask is None and self._has_past_mask:
-            past_mask = self._all_visible(t, s)
-        elif past_mask is not None and not self._has_past_mask:
-            raise ValueError(f"{self.manifest.dir} is an engine of one sequence (no past_mask input): re-export it "
-                             "(`make engine`) to step several sequences at once")
-        self._bind("input_ids", ids, (t,))
-        self._bind("position_ids", positions, (t,))
-        self._bind("tree_mask", tree_mask, (t, t))
-        if past_mask is not None:
-            self._bind("past_mask", past_mask, (t, s))
+        past_mask = self._all_visible(t, s) if inputs.past_mask is None else inputs.past_mask
+        self._bind("input_ids", inputs.ids, (t,))
+        self._bind("position_ids", inputs.positions, (t,))
+        self._bind("tree_mask", inputs.tree_mask, (t, t))
+        self._bind("past_mask", past_mask, (t, s))
+        for name, mask in zip(m.sliding_mask_inputs, inputs.sliding or ()):
+            self._bind(name, mask, tuple(mask.shape))
         past_shape = [s, m.num_kv_heads, m.head_dim]
         for name, address in self._past:
             self._binding.bind_input(name, self.info.device.type, self._device_id, self._np_dtype, past_shape, address)
-        self._step_inputs = (ids, positions, tree_mask, past_mask)
+        self._step_inputs = (inputs, past_mask)
         logits, keys, values = self._outputs if t <= self._capacity else self._allocate(t)  # long prefill: own buffers
         new_shape = (m.num_layers, t, m.num_kv_heads, m.head_dim)
         self._bind("logits", logits, (t, m.vocab_size), output=True)

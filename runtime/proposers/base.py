@@ -8,6 +8,7 @@ step's readout (the verifier's choices and the prediction rows' top-K ids) and t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from runtime.draft import Draft
@@ -37,3 +38,23 @@ class Proposer(Protocol):
         """After each step: `path` = the accepted candidate nodes, root first (for a prefill, the
         whole prompt)."""
         ...
+
+
+def prefill_drafts(prompt_ids: list[int], proposer: Proposer, limit: int | None = None) -> Iterator[tuple[Draft, bool]]:
+    """The prefill of `prompt_ids` as drafts of at most `limit` nodes each (None: one draft): chains of
+    its first tokens, whose entries are all committed (only their last node's choice is read, and not
+    used), then the proposer's
+    prefill draft of the rest (the last, True), which reads the first new token and whatever the method
+    attaches to the prompt's last node (PPD's prompt tokens)."""
+    if limit is None:
+        yield proposer.prefill_draft(prompt_ids), True
+        return
+    attached = proposer.prefill_draft(prompt_ids[-1:]).size - 1      # nodes the method adds after the last
+    tail = limit - attached
+    if tail < 1:
+        raise ValueError(f"steps of at most {limit} nodes cannot hold a prefill's last token and the {attached} "
+                         "nodes this method attaches to it: use an engine with larger steps")
+    start = max(0, len(prompt_ids) - tail)
+    for first in range(0, start, limit):
+        yield Draft.prefill(prompt_ids[first: min(first + limit, start)]), False
+    yield proposer.prefill_draft(prompt_ids[start:]), True

@@ -8,9 +8,15 @@ It keeps the rules of the real API that our code has to follow (TensorRT 10/11 b
     addresses too); set_input_shape refuses a shape outside the active profile (False + error log);
   - set_tensor_address refuses a null or non-256-byte-aligned pointer (False + error log);
   - execute_async_v3 needs every input's shape and address and every output's address, and writes
-    each output densely at its real shape to its address.
+    each output densely at its real shape to its address;
+  - tensor dtypes are the engine's (get_tensor_dtype: DataType.FLOAT / HALF / INT64, from the ONNX);
+  - work enqueued on a stream runs when something waits for that stream (FakeStreams, the model of
+    runtime/backends/streams.py): a backend that reads outputs without ordering the caller's stream
+    after the engine's reads outputs not yet written. CUDA graphs: capture records the execution once,
+    replays run it again at the same addresses (FakeStreams counts both).
 Its "plan" is JSON naming the ONNX and the profiles; execution runs that ONNX with onnxruntime on
-the bound (CPU) pointers. What it cannot show: TensorRT's numerics, kernels, or real GPU memory.
+the bound (CPU) pointers, in the ONNX's own dtypes (fp16 buffers for an fp16 export). What it cannot
+show: TensorRT's numerics, kernels, or real GPU memory.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class FakeTensorRT:
         self.builds: list[dict] = []          # what each build was asked for
         self.deserialized = 0
         self.contexts: list[Context] = []
+        self.pending: dict[int, list] = {}    # stream handle -> executions enqueued there, not yet run
 
     def Builder(self, logger) -> "Builder":
         return Builder(self, logger)
@@ -222,6 +229,10 @@ class Engine:
     def num_optimization_profiles(self) -> int:
         return len(self.profiles)
 
+    def get_tensor_dtype(self, name: str) -> "DataType":
+        spec = self.inputs.get(name) or self.outputs[name]
+        return DataType({"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}[spec.dtype])
+
     def create_execution_context(self) -> "Context":
         context = Context(self)
         self.trt.contexts.append(context)
@@ -274,14 +285,62 @@ class Context:
         missing += [n for n in self.engine.outputs if n not in self.addresses]
         if missing:
             return self._error(f"execute without shapes/addresses for {missing}")
+        queue = self.engine.trt.pending.get(stream)
+        if queue is not None:            # a stream of FakeStreams: it runs when something waits for it
+            queue.append((self, dict(self.shapes), dict(self.addresses)))
+        else:
+            self.run_now(self.shapes, self.addresses)
+        return True
+
+    def run_now(self, shapes: dict, addresses: dict) -> None:
         binding = self.session.io_binding()
         for name, spec in self.engine.inputs.items():
-            binding.bind_input(name, "cpu", 0, np.dtype(spec.dtype), self.shapes[name], self.addresses[name])
+            binding.bind_input(name, "cpu", 0, np.dtype(spec.dtype), shapes[name], addresses[name])
         for name in self.engine.outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         for name, array in zip(self.engine.outputs, binding.copy_outputs_to_cpu()):
             array = np.ascontiguousarray(array)
-            ctypes.memmove(self.addresses[name], array.ctypes.data, array.nbytes)   # dense, at its real shape
-        self.runs.append((self.profile, dict(self.shapes)))
-        return True
+            ctypes.memmove(addresses[name], array.ctypes.data, array.nbytes)   # dense, at its real shape
+        self.runs.append((self.profile, dict(shapes)))
+
+
+class DataType:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"DataType.{self.name}"
+
+
+class FakeStreams:
+    """A model of runtime/backends/streams.py for the stand-in: the engine's stream is a queue whose
+    executions run when the caller's stream waits for it (engine_done); graphs are captured once per run
+    and replayed."""
+
+    HANDLE = 7
+
+    def __init__(self, trt: FakeTensorRT, order_after_engine: bool = True) -> None:
+        self.trt = trt
+        trt.pending[self.HANDLE] = []
+        self.order_after_engine = order_after_engine   # False: a backend that forgets to wait for the engine
+        self.captures = self.replays = 0
+
+    def engine_stream(self) -> int:
+        return self.HANDLE
+
+    def engine_done(self) -> None:
+        if not self.order_after_engine:
+            return
+        queue = self.trt.pending[self.HANDLE]
+        while queue:
+            context, shapes, addresses = queue.pop(0)
+            context.run_now(shapes, addresses)
+
+    def capture(self, run):
+        self.captures += 1
+
+        def replay() -> None:
+            self.replays += 1
+            run()
+        return replay

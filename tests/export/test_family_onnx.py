@@ -30,14 +30,15 @@ def exported(request, tmp_path_factory, real_model_dir) -> tuple[str, Manifest]:
 def test_graph_contract_and_manifest(exported):
     name, m = exported
     sliding = name in SLIDING_NAMES
-    assert m.input_names[:3] == ["input_ids", "position_ids", "tree_mask"]
-    assert m.input_names[3:5] == (list(SLIDING_MASK_INPUTS) if sliding else ["past_key.0", "past_key.1"])
+    assert m.input_names[:4] == ["input_ids", "position_ids", "tree_mask", "past_mask"]
+    assert m.input_names[4:6] == (list(SLIDING_MASK_INPUTS) if sliding else ["past_key.0", "past_key.1"])
     assert m.model.sliding_mask_inputs == (SLIDING_MASK_INPUTS if sliding else ())
     assert m.model.family == name.split("-")[0] and m.model.family in FAMILIES
     if sliding:
         assert m.model.sliding_window in (WINDOW, WINDOW + 1) and m.model.sliding_layers
         assert m.dynamic_axes()["sliding_past_mask"] == {0: "T", 1: "S"}
-        assert m.profile_shapes("decode")["sliding_past_mask"][2] == [MAX_TREE, MAX_CONTEXT - MAX_TREE]
+        cells = m.max_batch * MAX_CONTEXT - MAX_TREE   # every sequence's cells of a packed step
+        assert m.profile_shapes("decode")["sliding_past_mask"][2] == [m.max_batch * MAX_TREE, cells]
     else:
         assert m.model.sliding_window is None and m.model.sliding_layers == ()
     assert Manifest.load(m.dir).model == m.model     # the record survives the JSON round trip
@@ -74,6 +75,7 @@ def test_runtime_built_masks_reproduce_transformers(name, tmp_path, real_model_d
         tree = additive(ancestors, np.float32)
         sliding_tree, sliding_past = sliding_window_masks(tree, positions, past_positions, window)
         feed = {"input_ids": ids, "position_ids": positions, "tree_mask": tree,
+                "past_mask": np.zeros((len(ids), len(past_positions)), np.float32),   # one sequence: all its own
                 "sliding_tree_mask": sliding_tree, "sliding_past_mask": sliding_past, **past}
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 

@@ -104,10 +104,11 @@ def test_too_large_tree_is_refused(pristine):
     with pytest.raises(ShapeError, match=r"tree of 17 nodes is larger than this engine's max tree size 16.*--max-tree 17"):
         m.check_tree_size(MAX_TREE + 1)
     m.check_step_shape(200, 0)                              # a prefill chain: the prefill profile
-    with pytest.raises(ShapeError, match="exceed this engine's max_context 256"):
-        m.check_step_shape(10, 250)
+    m.check_step_shape(10, 250)                             # a packed step: the cells of several sequences
+    with pytest.raises(ShapeError, match="exceed this engine's 16 sequences of max_context 256"):
+        m.check_step_shape(10, 16 * 256)
     with pytest.raises(ShapeError, match="no profile"):
-        m.check_step_shape(241, 0)                          # longer than any profile's T
+        m.check_step_shape(16 * 16 + 1, 10)                 # more nodes than max_batch trees, on a cache
 
 
 def test_stale_when_model_method_or_budget_change(pristine, tiny_dir, tmp_path, real_model_dir):

@@ -33,7 +33,7 @@ def exported(tiny_dir, tmp_path_factory) -> Manifest:
 
 def test_manifest_describes_the_graph(exported, tiny_dir):
     m = exported
-    assert m.input_names == ["input_ids", "position_ids", "tree_mask", "past_key.0", "past_key.1",
+    assert m.input_names == ["input_ids", "position_ids", "tree_mask", "past_mask", "past_key.0", "past_key.1",
                              "past_value.0", "past_value.1"]
     assert m.output_names == ["logits", "new_keys", "new_values"]
     assert m.dynamic_axes()["tree_mask"] == {0: "T", 1: "T"}
@@ -44,9 +44,13 @@ def test_manifest_describes_the_graph(exported, tiny_dir):
     assert m.method.name == "vanilla" and m.method.num_extra_tokens == 0
     assert {"ppdeploy", "torch", "onnx", "format_version"} <= set(m.exporter)
     assert m.onnx.sha256 == sha256_file(m.onnx_path)
-    # Profiles: decode trees 1..max_tree, prefill chains up to max_context - max_tree, same cache range.
-    assert m.profile_shapes("decode")["tree_mask"] == ([1, 1], [16, 16], [16, 16])
-    assert m.profile_shapes("decode")["past_key.0"] == ([0, 2, 16], [240, 2, 16], [240, 2, 16])
+    assert m.dynamic_axes()["past_mask"] == {0: "T", 1: "S"}
+    # Profiles: decode trees of up to max_batch sequences (1..max_batch * max_tree), prefill chains up to
+    # max_context - max_tree; both over the cells of max_batch sequences.
+    cells = m.max_batch * 256 - 16
+    assert m.max_batch == 16 and m.profile_shapes("decode")["tree_mask"] == ([1, 1], [16, 16], [256, 256])
+    assert m.profile_shapes("decode")["past_key.0"] == ([0, 2, 16], [256, 2, 16], [cells, 2, 16])
+    assert m.profile_shapes("decode")["past_mask"] == ([1, 0], [16, 256], [256, cells])
     assert m.profile_shapes("prefill")["input_ids"] == ([1], [128], [240])
     graph = onnx.load(str(m.onnx_path), load_external_data=False)
     assert graph.ir_version == IR_VERSION and graph.opset_import[0].version == OPSET
@@ -56,7 +60,8 @@ def test_manifest_describes_the_graph(exported, tiny_dir):
 # Node types of the 2-layer tiny Llama's fp32 graph as exported before model families existed: the real
 # model's latency profiles and trees were measured on that graph, so a Llama graph keeps exactly these ops
 # (the real SmolLM2 graph was checked byte-identical, model.onnx sha256 010e637a..., when families came).
-LLAMA_GRAPH_OPS = {"Add": 15, "Cast": 18, "Concat": 11, "Constant": 135, "Cos": 1, "Div": 5, "Gather": 5,
+# past_mask (which cache cells each node sees) adds its one Cast per step and one Add per layer (2 here).
+LLAMA_GRAPH_OPS = {"Add": 17, "Cast": 19, "Concat": 11, "Constant": 135, "Cos": 1, "Div": 5, "Gather": 5,
                    "Identity": 4, "MatMul": 17, "Mul": 23, "Neg": 2, "Pow": 5, "ReduceMean": 5, "Reshape": 8,
                    "Shape": 4, "Sigmoid": 2, "Sin": 1, "Slice": 20, "Softmax": 2, "Sqrt": 5, "Transpose": 13,
                    "Unsqueeze": 23}

@@ -22,7 +22,7 @@ import export.trt.host
 import export.devices
 from export.__main__ import main
 from export.engine import TargetError, check_target
-from export.manifest import CACHE_AXIS, TREE_AXIS, AxisRange, FileRecord, ShapeError
+from export.manifest import TREE_AXIS, FileRecord, ManifestError, ShapeError
 from export.methods import METHODS
 from export.onnx_export import ExportConfig, export_onnx
 from export.paths import REPO_ROOT
@@ -31,7 +31,7 @@ from export.trt.build import TrtBuildError, build_engine, network_flags
 from export.trt.host import HostFacts, missing_for_target
 from export.trt.key import (ENGINE_JSON, PLAN_NAME, TIMING_CACHE_NAME, BuilderSettings, DeviceFacts, EngineKey,
                             EngineMismatchError, EngineRecord, check_engine)
-from export.trt.profiles import engine_profiles, select_profile, tree_size
+from export.trt.profiles import select_profile, static_profiles, step_sizes, tree_size
 from tests.export.fake_tensorrt import FAKE_CACHE, FakeTensorRT
 from trees import load_ppd_trees
 
@@ -55,25 +55,31 @@ def engine_copy(manifest, tmp_path):
 
 
 # --- profiles ---------------------------------------------------------------------------------------
-def test_profiles_come_from_the_manifest_with_decode_tuned_for_the_tree(manifest):
-    decode, prefill = engine_profiles(manifest, decode_opt_tree=5)
-    assert (decode.name, prefill.name) == ("decode", "prefill")        # engine order = manifest order
-    max_cache = MAX_CONTEXT - MAX_TREE
+def profiles(manifest, tree: int = 5, max_batch: int = 1):
+    return static_profiles(manifest, step_sizes(tree, max_batch), max_batch * MAX_CONTEXT)
+
+
+def test_every_profile_is_one_static_step_over_all_cells(manifest):
+    small, prefill = profiles(manifest)
+    assert (small.name, prefill.name) == ("T=5", "T=64") and small.static and prefill.static
     m = manifest.model
-    assert decode.shapes["input_ids"] == ([1], [5], [MAX_TREE])
-    assert decode.shapes["tree_mask"] == ([1, 1], [5, 5], [MAX_TREE, MAX_TREE])
-    assert decode.shapes["past_key.0"] == ([0, m.num_kv_heads, m.head_dim], [min(256, max_cache), m.num_kv_heads, m.head_dim],
-                                           [max_cache, m.num_kv_heads, m.head_dim])   # min S = 0
-    assert set(decode.shapes) == set(manifest.input_names)
-    assert prefill.shapes == manifest.profile_shapes("prefill")          # only decode's opt T changes
-    assert {n: (s[0], s[2]) for n, s in decode.shapes.items()} == \
-           {n: (s[0], s[2]) for n, s in manifest.profile_shapes("decode").items()}
+    kv = [MAX_CONTEXT, m.num_kv_heads, m.head_dim]
+    assert small.shapes["input_ids"] == ([5], [5], [5]) and small.shapes["past_key.0"] == (kv, kv, kv)
+    assert small.shapes["past_mask"] == ([5, MAX_CONTEXT],) * 3 and set(small.shapes) == set(manifest.input_names)
+    assert prefill.shapes["tree_mask"] == ([64, 64],) * 3
 
 
-@pytest.mark.parametrize("tree, opt", [(100, MAX_TREE), (0, 1), (None, min(16, MAX_TREE))])
-def test_decode_opt_is_clamped_into_the_profile(manifest, tree, opt):
-    decode = engine_profiles(manifest, tree)[0]
-    assert decode.axes[TREE_AXIS].opt == opt and decode.shapes["position_ids"][1] == [opt]
+@pytest.mark.parametrize("tree, max_batch, sizes", [(5, 1, (5, 64)), (1, 1, (1, 64)), (12, 4, (12, 24, 48, 64)),
+                                                     (20, 4, (20, 40, 80))])
+def test_step_sizes_cover_the_tree_for_each_batch_and_a_prefill_chunk(tree, max_batch, sizes):
+    assert step_sizes(tree, max_batch) == sizes
+
+
+def test_static_steps_the_manifest_cannot_take_are_refused(manifest):
+    with pytest.raises(ManifestError, match="steps of at most 256 nodes over 4096 cells, not 300 over 256"):
+        static_profiles(manifest, (5, 300), MAX_CONTEXT)
+    with pytest.raises(ManifestError, match="not 64 over 5000"):
+        static_profiles(manifest, (5, 64), 5000)
 
 
 @pytest.mark.parametrize("ensemble", [1, 2])
@@ -87,24 +93,23 @@ def test_tree_size_is_the_largest_draft_the_proposer_makes(ensemble):
     assert tree_size(tree_file, ensemble) == proposer.max_draft_tokens
 
 
-def test_a_step_selects_the_first_profile_covering_it(manifest):
-    profiles = engine_profiles(manifest, 5)
-    assert select_profile(profiles, 1, 0) == 0 and select_profile(profiles, MAX_TREE, 100) == 0
-    assert select_profile(profiles, MAX_TREE + 1, 0) == 1                   # a prefill longer than any tree
-    with pytest.raises(ShapeError, match="no optimization profile covers T=300"):
-        select_profile(profiles, 300, 0)
+def test_a_step_selects_the_smallest_static_size_that_holds_it(manifest):
+    chosen = profiles(manifest)
+    assert select_profile(chosen, 5, MAX_CONTEXT) == 0 and select_profile(chosen, 64, MAX_CONTEXT) == 1
+    with pytest.raises(ShapeError, match="no optimization profile covers T=5, S=100"):
+        select_profile(chosen, 5, 100)                # a static step binds every cell
 
 
 # --- the key ---------------------------------------------------------------------------------------
 def test_key_round_trips_and_records_what_ties_an_engine(manifest):
-    key = EngineKey.build(manifest, engine_profiles(manifest, 5), BuilderSettings(), H100)
+    key = EngineKey.build(manifest, profiles(manifest), BuilderSettings(), H100)
     assert EngineKey.from_json(json.loads(json.dumps(key.to_json()))) == key
     assert key.onnx == {r.file: r.sha256 for r in (manifest.onnx, *manifest.external_data)} and len(key.onnx) == 2
     data = key.to_json()
     assert data["device"] == {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "sm_count": 132,
                               "tensorrt_version": "10.16.1.11"}
     assert data["builder"] == {"tf32": False, "optimization_level": 3, "strongly_typed": True}
-    assert data["dtype"] == manifest.dtype and [p["name"] for p in data["profiles"]] == ["decode", "prefill"]
+    assert data["dtype"] == manifest.dtype and [p["name"] for p in data["profiles"]] == ["T=5", "T=64"]
     assert key.mismatches(manifest, H100) == []
 
 
@@ -115,7 +120,7 @@ def test_key_round_trips_and_records_what_ties_an_engine(manifest):
     (dict(sm_count=114), "SM count: built with 132, this machine has 114"),
 ])
 def test_each_device_mismatch_is_refused_with_the_fix(manifest, change, what):
-    record = EngineRecord(EngineKey.build(manifest, engine_profiles(manifest, 5), BuilderSettings(), H100),
+    record = EngineRecord(EngineKey.build(manifest, profiles(manifest), BuilderSettings(), H100),
                           FileRecord(PLAN_NAME, "0" * 64, 1), "h100")
     present = dataclasses.replace(H100, **change)
     assert len(record.key.mismatches(manifest, present)) == 1
@@ -126,7 +131,7 @@ def test_each_device_mismatch_is_refused_with_the_fix(manifest, change, what):
 
 
 def test_an_engine_from_other_onnx_bytes_is_refused(manifest):
-    key = EngineKey.build(manifest, engine_profiles(manifest, 5), BuilderSettings(), H100)
+    key = EngineKey.build(manifest, profiles(manifest), BuilderSettings(), H100)
     data = manifest.external_data[0]
     reexported = dataclasses.replace(manifest, external_data=(dataclasses.replace(data, sha256="f" * 64),))
     problems = key.mismatches(reexported, H100)
@@ -136,14 +141,12 @@ def test_an_engine_from_other_onnx_bytes_is_refused(manifest):
     assert [p.split(":")[0] for p in key.mismatches(fp16, H100)] == ["dtype"]
 
 
-def test_an_engine_with_other_profiles_is_refused(manifest):
-    key = EngineKey.build(manifest, engine_profiles(manifest, 5), BuilderSettings(), H100)
-    bigger = dict(manifest.profiles)
-    bigger["decode"] = {**bigger["decode"], CACHE_AXIS: AxisRange(0, 100, 200)}
-    assert [p.split(":")[0] for p in key.mismatches(dataclasses.replace(manifest, profiles=bigger), H100)] == ["profiles"]
-    # decode's opt is the builder's choice: another opt T is the same engine contract
-    other_opt = EngineKey.build(manifest, engine_profiles(manifest, 9), BuilderSettings(), H100)
-    assert other_opt.mismatches(manifest, H100) == []
+def test_an_engine_whose_profiles_no_longer_fit_the_manifests_inputs_is_refused(manifest):
+    key = EngineKey.build(manifest, profiles(manifest), BuilderSettings(), H100)
+    fewer = dataclasses.replace(manifest, inputs=tuple(i for i in manifest.inputs if i.name != "past_mask"))
+    assert [p.split(":")[0] for p in key.mismatches(fewer, H100)] == ["profiles"]
+    other_tree = EngineKey.build(manifest, profiles(manifest, 9), BuilderSettings(), H100)
+    assert other_tree.mismatches(manifest, H100) == [] and other_tree != key    # another engine, still this contract
 
 
 # --- the build (stand-in TensorRT) ---------------------------------------------------------------------
@@ -164,11 +167,11 @@ def test_build_writes_plan_timing_cache_and_key(engine_copy):
     directory = engine_copy.dir
     assert trt.builds == [{"flags": 1 << 1, "tf32": False, "level": 3, "profiles": 2}]
     assert EngineRecord.load(directory) == record and record.target == "h100"
-    assert record.key == EngineKey.build(engine_copy, engine_profiles(engine_copy, 5), BuilderSettings(), H100)
+    assert record.key == EngineKey.build(engine_copy, profiles(engine_copy), BuilderSettings(), H100)
     assert record.plan.size == (directory / PLAN_NAME).stat().st_size
     assert (directory / TIMING_CACHE_NAME).read_bytes() == FAKE_CACHE + b"1"
     plan = json.loads((directory / PLAN_NAME).read_text())
-    assert plan["profiles"][0]["input_ids"] == [[1], [5], [MAX_TREE]]
+    assert plan["profiles"][0]["input_ids"] == [[5], [5], [5]] and plan["profiles"][1]["input_ids"] == [[64]] * 3
     assert not [p for p in directory.iterdir() if ".tmp-" in p.name]
 
 
@@ -178,7 +181,7 @@ def test_an_up_to_date_engine_is_kept_and_a_rebuild_reuses_the_timing_cache(engi
     mtime = (engine_copy.dir / PLAN_NAME).stat().st_mtime_ns
     build_engine(engine_copy, "h100", 5, trt=trt, device=H100, log=lambda _: None)
     assert len(trt.builds) == 1 and (engine_copy.dir / PLAN_NAME).stat().st_mtime_ns == mtime
-    build_engine(engine_copy, "h100", 7, trt=trt, device=H100, log=lambda _: None)          # another opt T
+    build_engine(engine_copy, "h100", 7, trt=trt, device=H100, log=lambda _: None)          # another tree size
     assert len(trt.builds) == 2 and (engine_copy.dir / TIMING_CACHE_NAME).read_bytes() == FAKE_CACHE + b"2"
     newer = dataclasses.replace(H100, tensorrt_version="10.16.2.1")
     record = build_engine(engine_copy, "h100", 7, trt=FakeTensorRT("10.16.2.1"), device=newer, log=lambda _: None)
@@ -270,5 +273,6 @@ def test_gpu_target_exports_fp16_and_builds_the_engine(tiny_dir, tmp_path, monke
     assert main(argv) == 0
     record = EngineRecord.load(out)
     assert record.key.dtype == "float16" and record.key.device == H100 and record.target == "h100"
-    assert record.key.profiles[0].axes[TREE_AXIS].opt == 1          # vanilla: tuned for one-token steps
+    # vanilla: one-token steps for 1..16 sequences (the default --max-batch), and the prefill chunk
+    assert [p.axes[TREE_AXIS].max for p in record.key.profiles] == [1, 2, 4, 8, 16, 64]
     assert {PLAN_NAME, TIMING_CACHE_NAME, ENGINE_JSON, "manifest.json"} <= {p.name for p in out.iterdir()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runtime import BatchGenerator, Generator
+from runtime.backends.base import StepTensors
 from runtime.draft import Draft
 from tests.runtime.test_ppd import tiny_ppd  # noqa: F401 (fixture)
 
@@ -107,8 +108,8 @@ def test_no_sequence_sees_another_sequences_cache(tiny_model_dir):
     # The same rows with the past mask dropped: each sees both sequences' cells, and its logits move.
     ids = torch.tensor([ids[-1] for ids in prompts])
     positions = torch.tensor([len(ids) for ids in prompts])
-    leaked, _, _ = both._run(ids, positions, torch.tensor([[0.0, torch.finfo().min], [torch.finfo().min, 0.0]]),
-                             None, both._cache.used)
+    tree_mask = torch.tensor([[0.0, torch.finfo().min], [torch.finfo().min, 0.0]])
+    leaked, _, _ = both._run(StepTensors(ids, positions, tree_mask, None, both._cache.used))
     assert not torch.allclose(leaked[0], alone[0][0], atol=1e-3)
 
 

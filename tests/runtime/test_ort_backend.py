@@ -26,6 +26,7 @@ from runtime.loading import open_engine
 from runtime.backends.torch_backend import TorchBackend
 from tests.runtime.test_ppd import TREES
 from runtime.draft import Draft, Layout
+from runtime.kv_cache import ContextOverflowError
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 PROMPTS = ["Hello", "Write a poem about the sea", "1 2 3 4 5 6 1 2 3 4 5 6"]
@@ -118,7 +119,7 @@ def test_steps_outside_the_profiles_are_refused(engine):
     backend = open_engine(engine.dir, max_context=MAX_CONTEXT)
     backend.step(Draft.chain(np.arange(240)))                      # the longest prefill
     backend.commit(range(240))
-    with pytest.raises(ShapeError, match="max_context 256"):
+    with pytest.raises(ContextOverflowError, match="max_context 256"):   # the sequence's own budget
         backend.step(Draft(np.arange(17), binary_tree(17)))
     backend.step(Draft(np.arange(16), binary_tree(16)))            # exactly fills the context
     with pytest.raises(RuntimeError, match="needs a step"):

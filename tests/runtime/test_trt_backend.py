@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import export.engine
-from export.manifest import ManifestError, ShapeError
+from export.manifest import ManifestError
 from export.onnx_export import ExportConfig, export_onnx
 from export.trt.build import build_engine
 from export.trt.key import PLAN_NAME, DeviceFacts, EngineMismatchError, EngineRecord
@@ -24,11 +24,11 @@ from runtime.backends import BackendClosedError
 from runtime.backends.ort_backend import OrtBackend
 from runtime.loading import find_trt_engine, open_backend, open_engine, tensorrt_graph
 from runtime.methods import engine_method
-from runtime.backends.trt_backend import (ALIGNMENT, TrtBackend, TrtRuntimeError, aligned_cache, aligned_empty,
-                                          aligned_rows, check_address)
+from runtime.backends.aligned import ALIGNMENT, TrtRuntimeError, aligned_cache, aligned_empty, aligned_rows, check_address
+from runtime.backends.trt_backend import TrtBackend
 from runtime.draft import Draft, Layout
 from runtime.generator import eos_token_ids
-from tests.export.fake_tensorrt import FakeTensorRT
+from tests.export.fake_tensorrt import FakeStreams, FakeTensorRT
 
 MAX_CONTEXT, MAX_TREE = 256, 16
 H100 = DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", 132, "10.16.1.11")
@@ -50,10 +50,12 @@ def engine(tiny_dir, tmp_path_factory):
 
 
 def fake_backend(manifest, trt: FakeTensorRT | None = None, facts: DeviceFacts = H100,
-                 max_context: int | None = None) -> TrtBackend:
+                 max_context: int | None = None, max_batch: int | None = None,
+                 streams: FakeStreams | None = None) -> TrtBackend:
     """The loader (engine.json's key and the plan's hash checked against `facts`), then the backend on the
     stand-in TensorRT."""
-    return open_backend(tensorrt_graph(manifest, "cpu", max_context, facts=facts), "cpu", tensorrt=trt or FakeTensorRT())
+    graph = tensorrt_graph(manifest, "cpu", max_context, facts=facts)
+    return TrtBackend(graph, "cpu", tensorrt=trt or FakeTensorRT(), max_batch=max_batch, streams=streams)
 
 
 # --- alignment ---------------------------------------------------------------------------------------
@@ -81,13 +83,14 @@ def test_aligned_empty_starts_on_a_256_byte_boundary(dtype):
 
 def test_every_layer_block_of_the_cache_is_aligned_for_any_max_context():
     cache = aligned_cache(3, 101, 3, 64, torch.float16, torch.device("cpu"))   # 101 rows x 384 bytes: odd
-    assert cache.max_context == 101 and cache.keys.shape[1] >= 101
+    assert cache.max_context == cache.capacity == 101 and cache.keys.shape[1] >= 101
     for block in (*cache.keys, *cache.values):
         assert block.data_ptr() % ALIGNMENT == 0 and block.is_contiguous()
     new = torch.ones(3, 101, 3, 64, dtype=torch.float16)
-    cache.commit(new, new, range(101))
+    slot = cache.open()
+    cache.commit(slot, new, new, range(101))
     with pytest.raises(ValueError, match="max_context 101"):
-        cache.check_room(1)                                                      # padding rows are never used
+        cache.check_room(slot, 1)                                                # padding rows are never used
 
 
 # --- refusals before deserializing ---------------------------------------------------------------------
@@ -152,13 +155,14 @@ def importlib_has(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-# --- the binding logic, run through the stand-in --------------------------------------------------------
-def test_trt_steps_match_onnxruntime_steps(engine):
+# --- static steps, run through the stand-in -------------------------------------------------------------
+def test_every_step_runs_at_a_static_shape_and_matches_onnxruntime(engine):
+    """Steps of every size run at one of the engine's static sizes (5 and 64 here) over all 256 cells, one
+    context per size, and their real rows equal onnxruntime's dynamic step (fp32: to rounding)."""
     trt = FakeTensorRT()
     backends = [open_engine(engine.dir, max_context=MAX_CONTEXT), fake_backend(engine, trt, max_context=MAX_CONTEXT)]
+    assert backends[1].info.step_sizes == (5, 64) and backends[1].info.max_step_tokens == 64
     rng = np.random.default_rng(0)
-    # A prefill longer than the decode buffers (prefill profile, own buffers, S = 0), then trees of
-    # several sizes (decode profile) with 1-2 nodes committed: every step reads all earlier commits.
     steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3, 9, 2)]
     for layout, commit in steps:
         draft = Draft(rng.integers(0, engine.model.vocab_size, layout.size), layout)
@@ -169,55 +173,77 @@ def test_trt_steps_match_onnxruntime_steps(engine):
         for b in backends:
             b.commit(commit or list(range(layout.size)))
     assert backends[0].length == backends[1].length == 30 + 1 + 2 * 5
-    runs = trt.contexts[0].runs
-    assert [profile for profile, _ in runs] == [1] + [0] * 6                # prefill, then decode
-    assert runs[0][1]["past_key.0"][0] == 0 and runs[1][1]["past_key.0"][0] == 30
+    kv = [MAX_CONTEXT, engine.model.num_kv_heads, engine.model.head_dim]
+    runs = [(context.runs, size) for context, size in zip(trt.contexts, (5, 64))]
+    assert [len(r) for r, _ in runs] == [4, 3]      # T = 1, 5, 3, 2 at 5; the prefill, 16 and 9 at 64
+    assert all(shapes["input_ids"] == [size] and shapes["past_key.0"] == kv and shapes["past_mask"] == [size, kv[0]]
+               for r, size in runs for _, shapes in r)
 
 
-def test_a_short_prompt_runs_on_the_decode_profile_with_an_empty_cache(engine):
+def test_each_size_is_captured_once_then_replayed_and_bound_once(engine):
     trt = FakeTensorRT()
-    backend = fake_backend(engine, trt)
-    backend.step(Draft.chain([1, 2, 3]))
-    profile, shapes = trt.contexts[0].runs[0]
-    assert profile == 0 and shapes["past_value.1"] == [0, engine.model.num_kv_heads, engine.model.head_dim]
+    streams = FakeStreams(trt)
+    backend = fake_backend(engine, trt, streams=streams)
+    bound = [dict(context.addresses) for context in trt.contexts]
+    backend.step(Draft.chain(np.arange(20)))
+    backend.commit(range(20))
+    for t in (3, 4, 5, 2):
+        backend.step(Draft(np.arange(t), binary_tree(t)))
+        backend.commit([0])
+    assert (streams.captures, streams.replays) == (2, 5)     # two sizes used, five steps
+    assert [dict(context.addresses) for context in trt.contexts] == bound   # nothing rebound after construction
+    assert trt.pending[FakeStreams.HANDLE] == []
 
 
-def test_decode_steps_reuse_their_buffers_and_bindings(engine):
+def test_reading_outputs_before_the_engine_stream_is_waited_for_reads_stale_outputs(engine):
+    """The model of the stream rule: the caller's stream must wait for the engine's before the readout. A
+    backend that skipped that wait (here: a stream that never orders the caller after the engine) reads
+    outputs the engine has not written yet."""
+    draft = Draft.chain(np.arange(12))
+    want = open_engine(engine.dir, max_context=MAX_CONTEXT).step(draft).logits.clone()
     trt = FakeTensorRT()
-    backend = fake_backend(engine, trt)
-    context = trt.contexts[0]
-    first = backend.step(Draft(np.arange(5), binary_tree(5)))
-    backend.commit([0])
-    bound = dict(context.addresses)
-    second = backend.step(Draft(np.arange(3), binary_tree(3)))
-    assert second.logits.data_ptr() == first.logits.data_ptr() and second.logits.shape == (3, engine.model.vocab_size)
-    assert second.positions.tolist() == [1, 2, 2]
-    assert context.addresses == bound                      # only shapes change between decode steps
-    new_keys = backend._new_kv[0]
-    assert new_keys.shape == (engine.model.num_layers, 3, engine.model.num_kv_heads, engine.model.head_dim)
-    assert new_keys.is_contiguous()                        # dense at the real shape, not a slice of [L, 16, ...]
+    ordered = fake_backend(engine, trt, streams=FakeStreams(trt)).step(draft).logits
+    torch.testing.assert_close(ordered, want, atol=1e-5, rtol=1e-5)
+    trt = FakeTensorRT()
+    unordered = fake_backend(engine, trt, streams=FakeStreams(trt, order_after_engine=False))
+    unordered._buffers["logits"].fill_(float("nan"))
+    assert torch.isnan(unordered.step(draft).logits).all()
+
+
+def test_fp16_engines_bind_fp16_buffers(tiny_dir, tmp_path):
+    manifest = export_onnx(ExportConfig(tiny_dir, tmp_path / "fp16", dtype="fp16", max_context=MAX_CONTEXT,
+                                        max_tree=MAX_TREE, validate=False), log=lambda _: None)
+    build_engine(manifest, "h100", 5, trt=FakeTensorRT(), device=H100, log=lambda _: None)
+    backends = [open_engine(manifest.dir, max_context=MAX_CONTEXT), fake_backend(manifest, FakeTensorRT())]
+    draft = Draft.chain(np.arange(7))
+    want, got = (b.step(draft).logits for b in backends)
+    assert got.dtype == torch.float16 and backends[1]._buffers["past_mask"].dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
 
 
 def test_steps_outside_the_engine_are_refused(engine):
     backend = fake_backend(engine, max_context=MAX_CONTEXT)
-    backend.step(Draft.chain(np.arange(240)))
-    backend.commit(range(240))
-    with pytest.raises(ShapeError, match="max_context 256"):
-        backend.step(Draft(np.arange(17), binary_tree(17)))
-    backend.step(Draft(np.arange(16), binary_tree(16)))
+    with pytest.raises(ValueError, match="exceeds this engine's largest static step \\(64 nodes\\)"):
+        backend.step(Draft.chain(np.arange(65)))
+    with pytest.raises(ManifestError, match="hold 1 sequence\\(s\\) of max_context 256, not 2"):
+        fake_backend(engine, max_batch=2)
     with pytest.raises(ManifestError, match="re-export with --max-context 512"):
         fake_backend(engine, max_context=512)
 
 
 def test_generation_on_the_trt_backend_equals_onnxruntime(engine):
+    """Through the decode loop: prompts longer than the largest static step are prefilled in chunks."""
     reference = Generator.from_engine(engine.dir, method="ngram")
     built = engine_method(engine, "ngram")
     trt = Generator(fake_backend(engine), reference.tokenizer, built.proposer, eos_token_ids(reference.tokenizer))
-    for prompt in PROMPTS:
+    long = " ".join(PROMPTS * 5)
+    assert len(reference.encode(long)) > 64
+    for prompt in [*PROMPTS, long]:
         want = reference.generate(prompt, max_new_tokens=24)
         got = trt.generate(prompt, max_new_tokens=24)
         assert got.token_ids == want.token_ids, prompt
-        assert got.stats.steps == want.stats.steps
+        chunks = -(-len(reference.encode(prompt)) // 64)
+        assert got.stats.steps == want.stats.steps + chunks - 1
 
 
 def test_the_engine_for_this_gpu_is_found_by_its_key(engine, tiny_dir, tmp_path, monkeypatch):
@@ -247,6 +273,8 @@ def test_real_tensorrt_engine_matches_onnxruntime(tiny_dir, tmp_path):
                                         max_tree=MAX_TREE, validate=False), log=lambda _: None)
     build_engine(manifest, "test", 5)
     backends = [open_engine(manifest.dir, max_context=MAX_CONTEXT), open_backend(tensorrt_graph(manifest, "cuda", MAX_CONTEXT))]
+    # fp16 parity: TensorRT's fp16 kernels against onnxruntime's on the same fp16 ONNX; logits within
+    # 3e-2 + 1e-2 x |logit|, and the argmax equal wherever the top two are more than 5e-2 apart.
     rng = np.random.default_rng(0)
     steps = [(Layout.chain(30), None)] + [(binary_tree(t), [0, 1] if t > 1 else [0]) for t in (1, 5, 16, 3)]
     for layout, commit in steps:
@@ -265,7 +293,7 @@ def test_a_closed_backend_has_released_its_context_and_engine(engine):
     backend = fake_backend(engine, trt, max_context=MAX_CONTEXT)
     backend.step(Draft.chain(np.arange(5)))
     trt.contexts.clear()   # the stand-in's own list of the contexts it made (other tests read their runs)
-    released = [weakref.ref(backend.context), weakref.ref(backend.engine)]
+    released = [weakref.ref(backend.contexts[0]), weakref.ref(backend.engine)]
     with backend:
         pass
     gc.collect()

@@ -24,6 +24,7 @@ import numpy as np
 from export.manifest import Manifest
 from export.methods import METHODS
 from export.step_model import StepModel
+from runtime.backends.base import StepTensors
 from runtime.backends.torch_backend import TorchBackend
 from runtime.draft import Draft
 from tools.bench.prompts import load_prompts
@@ -58,24 +59,28 @@ class RecordingTorchBackend(TorchBackend):
         self._label = self.keep(draft, self.length)
         return super().step(draft)
 
-    def _run(self, ids, positions, tree_mask, past_mask, past_length):
+    def _run(self, inputs: StepTensors):
         if self._label is not None:
-            self.recorded.append(RecordedStep(self._label, self._feed(ids, positions, tree_mask, past_mask, past_length)))
+            self.recorded.append(RecordedStep(self._label, self._feed(inputs)))
             self._label = None
-        return super()._run(ids, positions, tree_mask, past_mask, past_length)
+        return super()._run(inputs)
 
-    def _feed(self, ids, positions, tree_mask, past_mask, past_length: int) -> OrderedDict:
+    def _feed(self, inputs: StepTensors) -> OrderedDict:
         """The step's inputs as the engine's graph takes them (its names, order and dtypes)."""
         specs = {spec.name: np.dtype(spec.dtype) for spec in self.manifest.inputs}
         float_dtype = np.dtype(self.manifest.dtype)
         # Masks in the graph's own dtype: its lowest finite value (a cast of fp32's would be -inf in fp16).
         hidden = np.finfo(float_dtype).min
-        past = (np.zeros((len(ids), past_length)) if past_mask is None   # None: every bound cell visible
-                else np.where(past_mask.cpu().numpy() == 0, 0.0, hidden))
+
+        def mask(tensor):
+            return np.where(tensor.cpu().numpy() == 0, 0.0, hidden)
+
+        # None: every bound cell visible
+        past = np.zeros((inputs.size, inputs.past_length)) if inputs.past_mask is None else mask(inputs.past_mask)
         keys, values = self._cache.past()
-        arrays = {"input_ids": ids.cpu().numpy(), "position_ids": positions.cpu().numpy(),
-                  "tree_mask": np.where(tree_mask.cpu().numpy() == 0, 0.0, hidden),
-                  "past_mask": past,
+        arrays = {"input_ids": inputs.ids.cpu().numpy(), "position_ids": inputs.positions.cpu().numpy(),
+                  "tree_mask": mask(inputs.tree_mask), "past_mask": past,
+                  **{name: mask(m) for name, m in zip(self.manifest.model.sliding_mask_inputs, inputs.sliding or ())},
                   **{f"past_key.{i}": k.detach().cpu().float().numpy() for i, k in enumerate(keys)},
                   **{f"past_value.{i}": v.detach().cpu().float().numpy() for i, v in enumerate(values)}}
         return OrderedDict((name, np.ascontiguousarray(arrays[name], dtype=dtype)) for name, dtype in specs.items())

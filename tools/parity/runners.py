@@ -79,7 +79,7 @@ class StepRunner(BaseRunner):
         sliding = [tensor(name) for name in self.step_mask_inputs]     # sliding-window families only
         outputs = self.step(tensor("input_ids", False), tensor("position_ids", False), tensor("tree_mask"),
                             [tensor(f"past_key.{i}") for i in range(n)], [tensor(f"past_value.{i}") for i in range(n)],
-                            None, *sliding)
+                            tensor("past_mask"), *sliding)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((spec.name, out.numpy().astype(spec.dtype, copy=False))
                            for spec, out in zip(self._outputs, outputs))

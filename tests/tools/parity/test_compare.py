@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.__main__ import main as export_main
+from tools.commands import main as tools_main
 from export.manifest import Manifest
 from export.onnx_export import ExportConfig, export_onnx
 from tools.parity.compare import DEFAULT_TOLERANCES, Tolerance, parse_tolerances, run_parity
@@ -33,7 +33,7 @@ def tiny_engine(tmp_path_factory, real_model_dir) -> Manifest:
 def tiny_check(tiny_engine, tmp_path_factory):
     """`python -m tools check` on the tiny engine: (exit code, out dir)."""
     out = tmp_path_factory.mktemp("parity")
-    return export_main(["check", str(tiny_engine.dir), "--out", str(out)]), out
+    return tools_main(["check", str(tiny_engine.dir), "--out", str(out)]), out
 
 
 def test_tiny_engine_torch_and_onnxruntime_agree(tiny_check, capsys):
@@ -75,7 +75,7 @@ def test_check_on_loaded_inputs_with_strict_tolerances_fails(tiny_check, tiny_en
     """--inputs replays a recording; --tolerances 0:0 leaves no room for onnxruntime's rounding: exit 1,
     every step's mismatch listed at once."""
     _, out = tiny_check
-    code = export_main(["check", str(tiny_engine.dir), "--inputs", str(out / "inputs.json"), "--tolerances", "0:0",
+    code = tools_main(["check", str(tiny_engine.dir), "--inputs", str(out / "inputs.json"), "--tolerances", "0:0",
                         "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert code == 1 and "FAIL:" in text
@@ -172,7 +172,7 @@ def test_fp16_engine_passes_with_fp16_tolerances(tiny_engine, tmp_path):
     torch step at the fp16 tolerances."""
     fp16 = export_onnx(ExportConfig(tiny_engine.model.source_dir, tmp_path / "fp16", dtype="fp16",
                                     max_context=MAX_CONTEXT, max_tree=MAX_TREE), log=lambda _: None)
-    assert export_main(["check", str(fp16.dir), "--out", str(tmp_path / "parity")]) == 0
+    assert tools_main(["check", str(fp16.dir), "--out", str(tmp_path / "parity")]) == 0
     feeds = load_feeds(tmp_path / "parity" / "inputs.json")
     assert feeds[0]["tree_mask"].dtype == np.float16 and feeds[0]["tree_mask"].min() == np.finfo(np.float16).min
 
@@ -186,7 +186,7 @@ def test_real_ppd_engine_passes(real_model_dir, trained_ppd_checkpoint, tmp_path
 
     extras = METHODS["ppd"].load_extras(trained_ppd_checkpoint, model_fingerprint(real_model_dir), 576)
     engine = prepare_engine(real_model_dir, "ppd", extras)
-    code = export_main(["check", str(engine.dir), "--out", str(tmp_path)])
+    code = tools_main(["check", str(engine.dir), "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert code == 0, text
     report = json.loads((tmp_path / "report.json").read_text())
