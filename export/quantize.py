@@ -246,14 +246,16 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
             source, dir=work, onnx=file_record(work, ONNX_NAME),
             external_data=(file_record(work, ONNX_NAME + DATA_SUFFIX),), ir_version=_ir_version(work / ONNX_NAME),
             validation=(), ort_optimized=None, quantization=record)
-        report = build_row_check(manifest, variant)
-        log(report.summary())
-        if not report.ok:
-            raise ManifestError(f"the {variant} graph of {source.dir} is not row independent (export/row_independence.py): "
-                                + "; ".join(report.failures()[:3]) + f"; keep accuracy_level {scheme.accuracy_level}"
-                                f" or pick another scheme (or a larger min_step_rows) in export/quantize.py SCHEMES")
-        manifest = dataclasses.replace(manifest, quantization={**record, "row_independence": {
-            k: v for k, v in report.to_json().items() if k != "rows"}})
+        reports = build_row_checks(manifest, variant)
+        for what, report in reports.items():
+            log(f"{what}: {report.summary()}")
+            if not report.ok:
+                raise ManifestError(f"the {variant} graph of {source.dir} is not row independent ({what}, "
+                                    "export/row_independence.py): " + "; ".join(report.failures()[:3])
+                                    + f"; keep accuracy_level {scheme.accuracy_level} or pick another scheme (or a "
+                                    "larger min_step_rows) in export/quantize.py SCHEMES")
+        manifest = dataclasses.replace(manifest, quantization={**record, **{
+            key: {k: v for k, v in report.to_json().items() if k != "rows"} for key, report in reports.items()}})
         manifest.write()
         for path in work.iterdir():
             path.chmod(0o644)
@@ -266,21 +268,28 @@ def quantize_export(source: "Manifest", out_dir: Path, variant: str, log: Callab
     return Manifest.load(out_dir)
 
 
-def build_row_check(manifest: "Manifest", variant: str):
-    """Row independence of the graph in `manifest` (a fixed pseudo-random prefix and binary tree)."""
+def build_row_checks(manifest: "Manifest", variant: str) -> dict:
+    """{"row_independence": across a tree's nodes, "batch_independence": across sequences packed in one
+    step} of the graph in `manifest` (fixed pseudo-random prefixes and binary trees)."""
     import numpy as np
     import onnxruntime as ort
 
-    from export.row_independence import ROW_TOLERANCES, binary_tree_parents, check_row_independence
+    from export.row_independence import (ROW_TOLERANCES, binary_tree_parents, check_batch_independence,
+                                         check_row_independence)
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(manifest.onnx_path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     vocab = manifest.model.vocab_size
-    return check_row_independence(session, manifest, rng.integers(0, vocab, CHECK_PREFIX).tolist(),
-                                  rng.integers(0, vocab, CHECK_TREE).tolist(), binary_tree_parents(CHECK_TREE),
-                                  ROW_TOLERANCES[variant])
+    tolerance = ROW_TOLERANCES[variant]
+    prefix, tree = rng.integers(0, vocab, CHECK_PREFIX).tolist(), rng.integers(0, vocab, CHECK_TREE).tolist()
+    other_prefix, other_tree = rng.integers(0, vocab, CHECK_PREFIX // 2).tolist(), rng.integers(0, vocab, 3).tolist()
+    return {"row_independence": check_row_independence(session, manifest, prefix, tree,
+                                                       binary_tree_parents(CHECK_TREE), tolerance),
+            "batch_independence": check_batch_independence(session, manifest, [prefix, other_prefix],
+                                                           [(tree, binary_tree_parents(CHECK_TREE)),
+                                                            (other_tree, binary_tree_parents(3))], tolerance)}
 
 
 def _ir_version(path: Path) -> int:

@@ -6,6 +6,11 @@ quantization keeps it; per-tensor dynamic activation quantization (one scale ove
     for each node: its own path (root .. node) alone, as a chain over the same S entries: the last row
     compare the node's two rows: argmax identical, max |diff| within the tolerance
 
+Across sequences (batch invariance, `check_batch_independence`): two sequences' trees in one packed
+step, their committed entries interleaved in one cache with a past mask (runtime/backends/packing.py),
+against each sequence's tree step alone over its own cache: every row compared the same way. A
+sequence's logits must not depend on which others share its step, or on their lengths.
+
 Runs on a plain onnxruntime session of the graph (the backend's own `session` works too), so
 export/ can check what it builds and tests can check what the runtime loads.
 """
@@ -118,20 +123,23 @@ class StepRunner:
         empty = np.zeros((0, m.num_kv_heads, m.head_dim), self.dtype)
         self.past = {f"past_{kind}.{i}": empty for kind in ("key", "value") for i in range(m.num_layers)}
 
-    def run(self, ids: Sequence[int], positions: Sequence[int], mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        """logits [T, V], new keys and values [L, T, Hkv, D]; a step of fewer than the manifest's
+    def run(self, ids: Sequence[int], positions: Sequence[int], mask: np.ndarray, past_mask: np.ndarray | None = None,
+            past_positions: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """logits [T, V], new keys and values [L, T, Hkv, D]; `past_mask` [T, S] and the cells' positions
+        [S] default to one sequence's (every entry its own, at 0..S-1). A step of fewer than the manifest's
         min_step_rows rows runs padded, as the runtime runs it (runtime/backends/packing.py)."""
         t = len(ids)
+        s = self.past["past_key.0"].shape[0]
+        past_mask = np.zeros((t, s), self.dtype) if past_mask is None else past_mask.astype(self.dtype)
         ids, positions, mask = pad_rows(np.asarray(ids, np.int64), np.asarray(positions, np.int64),
                                         mask.astype(self.dtype), self.manifest.min_step_rows)
-        s = self.past["past_key.0"].shape[0]
-        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask,
-                 "past_mask": np.zeros((len(ids), s), self.dtype)}   # one sequence: every cached entry is its own
+        past_mask = np.concatenate([past_mask, np.repeat(past_mask[-1:], len(ids) - t, axis=0)])  # padding: as the last
+        feeds = {"input_ids": ids, "position_ids": positions, "tree_mask": mask, "past_mask": past_mask}
         model = self.manifest.model
-        if model.sliding_mask_inputs:   # sliding-window families: the window over positions 0..S-1 and the tree
-            past_positions = np.arange(self.past["past_key.0"].shape[0])
+        if model.sliding_mask_inputs:   # sliding-window families: the window over each cell's position and the tree
+            past_positions = np.arange(s) if past_positions is None else past_positions
             feeds.update(zip(model.sliding_mask_inputs,
-                             sliding_window_masks(mask, positions, past_positions, model.sliding_window)))
+                             sliding_window_masks(mask, positions, past_positions, model.sliding_window, past_mask)))
         feeds.update(self.past)
         logits, keys, values = self.session.run(["logits", "new_keys", "new_values"], feeds)
         return logits[:t], keys[:, :t], values[:, :t]
@@ -141,6 +149,65 @@ class StepRunner:
         _, keys, values = self.run(ids, range(len(ids)), tree_mask(list(range(-1, len(ids) - 1)), self.dtype))
         for i in range(self.manifest.model.num_layers):
             self.past[f"past_key.{i}"], self.past[f"past_value.{i}"] = keys[i], values[i]
+
+
+def check_batch_independence(session, manifest: Manifest, prefixes: Sequence[Sequence[int]],
+                             trees: Sequence[tuple[Sequence[int], Sequence[int]]],
+                             tolerance: tuple[float, float]) -> RowReport:
+    """Each sequence's tree (tokens, parents) after its own prefix, alone; then all of them packed into one
+    step whose cache holds every prefix's entries interleaved (cell i of the cache: prefix i % n's next
+    entry, while it has one); compare each node's row. Node numbers in the report run over the packed step."""
+    if len(prefixes) != len(trees) or len(prefixes) < 2 or not all(prefixes):
+        raise ValueError("need two or more non-empty prefixes, one tree each")
+    alone, caches = [], []
+    for prefix, (tokens, parents) in zip(prefixes, trees):
+        runner = StepRunner(session, manifest)
+        runner.prefill(prefix)
+        depths = [len(path_to(parents, n)) - 1 for n in range(len(parents))]
+        alone.append(runner.run(tokens, [len(prefix) + d for d in depths], tree_mask(parents, runner.dtype))[0])
+        caches.append(runner.past)
+    owner = interleaved_owners([len(p) for p in prefixes])          # [S] the sequence of each cell
+    runner = StepRunner(session, manifest)
+    dtype, low = runner.dtype, np.finfo(runner.dtype).min
+    index = [np.flatnonzero(owner == i) for i in range(len(prefixes))]
+    for name in runner.past:                                        # the interleaved cache
+        runner.past[name] = np.concatenate([c[name] for c in caches])[np.argsort(np.concatenate(index), kind="stable")]
+    ids, positions, rows = [], [], []
+    for i, (tokens, parents) in enumerate(trees):
+        rows.append(len(ids))
+        ids += list(tokens)
+        positions += [len(prefixes[i]) + len(path_to(parents, n)) - 1 for n in range(len(parents))]
+    t = len(ids)
+    mask = np.full((t, t), low, dtype)
+    past_mask = np.full((t, len(owner)), low, dtype)
+    for i, (tokens, parents) in enumerate(trees):
+        block = slice(rows[i], rows[i] + len(tokens))
+        mask[block, block] = tree_mask(parents, dtype)
+        past_mask[block, index[i]] = 0
+    past_positions = np.concatenate([np.arange(len(p)) for p in prefixes])[np.argsort(np.concatenate(index),
+                                                                                      kind="stable")]
+    packed = runner.run(ids, positions, mask, past_mask, past_positions)[0]
+    atol, rtol = tolerance
+    checks = []
+    for i, (tokens, parents) in enumerate(trees):
+        for node in range(len(tokens)):
+            want, got = alone[i][node], packed[rows[i] + node]
+            top2 = np.sort(want)[-2:]
+            checks.append(RowCheck(rows[i] + node, len(path_to(parents, node)) - 1, float(np.abs(got - want).max()),
+                                   atol + rtol * float(np.abs(want).max()), int(got.argmax()), int(want.argmax()),
+                                   float(top2[1] - top2[0])))
+    return RowReport(tuple(checks))
+
+
+def interleaved_owners(lengths: Sequence[int]) -> np.ndarray:
+    """[sum(lengths)] the sequence owning each cache cell when sequences commit one entry each in turn."""
+    owners, left = [], list(lengths)
+    while any(left):
+        for i in range(len(left)):
+            if left[i]:
+                owners.append(i)
+                left[i] -= 1
+    return np.asarray(owners)
 
 
 def check_row_independence(session, manifest: Manifest, prefix: Sequence[int], tokens: Sequence[int],

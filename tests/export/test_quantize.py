@@ -18,7 +18,8 @@ from export.manifest import Manifest, ManifestError
 from export.methods import MethodExtras
 from export.onnx_export import ExportConfig
 from export.quantize import ROW_EXACT_ATTENTION, SCHEMES, QuantScheme, VariantError, engine_variant, quantize_export
-from export.row_independence import (ROW_TOLERANCES, StepRunner, binary_tree_parents, check_row_independence, pad_rows,
+from export.row_independence import (ROW_TOLERANCES, StepRunner, binary_tree_parents, check_batch_independence,
+                                     check_row_independence, pad_rows,
                                      tree_mask)
 from runtime import Generator
 from runtime.loading import open_engine
@@ -51,7 +52,7 @@ def test_manifest_records_the_quantization(int8_onnx):
         "variant": "int8", "scheme": "MatMulNBits", "bits": 8, "block_size": scheme.block_size,
         "accuracy_level": scheme.accuracy_level}
     assert record["quantized_sha256"] == int8_onnx.onnx.sha256 and record["source_sha256"] != int8_onnx.onnx.sha256
-    assert record["row_independence"]["ok"]
+    assert record["row_independence"]["ok"] and record["batch_independence"]["ok"]
     graph = onnx.load(str(int8_onnx.onnx_path), load_external_data=False)
     ops = collections.Counter(n.op_type for n in graph.graph.node)
     # 2 layers x (qkv, o, gate_up, down) + the LM head; the embedding Gather keeps the fp32 [H, V] table.
@@ -163,6 +164,22 @@ def test_tree_rows_match_their_paths_alone(variant, tiny_dir, artifacts):
                                     ROW_TOLERANCES[variant])
     assert report.ok, report.failures()
 
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_a_sequences_rows_do_not_depend_on_the_others_in_its_step(variant, tiny_dir, artifacts):
+    """Batch invariance, bitwise: three sequences of other lengths packed into one step with their caches
+    interleaved (and a one-node tree, which alone runs padded) give every row what it gives alone."""
+    manifest = prepare_engine(tiny_dir, "vanilla", MethodExtras(), max_context=MAX_CONTEXT, max_tree=MAX_TREE,
+                              variant=variant)
+    session = open_engine(manifest.dir).session
+    rng = np.random.default_rng(2)
+    vocab = manifest.model.vocab_size
+    prefixes = [rng.integers(0, vocab, n).tolist() for n in (20, 7, 33)]
+    trees = [(rng.integers(0, vocab, n).tolist(), binary_tree_parents(n)) for n in (9, 1, 4)]
+    report = check_batch_independence(session, manifest, prefixes, trees, ROW_TOLERANCES[variant])
+    assert report.ok and report.max_abs_diff == 0.0, report.failures()
+    assert len(report.rows) == 14
+    assert manifest.quantization["batch_independence"]["ok"]      # the build checked it too
 
 def test_tiny_variant_is_lossless_against_its_own_vanilla(tiny_dir, artifacts):
     vanilla = Generator.from_pretrained(tiny_dir, backend="onnxruntime", variant="int8", max_context=512)

@@ -14,7 +14,7 @@ import pytest
 
 from export.engine import prepare_engine
 from export.methods import METHODS, MethodExtras
-from export.row_independence import ROW_TOLERANCES, check_row_independence
+from export.row_independence import ROW_TOLERANCES, check_batch_independence, check_row_independence
 from runtime import Generator
 from runtime.loading import open_engine
 from tools.bench.prompts import load_prompts
@@ -40,6 +40,13 @@ def test_real_tree_rows_match_their_paths_alone(variant, real_model_dir):
     tokens = [int(rng.choice(common)) for _ in TREE_PARENTS]
     report = check_row_independence(session, manifest, prefix, tokens, TREE_PARENTS, ROW_TOLERANCES[variant])
     assert report.ok, report.failures()
+    # ... and equals it when other sequences share the step (batch invariance, bitwise): a HumanEval prompt
+    # with a chain, an MT-Bench prompt with a one-node step, caches interleaved.
+    others = [gen.encode(load_prompts("humaneval", limit=1)[0].prompt), gen.encode(load_prompts("mtbench", limit=2)[1].prompt)]
+    batch = check_batch_independence(session, manifest, [prefix, *others],
+                                     [(tokens, TREE_PARENTS), (tokens[:4], [-1, 0, 1, 2]), (tokens[:1], [-1])],
+                                     ROW_TOLERANCES[variant])
+    assert batch.ok and batch.max_abs_diff == 0.0, batch.failures()
 
 
 def same_engine_lossless(real_model_dir, variant: str, methods: list[str], prompts, new_tokens: int,
