@@ -76,6 +76,9 @@ class ExportOptions:
     max_tree: int = option(ExportConfig.max_tree, "largest decode tree T")
     max_batch: int = option(ExportConfig.max_batch, "sequences decoded together per step (runtime.BatchGenerator)")
     validate: bool = option(ExportConfig.validate, "check onnxruntime against the torch step")
+    shape_free: bool = option(ExportConfig.shape_free, "attention without shape arithmetic, every node on a GPU "
+                                                       "execution provider (onnxruntime CUDA graphs; set for GPU "
+                                                       "engine targets)")
     quantize: str = option(DEFAULT_VARIANT, "weight-only quantized variant of the fp32 graph (onnxruntime "
                                             "MatMulNBits, " + ", ".join(f"{v}: block {s.block_size}, accuracy "
                                             f"level {s.accuracy_level}{s.head_note}" for v, s in SCHEMES.items()) + ")",
@@ -86,8 +89,7 @@ class ExportOptions:
         return ExportConfig(model_dir=Path(self.model), out_dir=out, method=self.method,
                             checkpoint=None if checkpoint is None else Path(checkpoint), dtype=self.dtype,
                             max_context=self.max_context, max_tree=self.max_tree, max_batch=self.max_batch,
-                            validate=self.validate,
-                            variant=self.quantize)
+                            validate=self.validate, variant=self.quantize, shape_free=self.shape_free)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +107,8 @@ class EngineCommand(ExportOptions):
 
     def target_config(self, out: Path) -> ExportConfig:
         default = ExportConfig.dtype if self.target == CPU_TARGET else GPU_DTYPE
-        return dataclasses.replace(self, dtype=self.dtype or default).export_config(out)
+        gpu = self.target != CPU_TARGET
+        return dataclasses.replace(self, dtype=self.dtype or default, shape_free=self.shape_free or gpu).export_config(out)
 
 
 def cmd_model(cfg: ModelCommand) -> int:

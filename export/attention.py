@@ -39,12 +39,15 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
               past_key: torch.Tensor, past_value: torch.Tensor, past_mask: torch.Tensor | None,
-              t: torch.Tensor | int, heads: tuple[int, int, int], scale: float, cap: float | None = None
-              ) -> torch.Tensor:
+              t: torch.Tensor | int, heads: tuple[int, int, int], scale: float, cap: float | None = None,
+              shape_free: bool = False) -> torch.Tensor:
     """q [T, Hq, D] after RoPE, k/v [T, Hkv, D], the cache [S, Hkv, D], additive tree_mask [T, T] and optional
     past_mask [T, S] -> [T, Hq D]. One softmax over two score blocks (past, new): the cache is never
-    concatenated. `t` is T as the caller traced it (the layer input's x.shape[0]) and `heads` (Hq, Hkv, D)
-    Python ints, so tracing records no shape arithmetic of its own."""
+    concatenated. `t` is T as the caller traced it (the layer input's x.shape[0], or -1) and `heads`
+    (Hq, Hkv, D) Python ints, so tracing records no shape arithmetic of its own. `shape_free` (with t = -1):
+    the softmax written out over the two blocks (one max, one sum), so S is never read either and the graph
+    has no Shape/Gather/Slice nodes, which GPU execution providers would run on the host (onnxruntime's
+    CUDA graphs need every node on the device)."""
     hq, hkv, d = heads
     # Grouped-query layout [Hkv, G, T, D]: query head kv_head*G + g shares kv head kv_head.
     qg = (q * scale).view(t, hkv, hq // hkv, d).permute(1, 2, 0, 3)
@@ -52,10 +55,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torc
     if past_mask is not None:
         past_scores = past_scores + past_mask                                                  # [T, S] additive
     new_scores = softcap(torch.matmul(qg, k.permute(1, 2, 0).unsqueeze(1)), cap) + tree_mask   # [Hkv, G, T, T]
-    probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1).float(), dim=-1).to(q.dtype)
-    s = past_key.shape[0]
-    out = (torch.matmul(probs[..., :s], past_value.permute(1, 0, 2).unsqueeze(1))
-           + torch.matmul(probs[..., s:], v.permute(1, 0, 2).unsqueeze(1)))                    # [Hkv, G, T, D]
+    past_values, new_values = past_value.permute(1, 0, 2).unsqueeze(1), v.permute(1, 0, 2).unsqueeze(1)
+    if shape_free:
+        past_scores, new_scores = past_scores.float(), new_scores.float()
+        # The max over both blocks in one reduction (the past block may be empty: S = 0 at the first step)
+        top = torch.cat((past_scores, new_scores), dim=-1).amax(dim=-1, keepdim=True)            # [Hkv, G, T, 1]
+        past_exp, new_exp = (past_scores - top).exp(), (new_scores - top).exp()
+        # One sum over both blocks: onnxruntime's ReduceSum over an empty past keeps the empty axis
+        total = torch.cat((past_exp, new_exp), dim=-1).sum(dim=-1, keepdim=True)                  # [Hkv, G, T, 1]
+        out = (torch.matmul((past_exp / total).to(q.dtype), past_values)
+               + torch.matmul((new_exp / total).to(q.dtype), new_values))                        # [Hkv, G, T, D]
+    else:
+        probs = torch.softmax(torch.cat((past_scores, new_scores), dim=-1).float(), dim=-1).to(q.dtype)
+        s = past_key.shape[0]
+        out = torch.matmul(probs[..., :s], past_values) + torch.matmul(probs[..., s:], new_values)  # [Hkv, G, T, D]
     return out.permute(2, 0, 1, 3).reshape(t, hq * d)
 
 

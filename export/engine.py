@@ -81,6 +81,8 @@ def stale_reason(directory: Path, config: ExportConfig, extras: MethodExtras, ve
     for what, have, want in checks:
         if have != want:
             return f"{what} is {have!r}, wanted {want!r}"
+    if manifest.shape_free != config.shape_free:
+        return f"shape-free attention is {manifest.shape_free}, wanted {config.shape_free}"
     quantization = quantization_stale_reason(manifest, config.variant)
     if quantization is not None:
         return quantization
@@ -162,7 +164,9 @@ def prepare_engine(model_dir: str | Path, graph: str, extras: MethodExtras, devi
     stderr (stdout is the generated text)."""
     config = ExportConfig(Path(model_dir), engine_dir(model_dir, device_type, graph, variant), method=graph,
                           checkpoint=extras.checkpoint, max_context=max_context, max_tree=max(DEFAULT_MAX_TREE, max_tree),
-                          max_batch=max(DEFAULT_MAX_BATCH, max_batch), variant=variant)
+                          max_batch=max(DEFAULT_MAX_BATCH, max_batch), variant=variant,
+                          # GPU graphs with every node on the device (the quantized ones are row-exact CPU graphs)
+                          shape_free=device_type == "cuda" and variant == DEFAULT_VARIANT)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     return build_ort_engine(config, extras, device_type, log=log, verify_files=False,
                             source_dir=engine_dir(model_dir, device_type, graph))

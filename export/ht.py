@@ -191,8 +191,10 @@ class HiddenTransfer(nn.Module):
     <= l are junk, but only later pseudo rows of the same chain see them and pseudo KV is never
     committed."""
 
-    def __init__(self, maps: TransferMaps, vocab_size: int) -> None:
+    def __init__(self, maps: TransferMaps, vocab_size: int, shape_free: bool = False) -> None:
+        """`shape_free`: pick each row's map without reading T (GPU graphs: export/attention.py)."""
         super().__init__()
+        self.shape_free = shape_free
         self.layer = maps.layer
         self.vocab_size = vocab_size
         self.num_maps = maps.num_maps
@@ -210,11 +212,15 @@ class HiddenTransfer(nn.Module):
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 tree_mask: torch.Tensor) -> torch.Tensor:
         # h: [T, H] output of layer `layer` -> same, pseudo rows replaced by their transferred state
-        t = h.shape[0]
         source = h.index_select(0, self.source_rows(input_ids, position_ids, tree_mask))      # [T, H]
         mapped = torch.matmul(source, self.weight.to(h.dtype)) + self.bias.to(h.dtype).unsqueeze(1)  # [k, T, H]
         slot = (input_ids - self.vocab_size).clamp(min=0, max=self.num_maps - 1)             # [T] map j
-        pseudo = mapped.gather(0, slot.view(1, t, 1).expand(1, t, h.shape[1])).squeeze(0)   # [T, H]
+        if self.shape_free:   # a one-hot sum over the k maps: the row's map plus exact zeros, the same bits
+            maps = torch.arange(self.num_maps, device=h.device).unsqueeze(1)               # [k, 1]
+            pseudo = (mapped * (slot.unsqueeze(0) == maps).unsqueeze(-1).to(h.dtype)).sum(dim=0)   # [T, H]
+        else:
+            t = h.shape[0]
+            pseudo = mapped.gather(0, slot.view(1, t, 1).expand(1, t, h.shape[1])).squeeze(0)   # [T, H]
         return torch.where((input_ids >= self.vocab_size).unsqueeze(-1), pseudo, h)
 
     def transfer(self, source: torch.Tensor) -> torch.Tensor:

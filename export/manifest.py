@@ -40,6 +40,7 @@ FORMAT_NAME = "ppdeploy-step"
 #    model.sliding_layers, what a runtime builds those masks from (export/masks.py)
 FORMAT_VERSION = 4   # 3: model families (sliding-window masks); 4: past_mask input, max_batch
 DEFAULT_MAX_CONTEXT = 2048
+SHAPE_FREE_KEY = "shape_free_attention"   # the exporter record of a shape-free graph
 DEFAULT_MAX_TREE = 64
 DEFAULT_MAX_BATCH = 16   # sequences an engine's profiles and a backend's buffers allow per step
 TREE_AXIS, CACHE_AXIS = "T", "S"
@@ -169,6 +170,12 @@ class Manifest:
         """Fewest rows a step of this graph is run with (export/quantize.py QuantScheme.min_step_rows):
         a smaller draft is padded with auxiliary rows, so every node is computed by the same kernels."""
         return int((self.quantization or {}).get("min_step_rows", 1))
+
+    @property
+    def shape_free(self) -> bool:
+        """The graph has no shape arithmetic (export/attention.py shape_free): every node can run on a GPU
+        execution provider, as onnxruntime's CUDA graphs need."""
+        return bool(self.exporter.get(SHAPE_FREE_KEY, False))
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """{tensor name: {axis index: symbol}} for every input and output."""

@@ -39,7 +39,7 @@ from torch import nn
 from export.checkpoint import load_checkpoint, model_fingerprint
 from export.families import manifest_fields
 from export.manifest import (CACHE_AXIS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_MAX_TREE, FORMAT_VERSION,
-                             ONNX_NAME, TREE_AXIS,
+                             ONNX_NAME, SHAPE_FREE_KEY, TREE_AXIS,
                              AxisRange, FileRecord, Manifest, MethodRecord,
                              ModelRecord, TensorSpec, sha256_file)
 from export.masks import SLIDING_MASK_INPUTS, SLIDING_PAST_MASK, SLIDING_TREE_MASK
@@ -72,9 +72,15 @@ class ExportConfig:
     # Bitwise row-independent attention (StepModel row_exact). No CLI flag: a quantized variant whose
     # scheme needs it (export/quantize.py QuantScheme.row_exact) asks for it on its fp32 source export.
     row_exact: bool = False
+    # Attention without shape arithmetic (StepModel shape_free): GPU exports, whose every node must run on
+    # the GPU's execution provider (onnxruntime's CUDA graphs); `make engine` sets it for GPU targets.
+    shape_free: bool = False
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
+        if self.row_exact and self.shape_free:
+            raise ValueError("row-exact (quantized CPU graphs) and shape-free (GPU graphs) attention exclude "
+                             "each other: drop --shape-free for a quantized variant")
         if self.variant != DEFAULT_VARIANT and self.dtype != "fp32":
             raise ValueError(f"--quantize {self.variant} quantizes the fp32 graph; drop --dtype {self.dtype}")
         if self.method not in EXPORT_METHODS:
@@ -269,7 +275,7 @@ def export_onnx(config: ExportConfig, extras: MethodExtras | None = None, log=pr
     hf_model, tokenizer = load_checkpoint(config.model_dir, dtype=dtype)
     embeddings = None if extras.embeddings is None else extras.embeddings.to(dtype)
     maps = None if extras.transfer_maps is None else extras.transfer_maps.to(dtype)
-    step = StepModel(hf_model, embeddings, maps, row_exact=config.row_exact).eval()
+    step = StepModel(hf_model, embeddings, maps, row_exact=config.row_exact, shape_free=config.shape_free).eval()
     del hf_model
     inputs, outputs = io_specs(step, dtype)
     out_dir = Path(config.out_dir)
@@ -325,7 +331,8 @@ def describe_export(work: Path, config: ExportConfig, step: StepModel, extras: M
         method=MethodRecord(config.method, dict(extras.options), step.num_extra_tokens, extras.weights_sha256,
                             None if config.checkpoint is None else _checkpoint_record(Path(config.checkpoint))),
         inputs=inputs, outputs=outputs, profiles=shape_profiles(config.max_context, config.max_tree, config.max_batch),
-        exporter={**exporter_versions(), **({"row_exact_attention": ROW_EXACT_ATTENTION} if config.row_exact else {})},
+        exporter={**exporter_versions(), **({"row_exact_attention": ROW_EXACT_ATTENTION} if config.row_exact else {}),
+                  **({SHAPE_FREE_KEY: True} if config.shape_free else {})},
     )
 
 

@@ -37,6 +37,10 @@ two score blocks, so the cache is never concatenated (no copy of the cache per l
 Llama graph is node for node the one exported before families existed (tests/export/
 test_onnx_export.py pins it): features a family lacks add no node.
 
+`shape_free=True` (GPU exports) writes the softmax out over the two score blocks, one max and one sum,
+so the traced graph never reads S and has no shape arithmetic at all: every node runs on a GPU execution
+provider, which onnxruntime's CUDA graphs require.
+
 `row_exact=True` computes the same attention with every sum's bits independent of how the step was
 cut: not of T, of where a tree put a node's ancestors, or of which earlier tokens were committed by
 which step (the split between past and new keys). Each score is one dot over D by the same GEMM kernel
@@ -148,11 +152,14 @@ class StepInputs:
 
 class StepModel(nn.Module):
     def __init__(self, hf_model: nn.Module, extra_embeddings: torch.Tensor | None = None,
-                 transfer_maps: TransferMaps | None = None, row_exact: bool = False) -> None:
+                 transfer_maps: TransferMaps | None = None, row_exact: bool = False, shape_free: bool = False) -> None:
         """`hf_model`: a transformers causal LM of a supported family (export/families.py), e.g. from
-        export.checkpoint.load_checkpoint; its weights are copied into the step's layout."""
+        export.checkpoint.load_checkpoint; its weights are copied into the step's layout. `row_exact` and
+        `shape_free` pick the attention's formulation (export/attention.py): one of them at most."""
         super().__init__()
-        self.row_exact = row_exact
+        if row_exact and shape_free:
+            raise ValueError("row_exact and shape_free attention are two formulations: pick one")
+        self.row_exact, self.shape_free = row_exact, shape_free
         if extra_embeddings is not None and transfer_maps is not None:
             raise ValueError("a step model takes PPD prompt-token rows or HT transfer maps, not both: "
                              "build it for one method")
@@ -195,7 +202,7 @@ class StepModel(nn.Module):
             if transfer_maps.layer >= self.num_layers:
                 raise ValueError(f"transfer maps read layer {transfer_maps.layer}, but the model has layers "
                                  f"0..{self.num_layers - 1}: use maps trained for this model")
-            self.transfer = HiddenTransfer(transfer_maps, self.vocab_size)
+            self.transfer = HiddenTransfer(transfer_maps, self.vocab_size, shape_free)
 
     @property
     def num_extra_tokens(self) -> int:
@@ -271,7 +278,8 @@ class StepModel(nn.Module):
 
     def attention(self, layer: DecoderLayer, x: torch.Tensor, inputs: LayerInputs, past_key: torch.Tensor,
                   past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = x.shape[0]
+        # T as traced: x.shape[0] keeps the CPU graph node for node the one its profiles were measured on
+        t = -1 if self.shape_free else x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = x @ layer.qkv_t                                                   # [T, (Hq + 2 Hkv) D]
         if layer.qkv_bias is not None:
@@ -287,7 +295,7 @@ class StepModel(nn.Module):
             out = row_exact_attention(q, k, v, inputs.tree_mask, past_key, past_value, (hq, hkv, d), scale, cap)
         else:
             out = attention(q, k, v, inputs.tree_mask, past_key, past_value, inputs.past_mask, t, (hq, hkv, d),
-                            scale, cap)
+                            scale, cap, self.shape_free)
         out = out @ layer.o_t
         return (out if layer.o_bias is None else out + layer.o_bias), k, v
 

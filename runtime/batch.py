@@ -125,7 +125,8 @@ class BatchGenerator:
                         **load_options) -> "BatchGenerator":
         """A checkpoint dir (as Generator.from_pretrained) with every method in `methods` available; they
         must share one graph (vanilla and ngram on any; ppd and hybrid together). `load_options`: the
-        backend's `dtype`, `variant` and `threads` (its compute threads) and the methods' options."""
+        backend's `dtype`, `variant`, `threads` (its compute threads) and `static_steps`, and the methods'
+        options."""
         from runtime.loading import load_batch_pretrained
 
         runner, tokenizer, built = load_batch_pretrained(
@@ -136,13 +137,15 @@ class BatchGenerator:
     @classmethod
     def from_engine(cls, engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
                     max_context: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None) -> "BatchGenerator":
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None,
+                    static_steps: bool | None = None) -> "BatchGenerator":
         """An exported engine dir (as Generator.from_engine): `methods` default to the one it was exported
         for and the untrained ones (vanilla, ngram) it also serves; `threads`: onnxruntime's intra-op
         threads (None: one per core)."""
         from runtime.loading import load_batch_engine
 
-        runner, tokenizer, built = load_batch_engine(engine_dir, methods, device, max_context, max_batch, threads)
+        runner, tokenizer, built = load_batch_engine(engine_dir, methods, device, max_context, max_batch, threads,
+                                                     static_steps)
         return cls(runner, tokenizer, built, eos_token_ids(tokenizer), max_batch, prefill_chunk)
 
     # --- requests --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from export.quantize import DEFAULT_VARIANT, check_variant, engine_variant
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend
 from runtime.detokenize import TextAssembler
 from runtime.draft import Draft
-from runtime.loading import backend_spec, load_engine, load_pretrained, open_backend
+from runtime.loading import backend_spec, device_step_sizes, load_engine, load_pretrained, open_backend
 from runtime.methods import build_method, engine_method
 from runtime.prompting import Prompt, check_budget, encode_prompt
 from runtime.proposers import Proposer
@@ -91,11 +91,13 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, method: str = DEFAULT_METHOD, backend: str = DEFAULT_BACKEND,
                         device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, dtype: str = DEFAULT_DTYPE,
-                        variant: str = DEFAULT_VARIANT, **method_options) -> "Generator":
-        """Load a Llama checkpoint dir (default: the SmolLM2 model made by `make model`); `dtype` (fp32,
-        fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs); `variant` (fp32, int8, int4)
-        the onnxruntime engine's weight-only quantization (export/quantize.py), whose searched tree a
-        tree method takes by default (else fp32's)."""
+                        variant: str = DEFAULT_VARIANT, static_steps: bool | None = None,
+                        **method_options) -> "Generator":
+        """Load a checkpoint dir of a supported family (default: the SmolLM2 model made by `make model`);
+        `dtype` (fp32, fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs); `variant` (fp32,
+        int8, int4) the onnxruntime engine's weight-only quantization (export/quantize.py), whose searched
+        tree a tree method takes by default (else fp32's); `static_steps`: every step padded to a few static
+        shapes over the whole cache (default: on CUDA, where each is captured as a CUDA graph)."""
         backend_spec(backend)
         method_spec(method)
         check_variant(variant)
@@ -106,12 +108,13 @@ class Generator:
         built = build_method(method, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend,
                              variant=variant, **method_options)
         runner, tokenizer = load_pretrained(backend, model_dir, built, device=device, max_context=max_context,
-                                            dtype=dtype, variant=variant)
+                                            dtype=dtype, variant=variant, static_steps=static_steps)
         return cls(runner, tokenizer, built.proposer, eos_token_ids(tokenizer))
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
-                    max_context: int | None = None, variant: str | None = None, **method_options) -> "Generator":
+                    max_context: int | None = None, variant: str | None = None, static_steps: bool | None = None,
+                    **method_options) -> "Generator":
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
         TensorRT engine dir (engine.json) on device="cuda", on TensorRT (runtime/loading.py). The method
         defaults to the one it was exported for; vanilla and ngram run on any engine. `variant` (fp32,
@@ -122,7 +125,8 @@ class Generator:
         # engine_method hands its options to build_method: `variant` picks the variant's searched tree.
         built = engine_method(engine.manifest, method, device=device, variant=engine_variant(engine.manifest),
                               **method_options)
-        runner = open_backend(engine.graph, device)
+        runner = open_backend(engine.graph, device,
+                              step_sizes=device_step_sizes(device, built.proposer.max_draft_tokens, 1, static_steps))
         return cls(runner, engine.tokenizer, built.proposer, eos_token_ids(engine.tokenizer))
 
     # --- lifetime ----------------------------------------------------------------------------

@@ -138,17 +138,32 @@ def load_engine(engine_dir: str | Path, device: str = "cpu", max_context: int | 
     return LoadedEngine(graph, AutoTokenizer.from_pretrained(manifest.dir), installed_trees(manifest))
 
 
+def device_step_sizes(device: str | torch.device, tree: int, max_batch: int = 1,
+                      static: bool | None = None) -> tuple[int, ...] | None:
+    """The static step sizes a backend runs for drafts of up to `tree` nodes (export/static_steps.py), or
+    None for dynamic steps. `static` None: the device's default, static on CUDA (one kernel choice per
+    size, CUDA graphs), dynamic on the CPU, where attention over every cell of the cache would cost."""
+    from export.static_steps import step_sizes
+
+    if static is None:
+        static = torch.device(device).type == "cuda"
+    return step_sizes(tree, max_batch) if static else None
+
+
 def open_backend(graph: EngineGraph, device: str | torch.device | None = None, *, max_batch: int = 1,
-                 options: OrtOptions | None = None, tensorrt: ModuleType | None = None) -> Backend:
+                 options: OrtOptions | None = None, tensorrt: ModuleType | None = None,
+                 step_sizes: Sequence[int] | None = None) -> Backend:
     """The backend that runs `graph` on `device` (default: cuda for TensorRT, else cpu), its cache sized
-    for `max_batch` sequences. `tensorrt`: a stand-in module for the tests (default: the real one)."""
+    for `max_batch` sequences. `tensorrt`: a stand-in module for the tests (default: the real one).
+    `step_sizes`: onnxruntime's static steps (device_step_sizes; TensorRT's are the engine's profiles)."""
     if graph.runner == TENSORRT:
         from runtime.backends.trt_backend import TrtBackend
 
         return TrtBackend(graph, "cuda" if device is None else device, tensorrt=tensorrt, max_batch=max_batch)
     from runtime.backends.ort_backend import OrtBackend
 
-    return OrtBackend(graph, "cpu" if device is None else device, options or OrtOptions(), max_batch=max_batch)
+    return OrtBackend(graph, "cpu" if device is None else device, options or OrtOptions(), max_batch=max_batch,
+                      step_sizes=step_sizes)
 
 
 def open_engine(engine: Manifest | str | Path, device: str = "cpu", max_context: int | None = None) -> Backend:
@@ -171,7 +186,7 @@ def refuse_variant(backend: str, variant: str) -> None:
 
 def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                      threads: int | None = None, dtype: str = DEFAULT_DTYPE,
-                     variant: str = DEFAULT_VARIANT) -> Loaded:
+                     variant: str = DEFAULT_VARIANT, static_steps: bool | None = None) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
     from runtime.backends.torch_backend import TorchBackend
@@ -182,12 +197,15 @@ def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context
     hf_model, tokenizer = load_checkpoint(model_dir, dtype=torch_dtype(dtype))
     step_model = StepModel(hf_model, method.extras.embeddings, method.extras.transfer_maps)
     del hf_model
-    return TorchBackend(step_model, max_context=max_context, device=device, max_batch=max_batch), tokenizer
+    # On CUDA static steps captured as CUDA graphs (an eager step is bound by the host's kernel launches)
+    return TorchBackend(step_model, max_context=max_context, device=device, max_batch=max_batch,
+                        step_sizes=device_step_sizes(device, method.proposer.max_draft_tokens, max_batch,
+                                                     static_steps)), tokenizer
 
 
 def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
-                           threads: int | None = None,
-                           dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
+                           threads: int | None = None, dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT,
+                           static_steps: bool | None = None) -> Loaded:
     from transformers import AutoTokenizer
 
     from export.engine import prepare_engine
@@ -201,13 +219,15 @@ def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_c
     check_engine_variant(manifest, variant)
     manifest.check_tree_size(method.proposer.max_draft_tokens)
     graph = onnxruntime_graph(manifest, device, max_context)
-    return (open_backend(graph, device, max_batch=max_batch, options=OrtOptions(threads=threads)),
+    return (open_backend(graph, device, max_batch=max_batch, options=OrtOptions(threads=threads),
+                         step_sizes=device_step_sizes(device, method.proposer.max_draft_tokens, max_batch,
+                                                      static_steps)),
             AutoTokenizer.from_pretrained(manifest.dir))
 
 
 def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
-                        threads: int | None = None,
-                        dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT) -> Loaded:
+                        threads: int | None = None, dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT,
+                        static_steps: bool | None = None) -> Loaded:
     """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
     engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
     than the default must name it."""
@@ -216,6 +236,8 @@ def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_cont
     from export.trt.host import import_tensorrt
 
     refuse_variant("tensorrt", variant)
+    if static_steps is False:
+        raise ValueError("TensorRT engines run static steps only (export/trt/profiles.py): leave static_steps unset")
     facts = present_facts(device, import_tensorrt().__version__)
     manifest = find_trt_engine(model_dir, method.spec.graph, method.extras.weights_sha256, facts)
     if dtype != DEFAULT_DTYPE and torch_dtype(dtype) != MANIFEST_TORCH_DTYPES[manifest.dtype]:
@@ -279,10 +301,12 @@ def backend_spec(name: str) -> BackendSpec:
 
 def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
                     max_context: int | None = None, dtype: str = DEFAULT_DTYPE,
-                    variant: str = DEFAULT_VARIANT, max_batch: int = 1, threads: int | None = None) -> Loaded:
+                    variant: str = DEFAULT_VARIANT, max_batch: int = 1, threads: int | None = None,
+                    static_steps: bool | None = None) -> Loaded:
     """The backend `name` for `model_dir` running `method` (its trained tensors included), and the
     tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization; the cache
-    holds `max_batch` sequences; `threads`: the backend's compute threads (None: its default)."""
+    holds `max_batch` sequences; `threads`: the backend's compute threads (None: its default);
+    `static_steps`: steps padded to a few static shapes (None: on CUDA only; device_step_sizes)."""
     from export.manifest import DEFAULT_MAX_CONTEXT
 
     spec = backend_spec(name)
@@ -291,7 +315,7 @@ def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: 
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     return spec.load(Path(model_dir), method, device, DEFAULT_MAX_CONTEXT if max_context is None else max_context,
-                     max_batch, threads, dtype=dtype, variant=variant)
+                     max_batch, threads, dtype=dtype, variant=variant, static_steps=static_steps)
 
 
 # --- many methods on one backend (runtime.BatchGenerator) ----------------------------------------------
@@ -310,7 +334,8 @@ def graph_of(methods: Sequence[str]) -> str:
 
 def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend: str = "torch", device: str = "cpu",
                           max_context: int | None = None, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
-                          variant: str = DEFAULT_VARIANT, threads: int | None = None, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
+                          variant: str = DEFAULT_VARIANT, threads: int | None = None,
+                          static_steps: bool | None = None, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                      dict[str, "Method"]]:
     """One backend for `model_dir` with a cache of `max_batch` sequences, and every method of `methods`
     built on its graph (`method_options` go to the methods that take them)."""
@@ -334,13 +359,13 @@ def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend
     carrier = next((m for m in built.values() if m.spec.graph == graph), None) or build_method(
         graph, model_dir, config.vocab_size, config.hidden_size, device=device, backend=backend, variant=variant)
     runner, tokenizer = load_pretrained(backend, model_dir, carrier, device, max_context, dtype, variant, max_batch,
-                                        threads)
+                                        threads, static_steps)
     return runner, tokenizer, built
 
 
 def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
-                      max_context: int | None = None, max_batch: int = 1,
-                      threads: int | None = None) -> tuple[Backend, "PreTrainedTokenizerBase",
+                      max_context: int | None = None, max_batch: int = 1, threads: int | None = None,
+                      static_steps: bool | None = None) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                   dict[str, "Method"]]:
     """An engine dir's backend with a cache of `max_batch` sequences, and the methods it serves
     (default: its own, then vanilla and ngram)."""
@@ -351,7 +376,9 @@ def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = No
     names = methods or list(dict.fromkeys([engine.manifest.method.name, "vanilla", "ngram"]))
     variant = engine_variant(engine.manifest)
     built = {name: engine_method(engine.manifest, name, device=device, variant=variant) for name in names}
-    runner = open_backend(engine.graph, device, max_batch=max_batch, options=OrtOptions(threads=threads))
+    tree = max(method.proposer.max_draft_tokens for method in built.values())
+    runner = open_backend(engine.graph, device, max_batch=max_batch, options=OrtOptions(threads=threads),
+                          step_sizes=device_step_sizes(device, tree, max_batch, static_steps))
     return runner, engine.tokenizer, built
 
 

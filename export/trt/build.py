@@ -22,7 +22,8 @@ from typing import Any
 from export.manifest import FileRecord, Manifest, ManifestError, check_file, sha256_file
 from export.trt.key import (PLAN_NAME, TIMING_CACHE_NAME, BuilderSettings, DeviceFacts, EngineKey, EngineRecord,
                             present_facts)
-from export.trt.profiles import EngineProfile, static_profiles, step_sizes
+from export.static_steps import step_sizes
+from export.trt.profiles import EngineProfile, static_profiles
 from trees.atomic import write_atomic
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from export.manifest import CACHE_AXIS, TREE_AXIS, AxisRange, Manifest, ManifestError, ShapeError
 from trees import load_ppd_trees
 
-PREFILL_STEP = 64      # nodes of the largest static step: prompts are prefilled in chunks of it
 Shapes = dict[str, tuple[list[int], list[int], list[int]]]   # input name -> (min, opt, max)
 
 
@@ -52,14 +51,6 @@ class EngineProfile:
 def tree_size(tree_file: str | Path, ensemble: int = 1) -> int:
     """T of the largest step of a PPD/HT tree set (candidates + their prompt-token slots x ensemble)."""
     return load_ppd_trees(tree_file).max_tokens(ensemble)
-
-
-def step_sizes(tree: int, max_batch: int = 1, prefill: int = PREFILL_STEP) -> tuple[int, ...]:
-    """The static step sizes of an engine: the tree's T for 1, 2, 4, ... up to max_batch sequences, and the
-    prefill chunk (at least as large as the largest of them)."""
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]
-    sizes = {tree * b for b in batches}
-    return tuple(sorted(sizes | {max(prefill, max(sizes))}))
 
 
 def static_profiles(manifest: Manifest, sizes: Sequence[int], cells: int) -> tuple[EngineProfile, ...]:

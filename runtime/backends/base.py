@@ -104,6 +104,13 @@ class StepTensors:
     def size(self) -> int:
         return len(self.ids)
 
+    def static_tensors(self) -> list[torch.Tensor]:
+        """A static step's inputs in the one order its buffers keep: ids, positions, tree_mask, past_mask,
+        the sliding masks (a static step always has its past mask: runtime/backends/packing.py)."""
+        if self.past_mask is None:
+            raise ValueError("a static step has a past mask: plan it with a static shape")
+        return [self.ids, self.positions, self.tree_mask, self.past_mask, *(self.sliding or ())]
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -158,18 +165,6 @@ class BatchBackend(Backend, Protocol):
 
     def step_batch(self, drafts: Sequence[tuple[int, Draft]]) -> list[StepOutput]:
         ...
-
-    def _static_shape(self, nodes: int) -> tuple[int, int] | None:
-        """(T, S) of a static step of `nodes` real nodes: the smallest step size that holds them (after the
-        engine's minimum), over every cell of the cache; None for dynamic steps."""
-        sizes = self.info.step_sizes
-        if sizes is None:
-            return None
-        fits = [size for size in sorted(sizes) if size >= max(nodes, self._min_rows)]
-        if not fits:
-            raise ValueError(f"a step of {nodes} nodes exceeds this engine's largest static step ({max(sizes)} "
-                             "nodes): cut the prefill into chunks that fit (the generators do) or use a smaller tree")
-        return fits[0], self._cache.capacity
 
     def commit_batch(self, accepted: Sequence[tuple[int, Sequence[int]]]) -> None:
         ...

@@ -142,7 +142,8 @@ def test_unknown_activation_is_refused():
         family_record(config)
 
 
-def test_attention_softcap_is_transformers_arithmetic():
+@pytest.mark.parametrize("shape_free", [False, True])
+def test_attention_softcap_is_transformers_arithmetic(shape_free):
     """No family of today caps scores (export/families.py), but the step's path for one is transformers'
     eager attention with softcap: scores * scale, cap * tanh(. / cap), + mask, softmax."""
     from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
@@ -151,7 +152,8 @@ def test_attention_softcap_is_transformers_arithmetic():
     t, s, hq, hkv, d = 3, 4, 4, 2, 8
     q, k, v = (torch.randn(t, h, d, generator=g) * 3 for h in (hq, hkv, hkv))
     past_k, past_v = torch.randn(s, hkv, d, generator=g) * 3, torch.randn(s, hkv, d, generator=g)
-    ours = attention(q, k, v, causal_mask(t), past_k, past_v, None, t, (hq, hkv, d), d ** -0.5, cap=5.0)
+    ours = attention(q, k, v, causal_mask(t), past_k, past_v, None, -1 if shape_free else t, (hq, hkv, d),
+                     d ** -0.5, cap=5.0, shape_free=shape_free)
     keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])
     mask = torch.cat([torch.zeros(t, s), causal_mask(t)], dim=1)
     module = torch.nn.Module()

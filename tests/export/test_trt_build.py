@@ -31,7 +31,8 @@ from export.trt.build import TrtBuildError, build_engine, network_flags
 from export.trt.host import HostFacts, missing_for_target
 from export.trt.key import (ENGINE_JSON, PLAN_NAME, TIMING_CACHE_NAME, BuilderSettings, DeviceFacts, EngineKey,
                             EngineMismatchError, EngineRecord, check_engine)
-from export.trt.profiles import select_profile, static_profiles, step_sizes, tree_size
+from export.static_steps import step_sizes
+from export.trt.profiles import select_profile, static_profiles, tree_size
 from tests.export.fake_tensorrt import FAKE_CACHE, FakeTensorRT
 from trees import load_ppd_trees
 
