@@ -38,6 +38,7 @@ from runtime.backends import DEFAULT_BACKEND, BatchBackend
 from runtime.decoding import DecodingOptions
 from runtime.detokenize import TextAssembler
 from runtime.draft import Draft
+from runtime.loading import StaticSteps
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Result, eos_token_ids
 from runtime.methods import Method
 from runtime.prompting import Prompt, check_budget, encode_prompt
@@ -138,7 +139,7 @@ class BatchGenerator:
     def from_engine(cls, engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
                     max_context: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None,
-                    static_steps: bool | None = None) -> "BatchGenerator":
+                    static_steps: StaticSteps = None) -> "BatchGenerator":
         """An exported engine dir (as Generator.from_engine): `methods` default to the one it was exported
         for and the untrained ones (vanilla, ngram) it also serves; `threads`: onnxruntime's intra-op
         threads (None: one per core)."""

@@ -18,7 +18,7 @@ from export.quantize import DEFAULT_VARIANT, check_variant, engine_variant
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, Backend
 from runtime.detokenize import TextAssembler
 from runtime.draft import Draft
-from runtime.loading import backend_spec, device_step_sizes, load_engine, load_pretrained, open_backend
+from runtime.loading import StaticSteps, backend_spec, device_step_sizes, load_engine, load_pretrained, open_backend
 from runtime.methods import build_method, engine_method
 from runtime.prompting import Prompt, check_budget, encode_prompt
 from runtime.proposers import Proposer
@@ -91,7 +91,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, method: str = DEFAULT_METHOD, backend: str = DEFAULT_BACKEND,
                         device: str = DEFAULT_DEVICE, max_context: int = DEFAULT_MAX_CONTEXT, dtype: str = DEFAULT_DTYPE,
-                        variant: str = DEFAULT_VARIANT, static_steps: bool | None = None,
+                        variant: str = DEFAULT_VARIANT, static_steps: StaticSteps = None,
                         **method_options) -> "Generator":
         """Load a checkpoint dir of a supported family (default: the SmolLM2 model made by `make model`);
         `dtype` (fp32, fp16, bf16) is the torch backend's precision (fp16/bf16 for GPUs); `variant` (fp32,
@@ -113,7 +113,7 @@ class Generator:
 
     @classmethod
     def from_engine(cls, engine_dir: str | Path, method: str | None = None, device: str = DEFAULT_DEVICE,
-                    max_context: int | None = None, variant: str | None = None, static_steps: bool | None = None,
+                    max_context: int | None = None, variant: str | None = None, static_steps: StaticSteps = None,
                     **method_options) -> "Generator":
         """Load an exported engine dir (manifest.json + model.onnx + tokenizer) on onnxruntime, or, for a
         TensorRT engine dir (engine.json) on device="cuda", on TensorRT (runtime/loading.py). The method

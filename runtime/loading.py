@@ -138,16 +138,27 @@ def load_engine(engine_dir: str | Path, device: str = "cpu", max_context: int | 
     return LoadedEngine(graph, AutoTokenizer.from_pretrained(manifest.dir), installed_trees(manifest))
 
 
+# A loader's `static_steps`: None = the device's default, True / False, or the step sizes themselves.
+StaticSteps = bool | Sequence[int] | None
+
+
 def device_step_sizes(device: str | torch.device, tree: int, max_batch: int = 1,
-                      static: bool | None = None) -> tuple[int, ...] | None:
-    """The static step sizes a backend runs for drafts of up to `tree` nodes (export/static_steps.py), or
-    None for dynamic steps. `static` None: the device's default, static on CUDA (one kernel choice per
-    size, CUDA graphs), dynamic on the CPU, where attention over every cell of the cache would cost."""
+                      static: StaticSteps = None) -> tuple[int, ...] | None:
+    """The static step sizes a backend runs for drafts of up to `tree` nodes, or None for dynamic steps.
+    `static` None: the device's default, static on CUDA (one kernel choice per size, CUDA graphs), dynamic
+    on the CPU, where attention over every cell of the cache would cost; True: the sizes for the tree and
+    max_batch (export/static_steps.py); a sequence: those sizes (the latency profiles time each T).
+    Every static step binds all max_batch x max_context cells: size the cache for the deployment."""
     from export.static_steps import step_sizes
 
     if static is None:
         static = torch.device(device).type == "cuda"
-    return step_sizes(tree, max_batch) if static else None
+    if isinstance(static, bool):
+        return step_sizes(tree, max_batch) if static else None
+    sizes = tuple(sorted({int(size) for size in static}))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"static step sizes must be >= 1, got {list(static)}")
+    return sizes
 
 
 def open_backend(graph: EngineGraph, device: str | torch.device | None = None, *, max_batch: int = 1,
@@ -186,7 +197,7 @@ def refuse_variant(backend: str, variant: str) -> None:
 
 def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                      threads: int | None = None, dtype: str = DEFAULT_DTYPE,
-                     variant: str = DEFAULT_VARIANT, static_steps: bool | None = None) -> Loaded:
+                     variant: str = DEFAULT_VARIANT, static_steps: StaticSteps = None) -> Loaded:
     from export.checkpoint import load_checkpoint
     from export.step_model import StepModel
     from runtime.backends.torch_backend import TorchBackend
@@ -205,7 +216,7 @@ def pretrained_torch(model_dir: Path, method: "Method", device: str, max_context
 
 def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                            threads: int | None = None, dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT,
-                           static_steps: bool | None = None) -> Loaded:
+                           static_steps: StaticSteps = None) -> Loaded:
     from transformers import AutoTokenizer
 
     from export.engine import prepare_engine
@@ -227,7 +238,7 @@ def pretrained_onnxruntime(model_dir: Path, method: "Method", device: str, max_c
 
 def pretrained_tensorrt(model_dir: Path, method: "Method", device: str, max_context: int, max_batch: int = 1,
                         threads: int | None = None, dtype: str = DEFAULT_DTYPE, variant: str = DEFAULT_VARIANT,
-                        static_steps: bool | None = None) -> Loaded:
+                        static_steps: StaticSteps = None) -> Loaded:
     """The TensorRT engine built on this GPU for the method's graph (`make engine GPU=...`, found by its
     engine.json key); its precision is the one it was built with (fp16 by default): `dtype` other
     than the default must name it."""
@@ -302,7 +313,7 @@ def backend_spec(name: str) -> BackendSpec:
 def load_pretrained(name: str, model_dir: str | Path, method: "Method", device: str = "cpu",
                     max_context: int | None = None, dtype: str = DEFAULT_DTYPE,
                     variant: str = DEFAULT_VARIANT, max_batch: int = 1, threads: int | None = None,
-                    static_steps: bool | None = None) -> Loaded:
+                    static_steps: StaticSteps = None) -> Loaded:
     """The backend `name` for `model_dir` running `method` (its trained tensors included), and the
     tokenizer; `variant` (fp32, int8, int4) is the onnxruntime engine's weight quantization; the cache
     holds `max_batch` sequences; `threads`: the backend's compute threads (None: its default);
@@ -335,7 +346,7 @@ def graph_of(methods: Sequence[str]) -> str:
 def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend: str = "torch", device: str = "cpu",
                           max_context: int | None = None, max_batch: int = 1, dtype: str = DEFAULT_DTYPE,
                           variant: str = DEFAULT_VARIANT, threads: int | None = None,
-                          static_steps: bool | None = None, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
+                          static_steps: StaticSteps = None, **method_options) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                      dict[str, "Method"]]:
     """One backend for `model_dir` with a cache of `max_batch` sequences, and every method of `methods`
     built on its graph (`method_options` go to the methods that take them)."""
@@ -365,7 +376,7 @@ def load_batch_pretrained(model_dir: str | Path, methods: Sequence[str], backend
 
 def load_batch_engine(engine_dir: str | Path, methods: Sequence[str] | None = None, device: str = "cpu",
                       max_context: int | None = None, max_batch: int = 1, threads: int | None = None,
-                      static_steps: bool | None = None) -> tuple[Backend, "PreTrainedTokenizerBase",
+                      static_steps: StaticSteps = None) -> tuple[Backend, "PreTrainedTokenizerBase",
                                                                                   dict[str, "Method"]]:
     """An engine dir's backend with a cache of `max_batch` sequences, and the methods it serves
     (default: its own, then vanilla and ngram)."""

@@ -1,4 +1,4 @@
-"""python -m tools {generate,demo,bench,memory,quality,floor,breakdown,trees,serve,latency-test,
+"""python -m tools {generate,demo,bench,batch-bench,memory,quality,floor,breakdown,trees,serve,latency-test,
 latency-baseline}: a thin CLI over runtime.Generator, tools.bench.harness, tools.bench.memory, tools.bench.quality (the
 quantized engines against fp32), tools.latency.floor and tools.latency.breakdown (where a CPU step goes),
 the tree search (`python -m tools trees --help`, tools/treesearch/cli.py), the OpenAI-compatible server
@@ -28,6 +28,7 @@ from export.paths import DEFAULT_MODEL_DIR
 from export.quantize import DEFAULT_VARIANT, VARIANTS
 from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE, DTYPES
 from runtime.loading import BACKENDS
+from tools.bench.batch import DEFAULT_BATCH_SIZES, BatchBenchConfig, format_batch_table, run_batch_bench
 from tools.bench.harness import BenchConfig, run_bench
 from tools.bench.report import format_table, write_report
 from tools.bench.labels import label_choices
@@ -51,7 +52,7 @@ DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, t
 @dataclass(frozen=True)
 class ModelOptions:
     """What every command shares: which model, where it runs, how many tokens."""
-    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    model: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir of a supported family (`python -m export model`)")
     backend: str = option(DEFAULT_BACKEND, "backend that runs the model", choices=tuple(BACKENDS))
     device: str = option(DEFAULT_DEVICE, "cpu or cuda")
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "new tokens per prompt")
@@ -117,6 +118,25 @@ class BenchCommand(ModelOptions, DecodingFlags):
                            dtype=self.dtype, max_new_tokens=self.max_new_tokens, model_dir=self.model,
                            limit=self.limit, repeats=self.repeats, method_options=trees_in(self.trees, methods),
                            **dataclasses.asdict(self.decoding()))
+
+
+@dataclass(frozen=True)
+class BatchBenchCommand(ModelOptions):
+    prompts: str = option(BatchBenchConfig.prompts, PROMPTS_HELP)
+    methods: str = option(",".join(BatchBenchConfig.methods), f"comma list from {', '.join(METHODS)}")
+    batch_sizes: str = option(",".join(map(str, DEFAULT_BATCH_SIZES)), "comma list of batch sizes B")
+    requests: int | None = option(None, "requests per batch size (default: 2 B)")
+    repeats: int = option(BatchBenchConfig.repeats, "timed repeats, methods interleaved; medians are reported")
+    dtype: str = option(BatchBenchConfig.dtype, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)
+    threads: int | None = option(None, "the backend's compute threads (default: its own)")
+    trees: str | None = option(None, "folder whose <method>-tree-*.json files the tree methods use")
+    out: str | None = option(None, "write the report (JSON) here")
+
+    def batch_config(self) -> BatchBenchConfig:
+        methods = tuple(self.methods.split(","))
+        return BatchBenchConfig(self.prompts, methods, parse_ints(self.batch_sizes, "--batch-sizes"), self.requests,
+                                self.backend, self.device, self.dtype, self.max_new_tokens, self.model, self.repeats,
+                                self.threads, trees_in(self.trees, methods))
 
 
 def trees_in(folder: str | None, methods: tuple[str, ...]) -> dict[str, dict]:
@@ -224,6 +244,16 @@ def cmd_bench(cfg: BenchCommand) -> int:
     return 0
 
 
+def cmd_batch_bench(cfg: BatchBenchCommand) -> int:
+    """aggregate tokens/s and request latency of batched decoding (runtime.BatchGenerator) per batch size"""
+    report = run_batch_bench(cfg.batch_config())
+    print(format_batch_table(report))
+    if cfg.out:
+        write_json(Path(cfg.out), report)
+        print(f"wrote {cfg.out}")
+    return 0
+
+
 def cmd_memory(cfg: MemoryCommand) -> int:
     """Peak resident memory of each method, each alone in a fresh process on the same prompts."""
     from tools.bench.memory import format_memory, measure_methods
@@ -250,7 +280,7 @@ def cmd_quality(cfg: QualityCommand) -> int:
 
 @dataclass(frozen=True)
 class FloorCommand:
-    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    model: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir of a supported family (`python -m export model`)")
     variants: str = option("fp32,int8,int4", "comma list of CPU engine variants")
     threads: int | None = option(None, "threads reading the bandwidth buffer (default: every core)")
     out: str | None = option(None, "also write the rows as JSON here")
@@ -278,7 +308,7 @@ def write_rows(out: str | None, rows, **facts) -> None:
 
 @dataclass(frozen=True)
 class BreakdownCommand:
-    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    model: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir of a supported family (`python -m export model`)")
     variants: str = option("fp32,int8,int4", "comma list of CPU engine variants (their vanilla engines)")
     nodes: str = option("1,2,8", "comma list of draft sizes T (chains)")
     caches: str = option("50,200,400", "comma list of committed cache lengths S")
@@ -327,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(config_class=GenerateCommand)
     add_config_command(sub, "demo", DemoCommand, cmd_demo)
     add_config_command(sub, "bench", BenchCommand, cmd_bench)
+    add_config_command(sub, "batch-bench", BatchBenchCommand, cmd_batch_bench)
     add_config_command(sub, "memory", MemoryCommand, cmd_memory)
     add_config_command(sub, "quality", QualityCommand, cmd_quality)
     add_config_command(sub, "floor", FloorCommand, cmd_floor)

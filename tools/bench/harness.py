@@ -124,7 +124,8 @@ def start_peer(cfg: BenchConfig, run: RunLabel, eos_token_ids: Iterable[int], de
     else:
         factory, kwargs = hf.bench_runner, {
             "model_dir": cfg.model_dir, "device": cfg.device, "max_new_tokens": cfg.max_new_tokens,
-            "eos_token_id": min(eos_token_ids), "prompt_lookup": run.method == "hf-prompt-lookup", "decoding": decoding}
+            "eos_token_id": min(eos_token_ids), "mode": run.method.removeprefix("hf-"), "decoding": decoding,
+            "dtype": cfg.dtype}
     try:
         return PeerProcess(run.label, factory, kwargs)
     except PeerFailed as exc:

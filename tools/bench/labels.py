@@ -4,7 +4,7 @@
     ppd@int8           our method on the int8 onnxruntime engine
     llamacpp@q8_0      the llama.cpp peer on that GGUF type             tools.peers.llamacpp_gguf.GGUF_TYPES
     llamacpp           llama.cpp at fp32's type (f32)
-    hf-generate        other peers: their own fp32 model, no variants
+    hf-generate        other peers: their own model in the bench's --dtype, no variants
 
 A label's *precision* is the variant of ours it stands next to (llama.cpp's q8_0 is our int8:
 export.quantize.LLAMACPP_PEER_TYPE). Speedups are against the first vanilla listed; token agreement is
@@ -22,7 +22,7 @@ from export.quantize import DEFAULT_VARIANT, LLAMACPP_PEER_TYPE, VARIANTS
 from tools.peers.llamacpp_gguf import GGUF_TYPES
 
 LLAMACPP = "llamacpp"
-PEERS = ("hf-generate", "hf-prompt-lookup", "ortgenai", LLAMACPP)
+PEERS = ("hf-generate", "hf-prompt-lookup", "hf-compiled", "ortgenai", LLAMACPP)
 GREEDY_ONLY_PEERS = ("ortgenai", LLAMACPP)
 _OUR_VARIANT_OF_LLAMACPP = {gguf: ours for ours, gguf in LLAMACPP_PEER_TYPE.items()}
 
@@ -57,7 +57,7 @@ def parse_label(label: str) -> RunLabel:
         variants, default = GGUF_TYPES, LLAMACPP_PEER_TYPE[DEFAULT_VARIANT]
     elif method in PEERS:
         if at:
-            raise ValueError(f"bench run {label!r}: the {method} peer has no variants (it runs its own fp32 model); "
+            raise ValueError(f"bench run {label!r}: the {method} peer has no variants (it runs its own model in the bench's --dtype); "
                              f"list it as {method!r}")
         return RunLabel(label, method, DEFAULT_VARIANT)
     else:

@@ -19,6 +19,13 @@ DEFAULT_CONTEXT = 300
 DEFAULT_REPEATS = 10
 
 
+def profile_static_steps(device: str, sizes: tuple[int, ...], context: int = DEFAULT_CONTEXT) -> tuple[int, ...] | None:
+    """The static step sizes of a backend that times `sizes` (runtime.loading.StaticSteps): on CUDA each
+    timed T is a static step of its own (its own CUDA graph) and the prefill of `context` one more, so a
+    tree of T nodes is timed at exactly what it will cost; None (dynamic steps) on the CPU."""
+    return tuple(sorted(set(sizes) | {context})) if device.startswith("cuda") else None
+
+
 def profile_step_latency(backend: Backend, sizes: tuple[int, ...] = DEFAULT_TREE_SIZES,
                          context: int = DEFAULT_CONTEXT, repeats: int = DEFAULT_REPEATS, warmup: int = 3,
                          seed: int = 0, show_progress: bool = True) -> dict[int, float]:

@@ -66,7 +66,7 @@ def measure(gpu: str, backend: str, device: str | None = None, model_dir: str | 
     from export.manifest import DEFAULT_MAX_CONTEXT
     from runtime.loading import load_pretrained
     from tools.bench.harness import BenchConfig, run_bench
-    from tools.latency.profile import latency_rounds
+    from tools.latency.profile import latency_rounds, profile_static_steps
     from runtime.methods import build_method
     from tools.treesearch.files import package_versions, present
     from transformers import AutoConfig
@@ -80,7 +80,8 @@ def measure(gpu: str, backend: str, device: str | None = None, model_dir: str | 
     model_config = AutoConfig.from_pretrained(model_dir)
     vanilla = build_method("vanilla", model_dir, model_config.vocab_size, model_config.hidden_size)
     runner, _ = load_pretrained(backend, model_dir, vanilla, device=device, dtype=config.dtype,
-                             max_context=max(DEFAULT_MAX_CONTEXT, config.context + max(config.sizes)))
+                                max_context=max(DEFAULT_MAX_CONTEXT, config.context + max(config.sizes)),
+                                static_steps=profile_static_steps(device, config.sizes, config.context))
     log(f"latency test on {name}, {backend}: step latency at T={list(config.sizes)}, then {config.limit} "
         f"{config.prompts} prompts x {config.max_new_tokens} tokens with {', '.join(config.methods)}")
     load_before = load_per_core()

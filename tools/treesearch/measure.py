@@ -101,7 +101,7 @@ def measure_profile(cfg: ProfileCommand) -> Path:
 
     from tqdm import tqdm
 
-    from tools.latency.profile import batch_latency_samples, latency_rounds
+    from tools.latency.profile import batch_latency_samples, latency_rounds, profile_static_steps
     from runtime.methods import build_method
     from trees.quiet import Quietness, load_per_core, refuse_busy_start
 
@@ -120,12 +120,14 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     options = {"checkpoint": cfg.checkpoint, "tree": str(ppd.hand_picked_tree)} if cfg.method == ppd.name else {}
     method = build_method(cfg.method, cfg.model_dir, model_config.vocab_size, model_config.hidden_size,
                           backend=cfg.backend, variant=cfg.variant, **options)
+    sizes = tuple(range(1, cfg.max_tokens + 1))
+    # Batched steps (B x T <= max_tokens) are among `sizes`; each static step binds all B x max_context cells
     backend, _ = load_pretrained(cfg.backend, cfg.model_dir, method, device=device,
                                  max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens), variant=cfg.variant,
-                                 max_batch=max(batch_sizes, default=1))
+                                 max_batch=max(batch_sizes, default=1),
+                                 static_steps=profile_static_steps(device, sizes, cfg.context))
     if cfg.rounds < 1 or cfg.repeats < 1:
         raise ValueError("--repeats and --rounds must be >= 1")
-    sizes = tuple(range(1, cfg.max_tokens + 1))
     per_round = -(-cfg.repeats // cfg.rounds)
     load_before = load_per_core()
     medians, samples = latency_rounds(backend, sizes, cfg.context, cfg.repeats, cfg.rounds)
