@@ -127,8 +127,9 @@ latency-test: setup
 latency-baseline: setup
 	$(PY) -m tools latency-baseline $(LATENCY_FLAGS)
 
-# The one check a borrowed GPU machine runs (< 8 min): profile, trees, benches, CUDA tests, TensorRT when
-# importable; report in artifacts/gpu-check/<device>/. Without CUDA it prints the plan (a dry run).
+# The one check a borrowed GPU machine runs (one call, 6 min): bf16 profile, trees, benches in bf16 and fp32
+# with the compiled transformers peer, CUDA tests, batched throughput, latency baseline, roofline, TensorRT
+# when importable; report in reports/gpu-check/<device>/ (committed). Without CUDA it prints the plan.
 gpu-check: setup
 	$(PY) -m tools gpu-check
 

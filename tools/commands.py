@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         from tools.treesearch.cli import main as trees_main
 
         return trees_main(argv[1:])
-    if argv[:1] == ["gpu-check"]:  # the one device check of a borrowed GPU machine (tools/gpu_check.py)
-        from tools.gpu_check import main as gpu_check_main
+    if argv[:1] == ["gpu-check"]:  # the one device check of a borrowed GPU machine (tools/gpucheck/)
+        from tools.gpucheck.run import main as gpu_check_main
 
         return gpu_check_main(argv[1:])
     if argv[:1] == ["serve"]:  # the OpenAI-compatible server has its own flags (tools/serving/cli.py)

@@ -73,6 +73,8 @@ class LatencyProfile:
     # ((B, (seconds at sizes[0], sizes[1], ...)), ...): batched steps of B sequences, B > 1, each with a
     # tree of `sizes[i]` tokens; as many sizes as were measured for that B (at least 1)
     batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    dtype: str = "fp32"                          # the torch backend's precision (fp32, fp16, bf16)
+    static_steps: bool = False                   # each T timed as a static step (CUDA graphs), not a dynamic one
     fitted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,8 @@ class LatencyProfile:
             "device_name": self.device_name,
             "backend": self.backend,
             "variant": self.variant,
+            "dtype": self.dtype,
+            "static_steps": self.static_steps,
             "source": self.source,
             **({"roofline": dict(self.roofline)} if self.roofline else {}),
             "versions": dict(self.versions),
@@ -189,7 +193,8 @@ class LatencyProfile:
                        quiet=Quietness.from_json(data["quiet"]) if data.get("quiet") else None,
                        variant=str(data.get("variant", DEFAULT_VARIANT)),   # profiles before the field: fp32
                        graph_sha256=data.get("graph_sha256"), cpu_isa=data.get("cpu_isa"),
-                       batch=tuple((int(b), tuple(times)) for b, times in dict(data.get("batch", {})).items()))
+                       batch=tuple((int(b), tuple(times)) for b, times in dict(data.get("batch", {})).items()),
+                       dtype=str(data.get("dtype", "fp32")), static_steps=bool(data.get("static_steps", False)))
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

@@ -25,7 +25,7 @@ class LatencyRun:
     backend: str | None = option(None, "backend measured (default: onnxruntime on the CPU, torch on a GPU)",
                                  choices=tuple(BACKENDS))
     device: str | None = option(None, "cpu or cuda (default: cpu for --gpu cpu, else cuda)")
-    model: str = option(str(DEFAULT_MODEL_DIR), "Llama checkpoint dir")
+    model: str = option(str(DEFAULT_MODEL_DIR), "checkpoint dir of a supported family")
 
     def backend_name(self) -> str:
         from tools.treesearch.files import run_device

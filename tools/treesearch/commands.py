@@ -13,6 +13,7 @@ from export.quantize import DEFAULT_VARIANT, VARIANTS
 from tools.treesearch.acceptance import CalibrationRun, StatsConfig, method_checkpoint
 from tools.bench.prompts import PROMPTS_HELP
 from tools.treesearch.ngram_acceptance import NgramStatsConfig
+from runtime.backends import DEFAULT_DTYPE, DTYPES
 from runtime.loading import BACKENDS
 from tools.bench.harness import BenchConfig
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS
@@ -78,6 +79,7 @@ class ProfileCommand:
     max_tokens: int = option(DEFAULT_MAX_TREE, "largest tree timed (the engines' default max tree); every size "
                                                "1..max is timed")
     context: int = option(DEFAULT_CONTEXT, "committed cache entries while timing")
+    dtype: str = option(DEFAULT_DTYPE, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)
     repeats: int = option(DEFAULT_REPEATS, "timed steps per size (median), spread over rounds")
     rounds: int = option(5, "sweeps over all sizes, so that load changes on a shared machine hit every size alike")
     batch_sizes: str = option("", "comma list of B > 1: also time steps of B sequences together, each with a tree of "

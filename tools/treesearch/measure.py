@@ -124,7 +124,7 @@ def measure_profile(cfg: ProfileCommand) -> Path:
     # Batched steps (B x T <= max_tokens) are among `sizes`; each static step binds all B x max_context cells
     backend, _ = load_pretrained(cfg.backend, cfg.model_dir, method, device=device,
                                  max_context=max(DEFAULT_MAX_CONTEXT, cfg.context + cfg.max_tokens), variant=cfg.variant,
-                                 max_batch=max(batch_sizes, default=1),
+                                 max_batch=max(batch_sizes, default=1), dtype=cfg.dtype,
                                  static_steps=profile_static_steps(device, sizes, cfg.context))
     if cfg.rounds < 1 or cfg.repeats < 1:
         raise ValueError("--repeats and --rounds must be >= 1")
@@ -145,7 +145,8 @@ def measure_profile(cfg: ProfileCommand) -> Path:
                              model_fingerprint=model_fingerprint(cfg.model_dir),
                              versions=tuple(package_versions(cfg.backend, kind).items()), quiet=quiet,
                              variant=cfg.variant, graph_sha256=backend.info.graph_sha256,
-                             cpu_isa=cpu_isa() if kind == "cpu" else None, batch=tuple(batch))
+                             cpu_isa=cpu_isa() if kind == "cpu" else None, batch=tuple(batch), dtype=cfg.dtype,
+                             static_steps=backend.info.step_sizes is not None)
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / profile_filename(key, cfg.backend, cfg.variant)
     profile.save(out)
     print(f"wrote {out}: {name}, {profile.engine}: T=1 {1e3 * profile.latency(1):.1f} ms, "

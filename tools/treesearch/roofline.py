@@ -8,6 +8,7 @@ the gpu-check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ class RooflineCommand:
     gpu: str | None = option(None, "a GPU of the roofline table (e.g. h200, 'NVIDIA H100 80GB HBM3'; an unknown name "
                                    "lists them); with --compare, default: the profile's own GPU")
     model_dir: str = option(str(DEFAULT_MODEL_DIR), "model checkpoint dir (its config.json gives the sizes)")
-    dtype: str = option(DEFAULT_DTYPE, "weights and cache precision", choices=tuple(DTYPE_BYTES))
+    dtype: str | None = option(None, f"weights and cache precision (default: with --compare the profile's own, "
+                                     f"else {DEFAULT_DTYPE})", choices=tuple(DTYPE_BYTES))
     context: int = option(DEFAULT_CONTEXT, "committed cache entries (the profiles' default)")
     max_tokens: int = option(DEFAULT_MAX_TREE, "largest step T")
     compare: str | None = option(None, "a measured latency profile JSON to compare with (its GPU, context, sizes)")
@@ -64,17 +66,20 @@ def cmd_roofline(cfg: RooflineCommand, argv: list[str]) -> int:
     modelled curve against a measured profile (what the gpu-check reports)."""
     if cfg.compare:
         measured = load_profile(cfg.compare)
-        points = compare_with_measured(measured, cfg.model_dir, cfg.dtype, cfg.gpu)
-        print(f"roofline ({cfg.dtype}) against {cfg.compare}: {measured.device_name}, {measured.backend}, "
-              f"context {measured.context}")
+        dtype = cfg.dtype or measured.dtype   # the model at the precision that was measured
+        points = compare_with_measured(measured, cfg.model_dir, dtype, cfg.gpu)
+        print(f"roofline ({dtype}) against {cfg.compare}: {measured.device_name}, {measured.backend} "
+              f"({'static steps' if measured.static_steps else 'dynamic steps'}), context {measured.context}")
         print(format_comparison(points))
-        report = {"gpu": measured.device_name, "backend": measured.backend, "dtype": cfg.dtype,
+        report = {"gpu": measured.device_name, "backend": measured.backend, "dtype": dtype,
+                  "static_steps": measured.static_steps,
                   "context": measured.context, "measured_profile": str(cfg.compare),
                   "points": [{"tokens": p.tokens, "modelled_ms": round(p.modelled_ms, 4),
                               "measured_ms": round(p.measured_ms, 4), "ratio": round(p.ratio, 3)} for p in points]}
     elif not cfg.gpu:
         raise RooflineError("name the GPU to model with --gpu (e.g. --gpu h200), or pass --compare PROFILE")
     else:
+        cfg = dataclasses.replace(cfg, dtype=cfg.dtype or DEFAULT_DTYPE)
         shape, gpu = model_shape(cfg.model_dir), lookup_gpu(cfg.gpu)
         profile = roofline_profile(shape, gpu, "any", model_fingerprint(cfg.model_dir), cfg.context, cfg.max_tokens,
                                    cfg.dtype)
