@@ -258,7 +258,8 @@ class BatchGenerator:
         step has no room for any of its prompt (`budget`: the prompt tokens and nodes left this step)."""
         remaining = len(request.prompt_ids) - request.prefilled
         if remaining == 0:
-            return request.proposer.propose(request.history), "decode"
+            # the tree for this many sequences per step (a tree file searched for batches: smaller as B grows)
+            return request.proposer.propose(request.history, len(self._running)), "decode"
         budget = int(min(budget, remaining))
         if budget < 1:
             return None, "wait"

@@ -22,6 +22,7 @@ from runtime.proposers import NgramProposer, Proposer, VanillaProposer
 from runtime.proposers.hybrid import HybridProposer, NgramSource
 from runtime.proposers.ppd import PPDProposer
 from trees import TreeError, check_tree_identity, load_ppd_trees
+from trees.ppd_tree import BATCH_FIELD
 
 
 @dataclass
@@ -114,7 +115,15 @@ def build_hybrid(spec: MethodSpec, options: HybridOptions, context: BuildContext
                          searched.get("ngram_prompt_tokens", count) if options.ngram_prompt_tokens is None
                          else options.ngram_prompt_tokens, options.max_ngram,
                          searched.get("min_ngram", 1) if options.min_ngram is None else options.min_ngram)
-    return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, source), extras)
+    # Per batch size, the n-gram half searched with that B's trees, unless the options fix it for all
+    batch_sources = {}
+    if (options.ngram_depth, options.ngram_prompt_tokens, options.min_ngram) == (None, None, None):
+        for b, entry in (trees.metadata.get(BATCH_FIELD) or {}).items():
+            if entry.get("hybrid"):
+                part = entry["hybrid"]
+                batch_sources[int(b)] = NgramSource(part["ngram_depth"], part["ngram_prompt_tokens"],
+                                                    options.max_ngram, part["min_ngram"])
+    return Method(spec, HybridProposer(extras.slot_layout, trees, context.vocab_size, source, batch_sources), extras)
 
 
 def build_ht(spec: MethodSpec, options: HTOptions, context: BuildContext) -> Method:

@@ -143,3 +143,28 @@ def check_tree_identity(trees: PPDTreeSet, model_fingerprint: str, checkpoint_sh
                         f"loaded has {checkpoint_sha256[:16]} (retrained?): rebuild it with "
                         f"`python -m tools trees stats` then `python -m tools trees build` (--method ppd|ht; "
                         f"or `make tree`)")
+
+
+# --- trees per batch size -------------------------------------------------------------------------------
+# A tree file's "batch" record (tools/treesearch/batch.py): per B > 1, the tree set searched for steps of B
+# sequences, or null where B sequences decode fastest without a tree (vanilla steps).
+BATCH_FIELD = "batch"
+
+
+def batch_tree_sets(trees: PPDTreeSet) -> dict[int, PPDTreeSet | None]:
+    """{B: the tree set for steps of B sequences (None: no tree)} of a tree file's "batch" record; B = 1 is
+    the file's own tree set. Empty for files searched for one sequence only."""
+    record = trees.metadata.get(BATCH_FIELD) or {}
+    with fields_of(TreeError, "a tree file's batch record maps B to {\"trees\": tree set or null, ...}"):
+        sets = {int(b): None if entry["trees"] is None else PPDTreeSet.from_json(entry["trees"])
+                for b, entry in record.items()}
+    for b, tree_set in sets.items():
+        if b < 2 or (tree_set is not None and tree_set.num_prompt_tokens != trees.num_prompt_tokens):
+            raise TreeError(f"the batch record's B={b} entry must be for B >= 2 with the file's N="
+                            f"{trees.num_prompt_tokens} prompt tokens")
+    return {1: trees, **dict(sorted(sets.items()))}
+
+
+def for_batch(sets: dict[int, Any], batch_size: int) -> Any:
+    """The entry of the largest B <= batch_size (B = 1 always present)."""
+    return sets[max(b for b in sets if b <= batch_size)]

@@ -25,8 +25,10 @@ class Proposer(Protocol):
         """The prefill step's draft: the prompt as a chain (candidates), plus any auxiliary nodes."""
         ...
 
-    def propose(self, history: list[int]) -> Draft:
-        """This step's draft; `history` is prompt + generated tokens, ending with the root."""
+    def propose(self, history: list[int], batch_size: int = 1) -> Draft:
+        """This step's draft; `history` is prompt + generated tokens, ending with the root; `batch_size`:
+        the sequences this step decodes (runtime.BatchGenerator), by which a tree method whose tree file
+        was searched for batches picks its trees (runtime/proposers/ppd.py)."""
         ...
 
     def new_sequence(self) -> "Proposer":

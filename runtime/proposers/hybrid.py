@@ -19,6 +19,8 @@ guesses work exactly as for PPD (the readout's prediction rows of the accepted n
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+
 import numpy as np
 
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from runtime.proposers.ngram import find_continuations
 from runtime.proposers.ppd import PPDProposer, attach_layout
 from runtime.proposers.trie import CandidateTrie
 from runtime.readout import StepReadout
-from trees import PPDTreeSet
+from trees import PPDTreeSet, for_batch
 
 MAX_CACHED_LAYOUTS = 512
 
@@ -61,30 +63,41 @@ def ngram_path(history: np.ndarray, source: NgramSource) -> np.ndarray:
 
 
 class HybridProposer:
-    def __init__(self, config: PPDConfig, trees: PPDTreeSet, vocab_size: int, source: NgramSource) -> None:
-        if source.prompt_tokens > config.num_prompt_tokens:
-            raise ValueError(f"ngram_prompt_tokens ({source.prompt_tokens}) exceeds the checkpoint's "
-                             f"N={config.num_prompt_tokens} prompt tokens")
+    def __init__(self, config: PPDConfig, trees: PPDTreeSet, vocab_size: int, source: NgramSource,
+                 batch_sources: Mapping[int, NgramSource] | None = None) -> None:
+        """`source`: the n-gram half for one sequence; `batch_sources`: {B: the n-gram half searched for
+        steps of B sequences} (the tree file's batch record), each used from its B on."""
+        self.sources = {1: source, **dict(batch_sources or {})}
+        for s in self.sources.values():
+            if s.prompt_tokens > config.num_prompt_tokens:
+                raise ValueError(f"ngram_prompt_tokens ({s.prompt_tokens}) exceeds the checkpoint's "
+                                 f"N={config.num_prompt_tokens} prompt tokens")
         self.ppd = PPDProposer(config, trees, vocab_size)
         self.source = source
         self._layouts: dict[tuple, tuple[Layout, np.ndarray]] = {}
 
     @property
     def max_draft_tokens(self) -> int:
-        per_ngram_node = 1 + self.source.prompt_tokens * self.ppd.config.ensemble
-        return self.ppd.max_draft_tokens + self.source.depth * per_ngram_node
+        ensemble = self.ppd.config.ensemble
+        return max(max((t.layout.size for t in templates or ()), default=1)
+                   + for_batch(self.sources, b).depth * (1 + for_batch(self.sources, b).prompt_tokens * ensemble)
+                   for b, templates in self.ppd.batch_templates.items())
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
         return self.ppd.prefill_draft(prompt_ids)
 
-    def propose(self, history: list[int]) -> Draft:
-        template = self.ppd.templates[len(self.ppd.guesses)]
+    def propose(self, history: list[int], batch_size: int = 1) -> Draft:
+        templates = for_batch(self.ppd.batch_templates, batch_size)
+        if templates is None:   # no tree at this batch size (runtime/proposers/ppd.py)
+            return self.ppd.propose(history, batch_size)
+        source = for_batch(self.sources, batch_size)
+        template = templates[len(self.ppd.guesses)]
         c = template.layout.num_candidates
         tokens = template.tokens[:c].copy()
         tokens[0] = history[-1]
         tokens[1:] = self.ppd.guesses[template.cand_depth - 1, template.cand_rank]
         counts = [len(range(*template.layout.groups[i])) for i in range(c)]
-        trie = CandidateTrie(tokens[0], max_nodes=c + self.source.depth)
+        trie = CandidateTrie(tokens[0], max_nodes=c + source.depth)
         parents = template.layout.buffers.parents
         trie_node = [0]
         for node in range(1, c):   # topological order: a parent is in the trie before its children
@@ -92,9 +105,9 @@ class HybridProposer:
         node_counts = [0] * len(trie)
         for node in range(c):
             node_counts[trie_node[node]] = counts[node]
-        for node in trie.add(ngram_path(np.asarray(history, dtype=np.int64), self.source), "ngram"):
+        for node in trie.add(ngram_path(np.asarray(history, dtype=np.int64), source), "ngram"):
             if node >= len(node_counts):
-                node_counts.append(self.source.prompt_tokens)
+                node_counts.append(source.prompt_tokens)
         return Draft(*self._layout(trie, node_counts), sources=tuple(trie.sources))
 
     def _layout(self, trie: CandidateTrie, counts: list[int]) -> tuple[np.ndarray, Layout]:
@@ -107,7 +120,7 @@ class HybridProposer:
                 self._layouts.clear()
             ppd = self.ppd
             cached = self._layouts[key] = attach_layout(list(trie.parents), [0] * len(trie), counts, len(trie),
-                                                        ppd.config, ppd.vocab_size, ppd.trees.topk)
+                                                        ppd.config, ppd.vocab_size, ppd.topk)
         layout, template = cached
         tokens = template.copy()
         tokens[: len(trie)] = trie.tokens

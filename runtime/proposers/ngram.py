@@ -44,7 +44,7 @@ class NgramProposer:
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
         return Draft.prefill(prompt_ids)
 
-    def propose(self, history: list[int]) -> Draft:
+    def propose(self, history: list[int], batch_size: int = 1) -> Draft:
         trie = CandidateTrie(history[-1], self.options.max_nodes)
         add_ngram_candidates(trie, np.asarray(history, dtype=np.int64), self.options)
         shape = tuple(trie.parents)

@@ -6,6 +6,11 @@ prompt-token nodes of every candidate that carries some, with the prediction row
 candidate recorded in the layout. After a step, the accepted node's rows of the readout ([m, K]
 top-K ids, row i guessing the token i + 1 places after the next root) are the next step's guesses,
 and m picks the next tree.
+
+A tree file searched for batches (its "batch" record, trees/ppd_tree.py batch_tree_sets) holds a tree set
+per batch size B: in a step of B sequences each takes the set of the largest B' <= B, smaller trees as B
+grows, and none (a vanilla step: the root alone) where the search found B sequences fastest without.
+The guesses carry over between sets (every set has a tree for every m).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from export.ppd import PPDConfig, attach_prompt_tokens
 from runtime.draft import NO_GROUP, Draft, Layout
 from runtime.readout import StepReadout
-from trees import PPDStepTree, PPDTreeSet, buffers_from_parents
+from trees import PPDStepTree, PPDTreeSet, batch_tree_sets, buffers_from_parents, for_batch
 
 
 @dataclass(frozen=True)
@@ -66,24 +71,35 @@ class PPDProposer:
         self.config = config
         self.trees = trees
         self.vocab_size = vocab_size
-        self.templates = [step_template(step, config, vocab_size, trees.topk) for step in trees.trees]
+        sets = batch_tree_sets(trees)
+        # Every step reads the same top-K of its prediction rows, so guesses fit the trees of any B
+        self.topk = max(tree_set.topk for tree_set in sets.values() if tree_set is not None)
+        # {B: per-m templates of the tree set for B sequences per step, or None: the root alone}
+        self.batch_templates = {b: None if tree_set is None else
+                                [step_template(step, config, vocab_size, self.topk) for step in tree_set.trees]
+                                for b, tree_set in sets.items()}
+        self.templates = self.batch_templates[1]
+        self.root_only = attach_layout([-1], [0], [0], 1, config, vocab_size, self.topk)[0]
         # [m, topk] the guesses for the next step: what the last accepted node's prompt tokens predicted.
-        self.guesses = np.zeros((0, trees.topk), dtype=np.int64)
+        self.guesses = np.zeros((0, self.topk), dtype=np.int64)
 
     @property
     def max_draft_tokens(self) -> int:
-        return max(template.layout.size for template in self.templates)
+        return max(t.layout.size for templates in self.batch_templates.values() for t in templates or ())
 
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
         """The prompt as a chain, with all N prompt tokens attached after its last node."""
         n = len(prompt_ids)
         counts = [0] * (n - 1) + [self.config.num_prompt_tokens]
         layout, tokens = attach_layout(list(range(-1, n - 1)), list(prompt_ids), counts, n, self.config,
-                                       self.vocab_size, self.trees.topk, first_verified=n - 1)
+                                       self.vocab_size, self.topk, first_verified=n - 1)
         return Draft(tokens, layout)
 
-    def propose(self, history: list[int]) -> Draft:
-        template = self.templates[len(self.guesses)]
+    def propose(self, history: list[int], batch_size: int = 1) -> Draft:
+        templates = for_batch(self.batch_templates, batch_size)
+        if templates is None:   # no tree at this batch size: the root alone, no guesses made
+            return Draft(np.asarray(history[-1:], dtype=np.int64), self.root_only)
+        template = templates[len(self.guesses)]
         tokens = template.tokens.copy()
         tokens[0] = history[-1]
         tokens[1: template.layout.num_candidates] = self.guesses[template.cand_depth - 1, template.cand_rank]
@@ -91,7 +107,7 @@ class PPDProposer:
 
     def new_sequence(self) -> "PPDProposer":
         fresh = copy.copy(self)   # templates and trees shared (never mutated); the guesses its own
-        fresh.guesses = np.zeros((0, self.trees.topk), dtype=np.int64)
+        fresh.guesses = np.zeros((0, self.topk), dtype=np.int64)
         return fresh
 
     def observe(self, draft: Draft, readout: StepReadout, path: list[int]) -> None:

@@ -18,7 +18,7 @@ class VanillaProposer:
     def prefill_draft(self, prompt_ids: list[int]) -> Draft:
         return Draft.prefill(prompt_ids)
 
-    def propose(self, history: list[int]) -> Draft:
+    def propose(self, history: list[int], batch_size: int = 1) -> Draft:
         return Draft(np.array(history[-1:], dtype=np.int64), ROOT_ONLY)
 
     def new_sequence(self) -> "VanillaProposer":

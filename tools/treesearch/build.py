@@ -20,8 +20,10 @@ from tools.treesearch.measure import cmd_ngram_stats, cmd_stats, measure_profile
 from tools.treesearch.files import check_variant_backend, find_profile, parse_budgets, present, run_device
 from export.tree_store import (INPUTS_FIELD, generated_dir, recorded_inputs_sha256, search_dirs,
                                 search_inputs_sha256, tree_pictures)
+from tools.treesearch.batch import format_batches, search_batches
 from tools.treesearch.sweep import reference_evaluations
 from trees import PPDTreeSet
+from trees.ppd_tree import BATCH_FIELD
 from trees._json import write_json
 from trees.atomic import write_atomic
 from trees.devices import (DeviceMismatchError, device_key, engine_label, profile_filename, tree_filename,
@@ -35,7 +37,7 @@ from trees.stats import load_stats
 TREE_FORMAT = "ppdeploy-ppd-tree"
 # Part of a tree's inputs hash: bump when the search (trees/search.py, trees/hybrid_search.py) finds
 # other trees for the same inputs, so that `build` stops calling the old ones current.
-TREE_SEARCH_REVISION = 2
+TREE_SEARCH_REVISION = 3      # 3: trees per batch size (tools/treesearch/batch.py)
 
 
 def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
@@ -59,7 +61,10 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
     model = AcceptanceModel.from_stats(stats, config.topk, config.shrinkage)
     start = time.perf_counter()
     result = search_curve(model, profile.latency, config, max_tokens=profile.max_tokens)
-    hybrid = search_hybrid_part(cfg, model, profile, config, identity.model_fingerprint)
+    hybrid_search = hybrid_searcher(cfg, model, config, identity.model_fingerprint)
+    hybrid = None if hybrid_search is None else hybrid_search(
+        profile.latency, max(b for b in config.budgets if b <= profile.max_tokens))
+    batches = search_batches(model, profile, config, hybrid_search)
     print(f"searched in {time.perf_counter() - start:.1f} s")
     found = result.trees if hybrid is None else hybrid.trees
     chosen = result.evaluation if hybrid is None else hybrid.ppd
@@ -85,6 +90,7 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         "expected_speedup": round(expected.speedup, 4),
         "expected_tokens_per_s": round(expected.tokens_per_second, 2),
         **({} if hybrid is None else {"hybrid": {**hybrid.to_json(), "ngram_statistics": ngram_stats_path(cfg).name}}),
+        BATCH_FIELD: batches,                                 # per batch size B: its trees, or null (vanilla)
         "per_m": {str(m): {"tokens": t, "expected_tokens_per_step": round(r, 4), "share_of_steps": round(o, 4),
                            "replayed_tokens_per_step": None if x is None else round(x, 4)}
                   for m, (t, r, o, x) in enumerate(zip(chosen.num_tokens, chosen.tokens_per_step, chosen.occupancy,
@@ -114,6 +120,8 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
                                                                                           replayed))))
     for label, e in [(f"fixed budget {b:>3}", e) for b, _, e in result.curve] + references:
         print(f"  {label}: {e.mean_accepted:.3f} tokens/step, {e.speedup:.3f}x")
+    if batches:
+        print(f"  per batch size (over vanilla at that B): {format_batches(batches)}")
     if expected.speedup < 1.0:
         print(slower_than_vanilla(cfg.method, expected.mean_accepted, expected.tokens_per_second, profile),
               file=sys.stderr)
@@ -314,10 +322,9 @@ def needs_collecting(path: Path, recorded: str | None, now: str | None, what: st
     return measured_on_another_graph(path, recorded, now)
 
 
-def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, config: SearchConfig,
-                       fingerprint: str):
-    """For a method whose steps also hold n-gram candidates: the n-gram budget and the PPD trees for
-    the rest (trees/hybrid_search.py); None for the others."""
+def hybrid_searcher(cfg, model: AcceptanceModel, config: SearchConfig, fingerprint: str):
+    """For a method whose steps also hold n-gram candidates: (latency, budget) -> the n-gram budget and
+    the PPD trees for the rest (trees/hybrid_search.py); None for the others."""
     if not METHODS[cfg.method].ngram_candidates:
         return None
     from trees.hybrid_search import search_hybrid
@@ -332,8 +339,7 @@ def search_hybrid_part(cfg, model: AcceptanceModel, profile: LatencyProfile, con
         raise NgramStatsError(f"{ngram_stats_path(cfg)} was collected on the {other} engine, not {cfg.variant}: run "
                               f"`{PROG} ngram-stats --backend {cfg.backend}{variant_flag(cfg)}`, or pass --ngram-stats "
                               f"of that variant")
-    budget = max(b for b in config.budgets if b <= profile.max_tokens)
-    return search_hybrid(model, ngram, profile.latency, budget, config)
+    return lambda latency, budget: search_hybrid(model, ngram, latency, budget, config)
 
 
 def write_pictures(out: Path, result, trees: PPDTreeSet, model: AcceptanceModel, profile: LatencyProfile,
