@@ -3,8 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_DIR := artifacts/models/smollm2-135m-instruct
+# The model of every target: a packaged one (smollm2-135m-instruct, the default, or gemma3-270m), converted
+# by `make model` into artifacts/models/$(MODEL)/; its trained prompt tokens (and HT maps), statistics and
+# trees live in checkpoints/$(MODEL)/ (`make train`, `make tree`). Your own model: see README, "Deploy your
+# own model".
+MODEL ?= smollm2-135m-instruct
+MODEL_DIR := artifacts/models/$(MODEL)
 MODEL_STAMP := $(MODEL_DIR)/config.json
+CHECKPOINT_DIR := checkpoints/$(MODEL)
+PPD_CHECKPOINT := $(CHECKPOINT_DIR)/ppd-prompt-tokens.safetensors
+HT_CHECKPOINT := $(CHECKPOINT_DIR)/ht-transfer-maps.safetensors
+# HT runs where its maps were trained (`make train` trains them; Gemma 3 has PPD's prompt tokens only)
+HT := $(wildcard $(HT_CHECKPOINT))
 
 # Target device of `make engine` / `make tree`: cpu, or a GPU by (part of) its name, e.g. GPU=h100.
 GPU ?= cpu
@@ -29,14 +39,14 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 model: $(MODEL_STAMP)
 
 $(MODEL_STAMP): | $(STAMP)
-	$(PY) -m export model --out $(MODEL_DIR)
+	$(PY) -m export model --package $(MODEL) --out $(MODEL_DIR)
 
 demo: setup
-	$(PY) -m tools demo
+	$(PY) -m tools demo --model $(MODEL_DIR) --checkpoint $(PPD_CHECKPOINT)
 
 # The OpenAI-compatible server on 127.0.0.1:8000 (`python -m tools serve --help` for the flags).
 serve: setup
-	$(PY) -m tools serve
+	$(PY) -m tools serve --model $(MODEL_DIR) --checkpoint $(PPD_CHECKPOINT)
 
 # Ray Serve for `python -m tools serve --ray` and its tests (optional: large, not in requirements.txt).
 serve-ray-deps: setup
@@ -97,10 +107,10 @@ bench-ort: peers
 # in <method>-<QUANT>/ beside the fp32 ones (made from an fp32 export with row-exact attention: fp32 scores, fp64 sums; export/quantize.py),
 # with that variant's trees.
 engine: setup
-	$(PY) -m export engine --target $(GPU) --method vanilla --quantize $(QUANT)
-	$(MAKE) tree GPU=$(GPU) QUANT=$(QUANT)
-	$(PY) -m export engine --target $(GPU) --method ppd --quantize $(QUANT)
-	$(PY) -m export engine --target $(GPU) --method ht --quantize $(QUANT)
+	$(PY) -m export engine --model $(MODEL_DIR) --target $(GPU) --method vanilla --quantize $(QUANT)
+	$(MAKE) tree GPU=$(GPU) QUANT=$(QUANT) MODEL=$(MODEL)
+	$(PY) -m export engine --model $(MODEL_DIR) --target $(GPU) --method ppd --checkpoint $(PPD_CHECKPOINT) --quantize $(QUANT)
+	$(if $(HT),$(PY) -m export engine --model $(MODEL_DIR) --target $(GPU) --method ht --checkpoint $(HT_CHECKPOINT) --quantize $(QUANT))
 
 # The hardware-aware ppd, ht and hybrid trees for a device and engine variant (QUANT): latency profile
 # (measured when missing, shared by the methods; modelled from the GPU's datasheet when that GPU is not
@@ -108,12 +118,13 @@ engine: setup
 # to the checkpoint), then the searches. Written to artifacts/trees/<model>/, nothing when the tree there
 # or the committed one was searched from the same inputs; UPDATE_COMMITTED=1 writes the committed files
 # next to the checkpoint.
-TREE_FLAGS = --gpu $(GPU) --backend $(TREE_BACKEND) --variant $(QUANT) --stats-if-missing $(if $(UPDATE_COMMITTED),--update-committed)
+TREE_FLAGS = --model-dir $(MODEL_DIR) --gpu $(GPU) --backend $(TREE_BACKEND) --variant $(QUANT) --stats-if-missing \
+	$(if $(UPDATE_COMMITTED),--update-committed)
 
 tree: setup
-	$(PY) -m tools trees build --method ppd $(TREE_FLAGS) --profile-if-missing
-	$(PY) -m tools trees build --method ht $(TREE_FLAGS)
-	$(PY) -m tools trees build --method hybrid $(TREE_FLAGS)
+	$(PY) -m tools trees build --method ppd --checkpoint $(PPD_CHECKPOINT) $(TREE_FLAGS) --profile-if-missing
+	$(if $(HT),$(PY) -m tools trees build --method ht --checkpoint $(HT_CHECKPOINT) $(TREE_FLAGS))
+	$(PY) -m tools trees build --method hybrid --checkpoint $(PPD_CHECKPOINT) $(TREE_FLAGS)
 
 # Latency regression test of the device present against its committed baseline (exit 1 listing every
 # regression; skipped, saying how to record one, without a baseline for this device/backend/versions), and the
@@ -134,8 +145,8 @@ gpu-check: setup
 	$(PY) -m tools gpu-check
 
 train: setup
-	$(PY) -m train ppd
-	$(PY) -m train ht
+	$(PY) -m train ppd --model-dir $(MODEL_DIR) --output $(PPD_CHECKPOINT)
+	$(PY) -m train ht --model-dir $(MODEL_DIR) --output $(HT_CHECKPOINT)
 
 clean:
 	rm -rf $(VENV) artifacts

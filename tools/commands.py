@@ -97,6 +97,8 @@ class DemoCommand(ModelOptions):
                                          "lossless one measured here, tools/recommended.py)",
                          choices=tuple(m for m in METHODS if m != "vanilla"))
     repeats: int = option(3, "timed generations per method, interleaved (the median is shown)")
+    checkpoint: str | None = option(None, "the trained method's checkpoint for --model (default: the committed "
+                                          "SmolLM2 one)")
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,9 @@ def cmd_demo(cfg: DemoCommand) -> int:
     if cfg.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {cfg.repeats}")
     methods = ("vanilla", cfg.method)
-    gens = {m: Generator.from_pretrained(cfg.model, method=m, backend=cfg.backend, device=cfg.device) for m in methods}
+    trained = {} if cfg.checkpoint is None or not METHODS[cfg.method].trained else {"checkpoint": cfg.checkpoint}
+    gens = {m: Generator.from_pretrained(cfg.model, method=m, backend=cfg.backend, device=cfg.device,
+                                         **(trained if m == cfg.method else {})) for m in methods}
     for gen in gens.values():
         gen.generate("Hi", max_new_tokens=4)  # warm-up
     runs: dict[str, list[Result]] = {m: [] for m in methods}

@@ -36,7 +36,9 @@ API_KEY_ENV = "PPDEPLOY_API_KEY"
 class ServeFlags:
     host: str = option("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
     port: int = option(8000, "TCP port")
-    model: str | None = option(None, "Llama checkpoint dir (default: the SmolLM2 model of `make model`)")
+    model: str | None = option(None, "checkpoint dir of a supported family (default: the SmolLM2 model of `make model`)")
+    checkpoint: str | None = option(None, "a trained method's checkpoint (prompt tokens / HT maps) for --model "
+                                          "(default: the committed SmolLM2 one)")
     engine: str | None = option(None, "serve this exported engine dir instead (Generator.from_engine)")
     method: str | None = option(None, f"decoding method (default: {SERVE_METHOD}, the fastest lossless one "
                                       "here; with --engine, the engine's own)", choices=tuple(METHODS))
@@ -66,8 +68,14 @@ class ServeCommand(ServeFlags):
 
     def spec(self) -> GeneratorSpec:
         method = self.method or (None if self.engine else SERVE_METHOD)
+        options = parse_options(self.option or [])
+        if self.checkpoint is not None:
+            if self.engine is not None or method is None or not METHODS[method].trained:
+                raise ValueError(f"--checkpoint is a trained method's (ppd, hybrid, ht) for --model, not "
+                                 f"{'an --engine' if self.engine else repr(method)}'s")
+            options["checkpoint"] = self.checkpoint
         return GeneratorSpec(self.model, self.engine, method, self.backend, self.device, self.max_context,
-                             parse_options(self.option or []), self.max_batch, self.generator_threads())
+                             options, self.max_batch, self.generator_threads())
 
     def generator_threads(self) -> int | None:
         """--threads, else a Ray replica's CPU share (two replicas on two cores must not each spin up a
