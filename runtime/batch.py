@@ -128,7 +128,7 @@ class BatchGenerator:
         must share one graph (vanilla and ngram on any; ppd and hybrid together). `load_options`: the
         backend's `dtype`, `variant`, `threads` (its compute threads) and `static_steps`, and the methods'
         options."""
-        from runtime.loading import load_batch_pretrained
+        from runtime.batch_loading import load_batch_pretrained
 
         runner, tokenizer, built = load_batch_pretrained(
             DEFAULT_MODEL_DIR if model_dir is None else model_dir, methods, backend, device, max_context, max_batch,
@@ -143,7 +143,7 @@ class BatchGenerator:
         """An exported engine dir (as Generator.from_engine): `methods` default to the one it was exported
         for and the untrained ones (vanilla, ngram) it also serves; `threads`: onnxruntime's intra-op
         threads (None: one per core)."""
-        from runtime.loading import load_batch_engine
+        from runtime.batch_loading import load_batch_engine
 
         runner, tokenizer, built = load_batch_engine(engine_dir, methods, device, max_context, max_batch, threads,
                                                      static_steps)

@@ -112,13 +112,19 @@ class BenchCommand(ModelOptions, DecodingFlags):
     dtype: str = option(BenchConfig.dtype, "torch backend precision (fp16 / bf16 for GPUs)", choices=DTYPES)
     trees: str | None = option(None, "folder whose <method>-tree-*.json files the tree methods use (default: the "
                                      "trees searched for this device)")
+    checkpoint: str | None = option(None, "the ppd / hybrid prompt tokens for --model (default: the committed "
+                                          "SmolLM2 ones; ht keeps its own)")
     out: str | None = option(None, "write report.json here")
 
     def bench_config(self) -> BenchConfig:
         methods = tuple(self.methods.split(","))
+        options = trees_in(self.trees, methods)
+        if self.checkpoint is not None:
+            for method in {label.partition("@")[0] for label in methods} & {"ppd", "hybrid"}:
+                options.setdefault(method, {})["checkpoint"] = self.checkpoint
         return BenchConfig(prompts=self.prompts, methods=methods, backend=self.backend, device=self.device,
                            dtype=self.dtype, max_new_tokens=self.max_new_tokens, model_dir=self.model,
-                           limit=self.limit, repeats=self.repeats, method_options=trees_in(self.trees, methods),
+                           limit=self.limit, repeats=self.repeats, method_options=options,
                            **dataclasses.asdict(self.decoding()))
 
 

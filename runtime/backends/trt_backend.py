@@ -162,6 +162,12 @@ class TrtBackend(CacheOwner):
             if not context.set_input_shape(name, list(tensors[name].shape)):
                 raise TrtRuntimeError(f"TensorRT refused shape {list(tensors[name].shape)} for {name} in profile "
                                       f"{index}: {self._logger.text()}")
+        for name in self.manifest.output_names:   # the engine's own output shapes, not the manifest's
+            shape = tuple(context.get_tensor_shape(name))
+            if shape != tuple(tensors[name].shape):
+                raise TrtRuntimeError(f"the engine's {name} is {list(shape)} at T={t} over {cells} cells, the buffer "
+                                      f"{list(tensors[name].shape)}: rebuild the engine (`python -m export engine "
+                                      "--target ...`)")
         for name in self.manifest.input_names + self.manifest.output_names:
             check_address(name, tensors[name].data_ptr())
             if not context.set_tensor_address(name, tensors[name].data_ptr()):

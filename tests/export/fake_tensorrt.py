@@ -272,6 +272,19 @@ class Context:
         self.shapes[name] = shape
         return True
 
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """An input's set shape; an output's from the input shapes (the graph's symbolic axes resolved),
+        -1 where an axis is not known yet, as TensorRT reports it."""
+        if name in self.engine.inputs:
+            return tuple(self.shapes.get(name, [-1] * len(self.engine.profiles[self.profile][name][0])))
+        symbols = {}
+        for meta in self.session.get_inputs():
+            for dim, value in zip(meta.shape, self.shapes.get(meta.name, ())):
+                if isinstance(dim, str):
+                    symbols[dim] = value
+        meta = next(m for m in self.session.get_outputs() if m.name == name)
+        return tuple(symbols.get(d, -1) if isinstance(d, str) else int(d) for d in meta.shape)
+
     def set_tensor_address(self, name: str, address: int) -> bool:
         if name not in self.engine.names:
             return self._error(f"{name} is not an I/O tensor")

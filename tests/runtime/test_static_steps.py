@@ -189,22 +189,20 @@ def real_prompts(count: int):
             for p in pair][:count]
 
 
+def methods_on_static_steps(backend: str, model_dir, request, count: int, new_tokens: int) -> None:
+    methods = ["ngram", "ppd", "hybrid", "ht"]
+    for fixture in {TRAINED_FIXTURES[m] for m in methods if m in TRAINED_FIXTURES}:
+        request.getfixturevalue(fixture)
+    bad = real_static_lossless(backend, model_dir, methods, real_prompts(count), new_tokens)
+    assert not bad, f"methods on static {backend} steps that differ from vanilla: {bad}"
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_real_model_every_method_on_static_steps_equals_vanilla_on_them(backend, real_model_dir, request):
-    methods = ["ngram", "ppd", "hybrid", "ht"]
-    for method in methods:
-        if method in TRAINED_FIXTURES:
-            request.getfixturevalue(TRAINED_FIXTURES[method])
-    bad = real_static_lossless(backend, real_model_dir, methods, real_prompts(2), 32)
-    assert not bad, f"methods on static {backend} steps that differ from vanilla: {bad}"
+    methods_on_static_steps(backend, real_model_dir, request, 2, 32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_real_model_every_method_on_static_steps_equals_vanilla_on_them_20_prompts(backend, real_model_dir, request):
-    methods = ["ngram", "ppd", "hybrid", "ht"]
-    for method in methods:
-        if method in TRAINED_FIXTURES:
-            request.getfixturevalue(TRAINED_FIXTURES[method])
-    bad = real_static_lossless(backend, real_model_dir, methods, real_prompts(20), 64)
-    assert not bad, f"methods on static {backend} steps that differ from vanilla: {bad}"
+    methods_on_static_steps(backend, real_model_dir, request, 20, 64)

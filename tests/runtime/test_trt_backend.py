@@ -231,6 +231,20 @@ def test_steps_outside_the_engine_are_refused(engine):
         fake_backend(engine, max_context=512)
 
 
+def test_output_shapes_come_from_the_engine_and_a_mismatch_is_refused(engine, monkeypatch):
+    """The backend asks each context for its output shapes (get_tensor_shape) rather than trusting the
+    manifest: an engine whose logits come out at another width is refused, naming the fix."""
+    from tests.export.fake_tensorrt import Context
+
+    backend = fake_backend(engine, max_context=MAX_CONTEXT)   # shapes that agree: accepted
+    assert backend.info.step_sizes == (5, 64)
+    shape_of = Context.get_tensor_shape
+    monkeypatch.setattr(Context, "get_tensor_shape",
+                        lambda self, name: (*shape_of(self, name)[:-1], 7) if name == "logits" else shape_of(self, name))
+    with pytest.raises(TrtRuntimeError, match="the engine's logits is \\[5, 7\\] at T=5 over 256 cells"):
+        fake_backend(engine, max_context=MAX_CONTEXT)
+
+
 def test_generation_on_the_trt_backend_equals_onnxruntime(engine):
     """Through the decode loop: prompts longer than the largest static step are prefilled in chunks."""
     reference = Generator.from_engine(engine.dir, method="ngram")

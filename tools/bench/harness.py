@@ -145,8 +145,12 @@ def bench_threads(backend: str) -> int:
 
 
 def prompt_text(tokenizer, prompt: str) -> str:
-    """The text Generator.encode tokenizes for a string prompt: one user turn in the chat template. (The
-    llama.cpp check compares its ids of this text with Generator.encode's, so a drift here fails loudly.)"""
+    """The text Generator.encode tokenizes for a string prompt: one user turn in the chat template, or for a
+    base model the raw text after the BOS its tokenizer adds (runtime/prompting.py). (The llama.cpp check
+    compares its ids of this text with Generator.encode's, so a drift here fails loudly.)"""
+    if tokenizer.chat_template is None:
+        bos = tokenizer.bos_token if tokenizer(prompt).input_ids[:1] == [tokenizer.bos_token_id] else ""
+        return (bos or "") + prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
 
@@ -170,6 +174,8 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
             "device": device_name(cfg.device),
             "dtype": cfg.dtype,
             "prompts": cfg.prompts,
+            # a base model has no chat template: its prompts are the raw text (runtime/prompting.py)
+            "prompt_format": "chat template" if gen.tokenizer.chat_template else "raw text (no chat template)",
             "max_new_tokens": cfg.max_new_tokens,
             "repeats": cfg.repeats,
             "decoding": dataclasses.asdict(decoding),

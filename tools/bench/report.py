@@ -115,7 +115,8 @@ def format_table(report: dict) -> str:
                                                      f"top-k {d['top_k']}, seed {d['seed']})")
     threads = f", llama.cpp on {report['llamacpp']['threads']} threads" if "llamacpp" in report else ""
     speed_base = next((r.get("label", "vanilla") for r in report["runs"] if r["method"] == "vanilla"), "vanilla")
-    lines = [f"{report['prompts']} x {n} prompts, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
+    form = f" ({report['prompt_format']})" if "prompt_format" in report else ""
+    lines = [f"{report['prompts']} x {n} prompts{form}, {report['max_new_tokens']} new tokens, backend {report['backend']}, "
              f"{report['device']}{threads}, {mode}, median of {report['repeats']} repeats; speedup vs {speed_base}",
              f"{'run':<20}{'tokens/s':>10}{'accepted/step':>15}{'speedup':>9}{'decode tok/s':>14}{'speedup':>9}"
              f"{'1st token':>11}{'same tokens as':>26}"]

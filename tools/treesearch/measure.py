@@ -26,8 +26,9 @@ CALIBRATION = ("ShareGPT calibration split (train/sharegpt.py: conversations wit
                "trained on), first user turn, in file order")
 
 
-def calibration_prompts() -> list[list[dict[str, str]]]:
-    """First user turns of the ShareGPT calibration split (never trained on, never an evaluation set)."""
+def calibration_prompts() -> list[str]:
+    """First user turns of the ShareGPT calibration split (never trained on, never an evaluation set), as
+    strings: one user turn through the chat template, or the raw text for a base model (runtime/prompting.py)."""
     from train.sharegpt import chat_messages, load_sharegpt, sharegpt_split
 
     conversations = load_sharegpt()
@@ -35,7 +36,7 @@ def calibration_prompts() -> list[list[dict[str, str]]]:
     for index in sharegpt_split(conversations)["calibration"]:
         first_user = next((m for m in chat_messages(conversations[index]) if m["role"] == "user"), None)
         if first_user is not None:
-            prompts.append([first_user])
+            prompts.append(first_user["content"])
     return prompts
 
 
