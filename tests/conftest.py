@@ -11,7 +11,8 @@ import torch
 from export.paths import DEFAULT_MODEL_DIR
 from tools.bench.prompts import load_prompts
 
-LOSSLESS_NEW_TOKENS = 64
+LOSSLESS_NEW_TOKENS = 48
+LOSSLESS_PER_SET = 3   # prompts of each set in the default lossless tests (the default tier's time budget)
 # The session fixture that provides each trained method's committed checkpoint (skips when absent).
 TRAINED_FIXTURES = {"ppd": "trained_ppd_checkpoint", "hybrid": "trained_ppd_checkpoint", "ht": "trained_ht_checkpoint"}
 
@@ -60,8 +61,9 @@ def tiny_dir(tmp_path_factory, real_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def lossless_prompts():
-    """Real prompts for the default lossless tests: 5 MT-Bench first turns + 5 HumanEval prompts."""
-    return load_prompts("mtbench", limit=5) + load_prompts("humaneval", limit=5)
+    """Real prompts for the default lossless tests: the first LOSSLESS_PER_SET MT-Bench first turns, then
+    as many HumanEval prompts (the slow tier sweeps all 120)."""
+    return load_prompts("mtbench", limit=LOSSLESS_PER_SET) + load_prompts("humaneval", limit=LOSSLESS_PER_SET)
 
 
 @pytest.fixture(scope="session")

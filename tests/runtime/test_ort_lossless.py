@@ -15,7 +15,7 @@ from tests.conftest import TRAINED_FIXTURES, first_difference
 
 @pytest.mark.parametrize("method", ["vanilla", "ppd", "hybrid", "ht"])
 def test_real_model_greedy_on_onnxruntime_matches_torch(method, real_model_dir, lossless_prompts, request):
-    """The default lossless subset: 5 MT-Bench + 5 HumanEval prompts, 64 new tokens each; torch's
+    """The default lossless subset (tests/conftest.py: 3 MT-Bench + 3 HumanEval prompts, 48 new tokens); torch's
     output of every method is itself checked against transformers' greedy (tests/runtime/test_*.py)."""
     if method in TRAINED_FIXTURES:
         request.getfixturevalue(TRAINED_FIXTURES[method])

@@ -67,12 +67,12 @@ def same_engine_lossless(real_model_dir, variant: str, methods: list[str], promp
 
 @pytest.mark.parametrize("variant", ["int8", "int4"])
 def test_methods_match_their_variants_vanilla(variant, real_model_dir, lossless_prompts, request):
-    """Default tier: ngram, ppd, hybrid and ht on each quantized engine vs its vanilla, 4 prompts x 32
-    tokens, with the installed (searched) trees. (With fp32 attention under int8 activations, ngram already
-    differed on HumanEval/1 at new token 7: export/step_model.py row_exact.)"""
+    """Default tier: ngram, ppd, hybrid and ht on each quantized engine vs its vanilla, 2 prompts x 32
+    tokens (the slow tier: 30 x 64), with the installed (searched) trees. HumanEval/1 is kept: with fp32
+    attention under int8 activations ngram differed on it at new token 7 (export/step_model.py row_exact)."""
     request.getfixturevalue(TRAINED_FIXTURES["ppd"])
     request.getfixturevalue(TRAINED_FIXTURES["ht"])
-    prompts = [lossless_prompts[0], lossless_prompts[1], lossless_prompts[5], lossless_prompts[6]]  # 2 + 2 HumanEval
+    prompts = [lossless_prompts[0], lossless_prompts[len(lossless_prompts) // 2 + 1]]  # MT-Bench 0, HumanEval/1
     bad = same_engine_lossless(real_model_dir, variant, ["ngram", "ppd", "hybrid", "ht"], prompts, DEFAULT_NEW_TOKENS,
                                lambda method: {})
     assert not bad, f"{variant} is not lossless: {bad}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from tools.bench import harness as bench
@@ -79,6 +81,8 @@ def test_report_keeps_labels_and_compares_with_fake_runners(tmp_path, monkeypatc
         return run
 
     class FakeGenerator:
+        tokenizer = SimpleNamespace(chat_template=None)   # a base model: prompts go in as raw text
+
         def encode(self, prompt: str) -> list[int]:
             return [1] if prompt == "one" else [2]
 
@@ -87,6 +91,7 @@ def test_report_keeps_labels_and_compares_with_fake_runners(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "make_runners", lambda cfg, decoding: (runners, FakeGenerator()))
     report = run_bench(BenchConfig(prompts=str(prompts), methods=tuple(runners), backend="onnxruntime", repeats=1),
                        show_progress=False)
+    assert report["prompt_format"] == "raw text (no chat template)"
     runs = {r["label"]: r for r in report["runs"]}
     assert list(runs) == list(runners)
     assert (runs["ppd@int8"]["method"], runs["ppd@int8"]["variant"]) == ("ppd", "int8")
