@@ -74,9 +74,11 @@ def test_full_queue_is_429_with_retry_after(paced):
     assert refused.status == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert metric(served, "ppdeploy_queue_depth") == 1
+    assert metric(served, "ppdeploy_batch_size") == 1          # the running one decodes in the batch
     gen.gate.set()
     first.join(30), second.join(30)
     assert results["running"].status == results["queued"].status == 200
+    assert metric(served, "ppdeploy_batch_size") == 0
     assert metric(served, 'ppdeploy_requests_total{route="/v1/chat/completions",status="429"}') >= 1
 
 
@@ -129,7 +131,8 @@ def test_metrics_count_requests_tokens_and_timings(served):
     text = served.request("GET", "/metrics").body.decode()
     for name in ("ppdeploy_requests_total", "ppdeploy_generated_tokens_total", "ppdeploy_prompt_tokens_total",
                  "ppdeploy_decode_steps_total", "ppdeploy_mean_accepted_tokens_per_step", "ppdeploy_tokens_per_second",
-                 "ppdeploy_queue_depth", "ppdeploy_busy_workers", "ppdeploy_cancelled_generations_total",
+                 "ppdeploy_queue_depth", "ppdeploy_busy_workers", "ppdeploy_batch_size",
+                 "ppdeploy_cancelled_generations_total",
                  "ppdeploy_time_to_first_token_seconds_count", "ppdeploy_request_seconds_bucket"):
         assert name in text, name
     assert metric(served, 'ppdeploy_requests_total{route="/v1/chat/completions",status="200"}') >= 2
