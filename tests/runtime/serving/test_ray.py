@@ -47,7 +47,8 @@ def test_ray_serve_end_to_end(tiny_model_dir, reference):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen([sys.executable, "-m", "tools", "serve", "--ray", "--ray-num-cpus", "2", "--replicas",
                              "1", "--max-batch", "2", "--queue-size", "2", "--model", str(tiny_model_dir),
-                             "--method", METHOD, "--backend", "torch", "--served-model-name", "tiny", "--port", str(port)],
+                             "--method", METHOD, "--backend", "torch", "--served-model-name", "tiny",
+                             "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
