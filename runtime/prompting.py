@@ -44,6 +44,17 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, vocab_size
     return ids
 
 
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text Generator.encode tokenizes for a string prompt: one user turn in the chat template, or for a
+    base model the raw text after the BOS its tokenizer adds (encode_prompt above). (The llama.cpp check
+    compares its ids of this text with Generator.encode's, so a drift here fails loudly.)"""
+    if tokenizer.chat_template is None:
+        bos = tokenizer.bos_token if tokenizer(prompt).input_ids[:1] == [tokenizer.bos_token_id] else ""
+        return (bos or "") + prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def check_messages(messages: Sequence[object]) -> list[dict[str, str]]:
     """Chat messages as the template takes them, each a dict with a string `role` and a string
     `content`; anything else is refused naming the message and what it lacks (a template would fail

@@ -26,6 +26,7 @@ from runtime.backends import DEFAULT_BACKEND, DEFAULT_DTYPE
 from tools.bench.labels import GREEDY_ONLY_PEERS, LLAMACPP, RunLabel, parse_label, parse_labels
 from export.devices import device_name
 from runtime.generator import DEFAULT_MAX_NEW_TOKENS, Generator
+from runtime.prompting import prompt_text
 from tools.bench.report import add_comparisons, failed_summary, summarise
 from tools.bench.runs import PeerFailed, PromptRun, Runner
 from tools.peers import hf, llamacpp, ortgenai
@@ -142,17 +143,6 @@ def bench_threads(backend: str) -> int:
     """The compute threads of our backend, which llama.cpp is given too: onnxruntime's intra-op pool (one per
     physical core, OrtOptions' default), torch's intra-op threads."""
     return onnxruntime_threads() if backend == "onnxruntime" else torch.get_num_threads()
-
-
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The text Generator.encode tokenizes for a string prompt: one user turn in the chat template, or for a
-    base model the raw text after the BOS its tokenizer adds (runtime/prompting.py). (The llama.cpp check
-    compares its ids of this text with Generator.encode's, so a drift here fails loudly.)"""
-    if tokenizer.chat_template is None:
-        bos = tokenizer.bos_token if tokenizer(prompt).input_ids[:1] == [tokenizer.bos_token_id] else ""
-        return (bos or "") + prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:

@@ -74,7 +74,7 @@ def smoke_prompts(real_model_dir):
     """Two MT-Bench prompts: their chat texts and our ids (Generator.encode's)."""
     from transformers import AutoTokenizer
 
-    from tools.bench.harness import prompt_text
+    from runtime.prompting import prompt_text
     from tools.bench.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
