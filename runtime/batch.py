@@ -265,7 +265,7 @@ class BatchGenerator:
             return None, "wait"
         rest = request.prompt_ids[request.prefilled:]
         if remaining <= budget:   # the rest, with what the method attaches (a step without room for it: wait)
-            return request.proposer.prefill_draft(rest), "prefill"
+            return request.proposer.prefill_draft(rest, len(self._running)), "prefill"
         return Draft.prefill(rest[:budget]), "chunk"
 
     def _advance(self, request: BatchRequest, draft: Draft, kind: str, output) -> list[int]:

@@ -131,7 +131,8 @@ class BenchCommand(ModelOptions, DecodingFlags):
 @dataclass(frozen=True)
 class BatchBenchCommand(ModelOptions):
     prompts: str = option(BatchBenchConfig.prompts, PROMPTS_HELP)
-    methods: str = option(",".join(BatchBenchConfig.methods), f"comma list from {', '.join(METHODS)}")
+    methods: str = option(",".join(BatchBenchConfig.methods), f"comma list from {', '.join(METHODS)} (one named "
+                          "twice runs twice: an A/A control of the machine's noise)")
     batch_sizes: str = option(",".join(map(str, DEFAULT_BATCH_SIZES)), "comma list of batch sizes B")
     requests: int | None = option(None, "requests per batch size (default: 2 B)")
     repeats: int = option(BatchBenchConfig.repeats, "timed repeats, methods interleaved; medians are reported")

@@ -287,10 +287,16 @@ class SearchConfig:
     candidates_per_token: int = 4                # candidate paths considered per token of budget
     shrinkage: float = DEFAULT_SHRINKAGE         # pseudo-observations pulling p_m towards the pooled p
     max_iterations: int = 50
+    # A tree for steps of B >= 2 sequences must be predicted at least this much faster than vanilla at B,
+    # else that B decodes without one (tools/treesearch/batch.py: what the prediction leaves out).
+    min_batch_speedup: float = 1.10
 
     def __post_init__(self) -> None:
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError(f"budgets must be positive token counts, got {self.budgets}")
+        if self.min_batch_speedup < 1.0:
+            raise ValueError(f"min_batch_speedup must be >= 1 (a tree slower than vanilla is never chosen), got "
+                             f"{self.min_batch_speedup}")
         if self.topk < 1 or self.candidates_per_token < 1 or self.max_iterations < 1:
             raise ValueError("topk, candidates_per_token and max_iterations must be >= 1")
 

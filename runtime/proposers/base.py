@@ -21,8 +21,10 @@ class Proposer(Protocol):
         """Largest T of any decode-step draft (the cache must hold this many entries beyond the text)."""
         ...
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
-        """The prefill step's draft: the prompt as a chain (candidates), plus any auxiliary nodes."""
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
+        """The prefill step's draft: the prompt as a chain (candidates), plus any auxiliary nodes;
+        `batch_size`: the sequences this step decodes (a tree method attaches nothing where it takes no
+        tree for that many, as propose does)."""
         ...
 
     def propose(self, history: list[int], batch_size: int = 1) -> Draft:

@@ -83,8 +83,8 @@ class HybridProposer:
                    + for_batch(self.sources, b).depth * (1 + for_batch(self.sources, b).prompt_tokens * ensemble)
                    for b, templates in self.ppd.batch_templates.items())
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
-        return self.ppd.prefill_draft(prompt_ids)
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
+        return self.ppd.prefill_draft(prompt_ids, batch_size)
 
     def propose(self, history: list[int], batch_size: int = 1) -> Draft:
         templates = for_batch(self.ppd.batch_templates, batch_size)

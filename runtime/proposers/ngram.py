@@ -41,7 +41,7 @@ class NgramProposer:
     def max_draft_tokens(self) -> int:
         return self.options.max_nodes
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
         return Draft.prefill(prompt_ids)
 
     def propose(self, history: list[int], batch_size: int = 1) -> Draft:

@@ -8,8 +8,9 @@ top-K ids, row i guessing the token i + 1 places after the next root) are the ne
 and m picks the next tree.
 
 A tree file searched for batches (its "batch" record, trees/ppd_tree.py batch_tree_sets) holds a tree set
-per batch size B: in a step of B sequences each takes the set of the largest B' <= B, smaller trees as B
-grows, and none (a vanilla step: the root alone) where the search found B sequences fastest without.
+per batch size B: in a step of B sequences each takes the set searched for the smallest B' >= B (trees
+sized for at least as many sequences, trees/ppd_tree.py for_batch), smaller trees as B grows, and none (a
+vanilla step: the root alone) where the search found B' sequences fastest without.
 The guesses carry over between sets (every set has a tree for every m).
 """
 
@@ -87,10 +88,12 @@ class PPDProposer:
     def max_draft_tokens(self) -> int:
         return max(t.layout.size for templates in self.batch_templates.values() for t in templates or ())
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
-        """The prompt as a chain, with all N prompt tokens attached after its last node."""
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
+        """The prompt as a chain, with all N prompt tokens attached after its last node; none where steps
+        of `batch_size` sequences take no tree (nothing would read their guesses: the step is vanilla's)."""
         n = len(prompt_ids)
-        counts = [0] * (n - 1) + [self.config.num_prompt_tokens]
+        attached = 0 if for_batch(self.batch_templates, batch_size) is None else self.config.num_prompt_tokens
+        counts = [0] * (n - 1) + [attached]
         layout, tokens = attach_layout(list(range(-1, n - 1)), list(prompt_ids), counts, n, self.config,
                                        self.vocab_size, self.topk, first_verified=n - 1)
         return Draft(tokens, layout)

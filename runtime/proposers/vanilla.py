@@ -15,7 +15,7 @@ class VanillaProposer:
     def max_draft_tokens(self) -> int:
         return 1
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
         return Draft.prefill(prompt_ids)
 
     def propose(self, history: list[int], batch_size: int = 1) -> Draft:

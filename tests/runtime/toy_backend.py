@@ -58,7 +58,7 @@ class FanProposer:
     def max_draft_tokens(self) -> int:
         return self.layout.size
 
-    def prefill_draft(self, prompt_ids: list[int]) -> Draft:
+    def prefill_draft(self, prompt_ids: list[int], batch_size: int = 1) -> Draft:
         return Draft.prefill(prompt_ids)
 
     def propose(self, history: list[int]) -> Draft:

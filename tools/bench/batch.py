@@ -4,15 +4,23 @@ of runtime.BatchGenerator at several batch sizes, per method, on one backend in 
 At batch size B a BatchGenerator with places for B sequences is loaded (on CUDA its static steps bind
 B x max_context cells, so B is part of the engine, as it would be in a deployment) and `requests`
 requests (default 2 B: requests join as others leave) are submitted at once and decoded to the end.
-Figures per (method, B), medians over the repeats, the methods interleaved within each repeat:
+Figures per (method, B), medians over the repeats, the methods interleaved within each repeat (the
+order reversed every other repeat):
 
     tokens_per_s        all new tokens / wall time from the first submit to the last token
     request_s_p50/p90   a request's wall time from submit to its last token (queueing included)
     tokens_per_step     new tokens per batched step over all running sequences (the batch's yield)
     accepted_per_seq    new tokens per step a sequence took part in (its prefill chunks included)
 
+    vs_vanilla_paired   the median over repeats of tokens/s / vanilla's in the same repeat (runs adjacent
+                        in time, so a slow spell of the machine hits both)
+
 Every request's tokens are checked against the same method's tokens at B = 1 (batching is lossless:
-tests/runtime/test_batch.py), and each method's against vanilla's (`identical_to_vanilla`)."""
+tests/runtime/test_batch.py), and each method's against vanilla's (`identical_to_vanilla`).
+
+A method named twice (`--methods vanilla,hybrid,vanilla`) runs twice, as separate generators labelled
+`vanilla`, `vanilla#2`: an A/A control, whose spread is what the machine's noise alone makes of one
+method against itself."""
 
 from __future__ import annotations
 
@@ -99,38 +107,52 @@ def summarise(method: str, batch: int, runs: list[BatchRun]) -> dict:
             "deterministic": all(r.tokens == first.tokens for r in runs), "tokens": first.tokens}
 
 
+def run_labels(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, method) per entry of `methods`: a method's k-th mention is labelled "method#k" (k >= 2)."""
+    labels = []
+    for i, method in enumerate(methods):
+        k = methods[:i].count(method) + 1
+        labels.append((method if k == 1 else f"{method}#{k}", method))
+    return labels
+
+
 def run_batch_bench(cfg: BatchBenchConfig) -> dict:
     """Every (method, B): loaded once, `repeats` timed runs with the methods interleaved per repeat."""
     from runtime.prompting import encode_prompt
 
     items = load_prompts(cfg.prompts)
+    labels = run_labels(cfg.methods)
     rows: dict[tuple[str, int], list[BatchRun]] = {}
     gens = {}
-    with tqdm(total=len(cfg.batch_sizes) * len(cfg.methods) * (cfg.repeats + 1), desc="batch bench",
-              unit="run") as bar:
+    with tqdm(total=len(cfg.batch_sizes) * len(labels) * (cfg.repeats + 1), desc="batch bench", unit="run") as bar:
         for b in cfg.batch_sizes:
-            for method in cfg.methods:
-                gens[method] = BatchGenerator.from_pretrained(
+            for label, method in labels:
+                gens[label] = BatchGenerator.from_pretrained(
                     cfg.model_dir, methods=(method,), backend=cfg.backend, device=cfg.device, max_batch=b,
                     dtype=cfg.dtype, threads=cfg.threads, **cfg.method_options.get(method, {}))
-            first = gens[cfg.methods[0]]
+            first = gens[labels[0][0]]
             count = cfg.request_count(b)
             prompts = [encode_prompt(first.tokenizer, items[i % len(items)].prompt, first.backend.info.vocab_size)
                        for i in range(count)]
-            for method in cfg.methods:   # warm-up: lazy allocation, CUDA graph capture
-                run_batch(gens[method], prompts[:b], 4)
+            for label, _ in labels:   # warm-up: lazy allocation, CUDA graph capture
+                run_batch(gens[label], prompts[:b], 4)
                 bar.update()
-            for _ in range(cfg.repeats):
-                for method in cfg.methods:
-                    rows.setdefault((method, b), []).append(run_batch(gens[method], prompts, cfg.max_new_tokens))
+            for repeat in range(cfg.repeats):
+                # ABBA: the order flips each repeat, so a drift of the machine's speed favours no method
+                for label, _ in labels if repeat % 2 == 0 else labels[::-1]:
+                    rows.setdefault((label, b), []).append(run_batch(gens[label], prompts, cfg.max_new_tokens))
                     bar.update()
             for gen in gens.values():
                 gen.close()
-    results = [summarise(method, b, runs) for (method, b), runs in rows.items()]
+    results = [summarise(label, b, runs) for (label, b), runs in rows.items()]
     # Request i is prompt i at every B (the prompts cycle), so requests compare index for index.
     solo = {r["method"]: r["tokens"] for r in results if r["batch"] == min(cfg.batch_sizes)}
     vanilla = {r["batch"]: r["tokens"] for r in results if r["method"] == "vanilla"}
+    vanilla_rates = {r["batch"]: r["tokens_per_s_repeats"] for r in results if r["method"] == "vanilla"}
     for row in results:
+        rates = vanilla_rates.get(row["batch"])
+        row["vs_vanilla_paired"] = None if rates is None else statistics.median(
+            mine / theirs for mine, theirs in zip(row["tokens_per_s_repeats"], rates))
         row["identical_to_smallest_batch"] = sum(a == b for a, b in zip(row["tokens"], solo[row["method"]]))
         row["identical_to_vanilla"] = None if row["batch"] not in vanilla else sum(
             a == b for a, b in zip(row["tokens"], vanilla[row["batch"]]))
@@ -142,13 +164,14 @@ def format_batch_table(report: dict) -> str:
     rows = report["results"]
     base = {r["method"]: r["tokens_per_s"] for r in rows if r["batch"] == min(x["batch"] for x in rows)}
     vanilla = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "vanilla"}
-    lines = [f"{'method':<10} {'B':>3} {'req':>4} {'tok/s':>8} {'x B=1':>6} {'x van':>6} {'p50 s':>7} {'p90 s':>7} "
-             f"{'tok/step':>8} {'acc/seq':>7} {'=B1':>5} {'=van':>5}"]
+    lines = [f"{'method':<10} {'B':>3} {'req':>4} {'tok/s':>8} {'x B=1':>6} {'x van':>6} {'paired':>6} {'p50 s':>7} "
+             f"{'p90 s':>7} {'tok/step':>8} {'acc/seq':>7} {'=B1':>5} {'=van':>5}"]
     for r in sorted(rows, key=lambda r: (r["batch"], r["method"])):
         versus = f"{r['tokens_per_s'] / vanilla[r['batch']]:.2f}" if r["batch"] in vanilla else "-"
+        paired = "-" if r.get("vs_vanilla_paired") is None else f"{r['vs_vanilla_paired']:.2f}"
         same_vanilla = "-" if r["identical_to_vanilla"] is None else f"{r['identical_to_vanilla']}"
         lines.append(f"{r['method']:<10} {r['batch']:>3} {r['requests']:>4} {r['tokens_per_s']:>8.1f} "
-                     f"{r['tokens_per_s'] / base[r['method']]:>6.2f} {versus:>6} {r['request_s_p50']:>7.2f} "
+                     f"{r['tokens_per_s'] / base[r['method']]:>6.2f} {versus:>6} {paired:>6} {r['request_s_p50']:>7.2f} "
                      f"{r['request_s_p90']:>7.2f} {r['tokens_per_step']:>8.2f} {r['accepted_per_seq']:>7.2f} "
                      f"{r['identical_to_smallest_batch']:>5} {same_vanilla:>5}")
     return "\n".join(lines)

@@ -50,7 +50,8 @@ def cmd_build(cfg: BuildCommand, argv: list[str]) -> int:
         collect_missing_stats(cfg)
     identity, stats, profile = load_search_inputs(cfg, profile_path)
     config = SearchConfig(budgets=parse_budgets(cfg.budgets), topk=min(cfg.topk, stats.topk),
-                          candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage)
+                          candidates_per_token=cfg.candidates_per_token, shrinkage=cfg.shrinkage,
+                          min_batch_speedup=cfg.min_batch_speedup)
     out = Path(cfg.out) if cfg.out else _output_dir(cfg, directory) / tree_filename(profile.device_key, cfg.backend,
                                                                                    cfg.method, cfg.variant)
     inputs = _inputs_sha256(cfg, identity, profile_path, config)

@@ -128,6 +128,8 @@ class BuildCommand(SearchRun):
     topk: int = option(SearchConfig.topk, "ranks considered per depth")
     shrinkage: float = option(DEFAULT_SHRINKAGE, "pseudo-counts pulling per-m statistics towards the pooled ones")
     candidates_per_token: int = option(SearchConfig.candidates_per_token, "candidate paths per token of budget")
+    min_batch_speedup: float = option(SearchConfig.min_batch_speedup, "a tree for steps of B >= 2 sequences must be "
+                                      "predicted this many times vanilla at B, else B decodes without one")
     plots: bool = option(True, "write the PNGs next to the tree")
 
 

@@ -28,16 +28,31 @@ def profile(fixed_ms: float, per_token_ms: float, batch=()) -> LatencyProfile:
 
 
 def test_trees_shrink_as_batches_grow_and_vanilla_where_no_tree_pays():
-    # A step costs a fixed 2 ms plus 0.25 ms a token: at B = 16 a tree of 4 costs 2.7x vanilla's 16 tokens.
-    record = search_batches(MODEL, profile(2.0, 0.25), CONFIG)
+    # A step costs a fixed 4 ms plus 0.1 ms a token: at B = 16 a tree of 4 tokens costs 2.1x vanilla's step.
+    record = search_batches(MODEL, profile(4.0, 0.1), CONFIG)
     assert list(record) == ["2", "4", "8", "16"]
     budgets = [record[b]["budget"] for b in record if record[b]["trees"]]
-    assert budgets == sorted(budgets, reverse=True) and budgets[0] <= 32
-    assert all(e["latency"] == "total tokens" and e["expected_speedup"] >= 1.0 for e in record.values())
-    one, _ = search(MODEL, profile(2.0, 0.25).latency, 64, CONFIG)
+    assert len(budgets) >= 2 and budgets == sorted(budgets, reverse=True) and budgets[0] <= 32
+    assert all(e["latency"] == "total tokens" and e["expected_speedup"] >= CONFIG.min_batch_speedup
+               for e in record.values() if e["trees"])
+    one, _ = search(MODEL, profile(4.0, 0.1).latency, 64, CONFIG)
     assert record["2"]["budget"] <= one.max_tokens(MODEL.ensemble)
     steep = search_batches(MODEL, profile(0.0, 1.0), CONFIG)   # cost in proportion to tokens: no tree pays
     assert all(e["trees"] is None and e["budget"] == 1 and e["best_tree_speedup"] < 1 for e in steep.values())
+
+
+def test_a_tree_predicted_faster_by_less_than_the_margin_is_not_taken():
+    record = search_batches(MODEL, profile(4.0, 0.1), SearchConfig(budgets=CONFIG.budgets, min_batch_speedup=1.0))
+    won = {b: e["best_tree_speedup"] for b, e in record.items() if e["trees"] is not None}
+    assert won, "the profile must leave some B a tree predicted faster than vanilla"
+    b, speedup = min(won.items(), key=lambda item: item[1])
+    above = search_batches(MODEL, profile(4.0, 0.1), SearchConfig(budgets=CONFIG.budgets,
+                                                                    min_batch_speedup=speedup + 1e-3))
+    assert above[b]["trees"] is None and above[b]["budget"] == 1 and above[b]["best_tree_speedup"] == record[b][
+        "best_tree_speedup"]
+    assert all(above[k]["trees"] is not None for k, v in won.items() if v > speedup + 1e-3)
+    with pytest.raises(ValueError, match="min_batch_speedup"):
+        SearchConfig(min_batch_speedup=0.9)
 
 
 def test_measured_batched_steps_are_used_where_the_profile_has_them():
@@ -50,11 +65,13 @@ def test_measured_batched_steps_are_used_where_the_profile_has_them():
 
 def test_a_tree_file_with_a_batch_record_round_trips_and_picks_by_batch_size():
     trees, _ = search(MODEL, profile(2.0, 0.01).latency, 16, CONFIG)
-    record = search_batches(MODEL, profile(2.0, 0.25), CONFIG)
+    record = search_batches(MODEL, profile(4.0, 0.1), CONFIG)
     loaded = PPDTreeSet.from_json(json.loads(json.dumps({**trees.to_json(), "batch": record})))
     sets = batch_tree_sets(loaded)
-    assert list(sets) == [1, 2, 4, 8, 16] and sets[1] is loaded
-    assert for_batch(sets, 3) is sets[2] and for_batch(sets, 100) is sets[16] and for_batch(sets, 1) is loaded
+    assert list(sets) == [1, 2, 4, 8, 16] and sets[1] is loaded and all(sets[b] is not None for b in (2, 4, 8))
+    # rounded up: a tree set never serves more sequences per step than it was searched for
+    assert for_batch(sets, 3) is sets[4] and for_batch(sets, 5) is sets[8] and for_batch(sets, 2) is sets[2]
+    assert for_batch(sets, 100) is sets[16] and for_batch(sets, 1) is loaded
 
 
 def test_a_batch_takes_the_trees_of_its_size_and_stays_lossless(tiny_model_dir, tiny_ppd, tmp_path,  # noqa: F811
@@ -86,5 +103,9 @@ def test_a_batch_takes_the_trees_of_its_size_and_stays_lossless(tiny_model_dir, 
         sizes.clear()
         alone = batch.submit(prompts[0], max_new_tokens=16)
         batch.run()
+        proposer = batch.methods["ppd"].proposer
     assert alone.result.token_ids == want[0]
+    # a prefill attaches the prompt tokens only where a tree will read their guesses
+    n, k = proposer.config.num_prompt_tokens, proposer.config.ensemble
+    assert proposer.prefill_draft([5, 6, 7], 1).size == 3 + n * k and proposer.prefill_draft([5, 6, 7], 3).size == 3
     assert max(s[0] for s in sizes[1:]) > 1   # one sequence: the B = 1 trees again
