@@ -147,15 +147,14 @@ def run_batch_bench(cfg: BatchBenchConfig) -> dict:
     results = [summarise(label, b, runs) for (label, b), runs in rows.items()]
     # Request i is prompt i at every B (the prompts cycle), so requests compare index for index.
     solo = {r["method"]: r["tokens"] for r in results if r["batch"] == min(cfg.batch_sizes)}
-    vanilla = {r["batch"]: r["tokens"] for r in results if r["method"] == "vanilla"}
-    vanilla_rates = {r["batch"]: r["tokens_per_s_repeats"] for r in results if r["method"] == "vanilla"}
+    vanilla = {r["batch"]: r for r in results if r["method"] == "vanilla"}
     for row in results:
-        rates = vanilla_rates.get(row["batch"])
-        row["vs_vanilla_paired"] = None if rates is None else statistics.median(
-            mine / theirs for mine, theirs in zip(row["tokens_per_s_repeats"], rates))
         row["identical_to_smallest_batch"] = sum(a == b for a, b in zip(row["tokens"], solo[row["method"]]))
-        row["identical_to_vanilla"] = None if row["batch"] not in vanilla else sum(
-            a == b for a, b in zip(row["tokens"], vanilla[row["batch"]]))
+        base = vanilla.get(row["batch"])
+        row["identical_to_vanilla"] = None if base is None else sum(
+            a == b for a, b in zip(row["tokens"], base["tokens"]))
+        row["vs_vanilla_paired"] = None if base is None else statistics.median(
+            mine / theirs for mine, theirs in zip(row["tokens_per_s_repeats"], base["tokens_per_s_repeats"]))
     return {"config": {**cfg.__dict__, "methods": list(cfg.methods), "batch_sizes": list(cfg.batch_sizes)},
             "results": results}
 

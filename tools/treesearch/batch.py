@@ -5,7 +5,7 @@ A step of B sequences each with a tree of t tokens costs what the profile measur
 steps, `trees profile --batch-sizes`), else what the one-sequence curve says of B t tokens (the profile is
 a curve in total tokens per step); its speedup is over vanilla at the same B, one token per sequence per
 L_B(1). As B grows the trees shrink, and where the best tree is not predicted at least
-`SearchConfig.min_batch_speedup` (1.10) times vanilla the record holds null: at that B the method takes
+`SearchConfig.min_batch_speedup` times vanilla the record holds null: at that B the method takes
 vanilla steps (the search must never make batching slower).
 
 Why a margin: the prediction prices the step alone, for B sequences all in the same state and with the
